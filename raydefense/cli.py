@@ -1,0 +1,76 @@
+"""Shared command-line handling for the thin scripts in ``jobs/``.
+
+Flags common to every job: ``--config PATH``, ``--set key.sub=value`` (repeatable),
+``--data PATH_OR_S3_URI``, ``--storage PATH_OR_S3_URI``, ``--name RUN``. Errors a user can
+fix end with one line on stderr naming the culprit and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from raydefense.config import Config, load_config
+from raydefense.errors import RayDefenseError
+
+# configs/ beside jobs/ in a checkout (also what `ray job submit --working-dir .` ships).
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set distill.T=2 (repeatable)")
+    p.add_argument("--data", help="image folder in the LFW layout (local path or s3:// URI); default: synthetic")
+    p.add_argument("--storage", help="where runs live: a folder (default ./runs) or s3://bucket/prefix")
+    p.add_argument("--name", help="run name; the same name resumes the run")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    if args.storage:
+        overrides.append(f"storage.path={args.storage}")
+    if args.name:
+        overrides.append(f"name={args.name}")
+    path = args.config
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = str(DEFAULT_CONFIG)
+    return load_config(path, overrides)
+
+
+def quiet_logs() -> None:
+    """Keep the console to stage progress and Ray Data's progress bars."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def run_main(fn: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] = None) -> None:
+    """Call ``fn``; turn user errors into one line on stderr and exit code 2."""
+    try:
+        code = fn(sys.argv[1:] if argv is None else argv)
+    except RayDefenseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted; run again with the same --name to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``raydefense`` console script: the full pipeline."""
+    from raydefense.jobs_impl import full_pipeline_main
+
+    run_main(full_pipeline_main, argv)

@@ -1,0 +1,525 @@
+"""Configuration: frozen dataclasses, loaded from YAML, with dotted ``--set`` overrides.
+
+Every component has a dataclass here. Loading is strict, nanoGPT-style: an unknown key,
+a value of the wrong type or a value out of range is a :class:`~raydefense.errors.ConfigError`
+whose one-line message names the full dotted key. The resolved config travels with
+every run (``<run>/config.yaml``) and every checkpoint (``to_dict``).
+
+Usage::
+
+    cfg = load_config("configs/smoke.yaml", overrides=["distill.lam=0.5", "data.num_identities=8"])
+    cfg.distill.T            # 2.0
+    cfg.to_dict()            # plain dict, YAML-safe
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import yaml
+
+from raydefense.errors import ConfigError
+
+ATTACK_METHODS = ("fgsm", "ifgsm2", "ifgsm4", "ifgsm8")
+GUIDANCE = ("logits", "features", "pixel")
+DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Images per identity for each split (paper section 5.1: 10 / 20 / 5 / 5)."""
+
+    gnr: int = 10  # clean images whose real adversarial noise trains the GNR
+    denoise: int = 20  # clean images that GNR noise turns into denoiser training pairs
+    val: int = 5
+    test: int = 5
+
+    def validate(self, prefix: str) -> None:
+        for name in ("gnr", "denoise", "val"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+        _check(self.test >= 1, f"{prefix}.test", "must be >= 1")
+        _check(self.gnr + self.denoise >= 1, f"{prefix}.gnr", "gnr + denoise must be >= 1 (no training images)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from. ``source: synthetic`` is the embedded default (no download)."""
+
+    source: str = "synthetic"  # 'synthetic', a local folder or s3:// URI in the LFW layout
+    num_identities: int = 16  # synthetic only
+    images_per_identity: int = 40  # synthetic only
+    image_size: int = 80  # FaceNet's InceptionResnetV1 needs >= 80 px without resizing
+    difficulty: float = 1.0  # synthetic only: within-identity variation (0 = none)
+    align: bool = False  # MTCNN face alignment for image folders
+    min_images_per_identity: int = 2  # image folders: identities with fewer images are dropped
+    max_identities: int = 0  # image folders: keep the N identities with most images (0 = all)
+    shard_size: int = 256  # images per Parquet shard written by the prepare stage
+    splits: SplitConfig = field(default_factory=SplitConfig)
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.source), f"{prefix}.source", "must not be empty")
+        _check(self.num_identities >= 2, f"{prefix}.num_identities", "must be >= 2")
+        _check(self.images_per_identity >= 2, f"{prefix}.images_per_identity", "must be >= 2")
+        _check(32 <= self.image_size <= 512, f"{prefix}.image_size", "must be in [32, 512]")
+        _check(0.0 <= self.difficulty <= 3.0, f"{prefix}.difficulty", "must be in [0, 3]")
+        _check(self.min_images_per_identity >= 2, f"{prefix}.min_images_per_identity", "must be >= 2")
+        _check(self.max_identities >= 0, f"{prefix}.max_identities", "must be >= 0")
+        _check(self.shard_size >= 1, f"{prefix}.shard_size", "must be >= 1")
+        self.splits.validate(f"{prefix}.splits")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One supervised training run (target, surrogate, teacher, student, baselines)."""
+
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    optimizer: str = "adam"  # 'adam' | 'sgd'
+    label_smoothing: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.epochs >= 1, f"{prefix}.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
+        _check(self.optimizer in ("adam", "sgd"), f"{prefix}.optimizer", "must be 'adam' or 'sgd'")
+        _check(0.0 <= self.label_smoothing < 1.0, f"{prefix}.label_smoothing", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The target (white-box) and surrogate (black-box) classifiers of section 5."""
+
+    target: str = "facenet"
+    surrogate: str = "inception_v3"
+    # Table 5: extra targets to defend in the same run (each gets its own denoiser + KT).
+    extra_targets: tuple[str, ...] = ()
+    target_pretrained: Optional[str] = None  # 'vggface2' | 'casia-webface' | path | s3:// URI
+    surrogate_pretrained: Optional[str] = None
+    # Pretrained weights are fine-tuned when set; 'skip' trusts them as they are.
+    finetune_pretrained: bool = True
+    target_train: TrainConfig = field(default_factory=TrainConfig)
+    surrogate_train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.target), f"{prefix}.target", "must name a model")
+        _check(bool(self.surrogate), f"{prefix}.surrogate", "must name a model")
+        self.target_train.validate(f"{prefix}.target_train")
+        self.surrogate_train.validate(f"{prefix}.surrogate_train")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Adversarial data of section 5.1. eps values are L-inf radii in [0, 1] pixel units."""
+
+    train_methods: tuple[str, ...] = ATTACK_METHODS  # FGSM and I-FGSM 2/4/8 for GNR/denoiser data
+    test_methods: tuple[str, ...] = ("fgsm", "ifgsm4")  # the paper's white-/black-box test sets
+    # Each image gets its own eps ~ U[eps_min, eps_max] (the paper samples per image).
+    eps_min: float = 2 / 255
+    eps_max: float = 16 / 255
+    batch_size: int = 32
+    seed: int = 1
+
+    def validate(self, prefix: str) -> None:
+        for key in ("train_methods", "test_methods"):
+            methods = getattr(self, key)
+            _check(len(methods) >= 1, f"{prefix}.{key}", "must list at least one method")
+            for m in methods:
+                _check(m in ATTACK_METHODS, f"{prefix}.{key}", f"unknown method '{m}' (known: {', '.join(ATTACK_METHODS)})")
+        _check(self.eps_min >= 0, f"{prefix}.eps_min", "must be >= 0")
+        _check(self.eps_max >= self.eps_min, f"{prefix}.eps_max", "must be >= eps_min")
+        _check(self.eps_max <= 1, f"{prefix}.eps_max", "must be <= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class GNRConfig:
+    """WGAN-GP noise reconstruction (section 2)."""
+
+    enabled: bool = True
+    epochs: int = 30
+    batch_size: int = 32
+    z_dim: int = 64
+    widths: tuple[int, ...] = (256, 128, 64)  # the paper's DeconvUnit filters
+    critic_widths: tuple[int, ...] = (64, 128, 256, 512)  # the paper's critic filters
+    critic_norm: str = "layer"  # 'batch' is the paper's layout; see gnr.networks.Critic
+    lr: float = 1e-4
+    n_critic: int = 5  # critic steps per generator step (Gulrajani et al. 2017)
+    gp_weight: float = 10.0  # lambda of equation 3
+    # Generated adversarial images per real one for the denoiser set (paper: 80k from 40k).
+    augment_ratio: float = 2.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.epochs >= 1, f"{prefix}.epochs", "must be >= 1")
+        _check(self.batch_size >= 2, f"{prefix}.batch_size", "must be >= 2")
+        _check(self.z_dim >= 1, f"{prefix}.z_dim", "must be >= 1")
+        _check(len(self.widths) == 3 and min(self.widths) >= 1, f"{prefix}.widths", "must be three positive widths")
+        _check(len(self.critic_widths) == 4 and min(self.critic_widths) >= 1, f"{prefix}.critic_widths", "must be four positive widths")
+        _check(self.critic_norm in ("batch", "layer", "instance", "none"), f"{prefix}.critic_norm",
+               "must be one of batch, layer, instance, none")
+        _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check(self.n_critic >= 1, f"{prefix}.n_critic", "must be >= 1")
+        _check(self.gp_weight >= 0, f"{prefix}.gp_weight", "must be >= 0")
+        _check(self.augment_ratio >= 0, f"{prefix}.augment_ratio", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DenoiseConfig:
+    """UDDN (section 3) and the denoiser baselines."""
+
+    guidance: str = "logits"  # 'logits' (l=-1) | 'features' (l=-2) | 'pixel'
+    widths: tuple[int, ...] = (64, 128, 256, 256, 256)  # not given in the paper; HGD's widths
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3  # section 5.1: 0.001, decayed to 0.0001 when the loss converges
+    lr_min: float = 1e-4
+    plateau_patience: int = 1  # epochs without improvement before the decay
+    include_clean: bool = True  # also train on clean images (x* = x) so clean accuracy is kept
+    baselines: tuple[str, ...] = ("dae", "pixel_guided")
+
+    def validate(self, prefix: str) -> None:
+        _check(self.guidance in GUIDANCE, f"{prefix}.guidance", f"must be one of {', '.join(GUIDANCE)}")
+        _check(len(self.widths) == 5 and min(self.widths) >= 1, f"{prefix}.widths", "must be five positive widths")
+        _check(self.epochs >= 1, f"{prefix}.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check(0 < self.lr_min <= self.lr, f"{prefix}.lr_min", "must be in (0, lr]")
+        _check(self.plateau_patience >= 0, f"{prefix}.plateau_patience", "must be >= 0")
+        for b in self.baselines:
+            _check(b in ("dae", "pixel_guided"), f"{prefix}.baselines", f"unknown denoiser baseline '{b}' (known: dae, pixel_guided)")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge transfer (section 4, equations 6-7)."""
+
+    enabled: bool = True
+    lam: float = 1.0  # lambda of equation 6
+    T: float = 4.0  # temperature of equation 7, >= 1
+    init_from_target: bool = True  # start teacher and student from the target's weights
+    teacher: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=3e-4))
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=3e-4))
+
+    def validate(self, prefix: str) -> None:
+        _check(self.lam >= 0, f"{prefix}.lam", "must be >= 0")
+        _check(self.T >= 1, f"{prefix}.T", "must be >= 1")
+        self.teacher.validate(f"{prefix}.teacher")
+        self.student.validate(f"{prefix}.student")
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """Defenses of Table 3 besides the denoisers."""
+
+    enabled: tuple[str, ...] = ("jpeg", "dcn", "distillation")
+    jpeg_quality: int = 75
+    dcn_weight: float = 0.01  # contractive penalty weight (Gu & Rigazio 2015)
+    distillation_T: float = 20.0  # Papernot et al. 2016 use T = 20..100
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, lr=3e-4))
+
+    def validate(self, prefix: str) -> None:
+        for b in self.enabled:
+            _check(b in ("jpeg", "dcn", "distillation"), f"{prefix}.enabled", f"unknown baseline '{b}' (known: jpeg, dcn, distillation)")
+        _check(1 <= self.jpeg_quality <= 100, f"{prefix}.jpeg_quality", "must be in [1, 100]")
+        _check(self.dcn_weight >= 0, f"{prefix}.dcn_weight", "must be >= 0")
+        _check(self.distillation_T >= 1, f"{prefix}.distillation_T", "must be >= 1")
+        self.train.validate(f"{prefix}.train")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation, including attacks on the whole defended model."""
+
+    batch_size: int = 64
+    adaptive: bool = True  # PGD through denoiser + classifier
+    adaptive_eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
+    adaptive_steps: int = 20
+    adaptive_restarts: int = 1
+    adaptive_max_images: int = 64  # whole-model attacks are expensive: a fixed subset
+    # Defenses attacked as one model (denoiser + classifier); JPEG goes through BPDA.
+    adaptive_defenses: tuple[str, ...] = ("none", "uddn", "uddn_kt", "jpeg")
+    by_epsilon: tuple[float, ...] = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # Figure 7
+    figure_examples: int = 4  # Figure 6
+
+    def validate(self, prefix: str) -> None:
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        for e in self.adaptive_eps + self.by_epsilon:
+            _check(0 <= e <= 1, f"{prefix}.adaptive_eps", f"eps {e} must be in [0, 1]")
+        _check(self.adaptive_steps >= 1, f"{prefix}.adaptive_steps", "must be >= 1")
+        _check(self.adaptive_restarts >= 1, f"{prefix}.adaptive_restarts", "must be >= 1")
+        _check(self.adaptive_max_images >= 1, f"{prefix}.adaptive_max_images", "must be >= 1")
+        for d in self.adaptive_defenses:
+            _check(d in DEFENSES, f"{prefix}.adaptive_defenses", f"unknown defense '{d}' (known: {', '.join(DEFENSES)})")
+        _check(self.figure_examples >= 1, f"{prefix}.figure_examples", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """How much of the cluster each stage uses; the same code runs on 1 CPU or many GPUs."""
+
+    num_workers: int = 1  # Ray Train workers per training stage
+    max_workers: int = 0  # > num_workers makes training elastic: ScalingConfig(num_workers=(min, max))
+    use_gpu: bool = False
+    cpus_per_worker: float = 2.0
+    gpus_per_worker: float = 1.0
+    amp: bool = False  # mixed precision (bf16 autocast) on GPU
+    attack_actors: int = 1  # Ray Data actor pool size for attack/augment/eval stages
+    cpus_per_actor: float = 1.0
+    object_store_memory_mb: int = 512  # local Ray only
+    num_cpus: int = 0  # local Ray only; 0 = detect
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_workers >= 1, f"{prefix}.num_workers", "must be >= 1")
+        _check(self.max_workers == 0 or self.max_workers >= self.num_workers, f"{prefix}.max_workers",
+               "must be 0 or >= num_workers")
+        _check(self.cpus_per_worker > 0, f"{prefix}.cpus_per_worker", "must be > 0")
+        _check(self.gpus_per_worker > 0, f"{prefix}.gpus_per_worker", "must be > 0")
+        _check(self.attack_actors >= 1, f"{prefix}.attack_actors", "must be >= 1")
+        _check(self.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "must be > 0")
+        _check(self.object_store_memory_mb >= 128, f"{prefix}.object_store_memory_mb", "must be >= 128")
+        _check(self.num_cpus >= 0, f"{prefix}.num_cpus", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where runs live: a local folder or s3://bucket/prefix."""
+
+    path: str = "./runs"
+    endpoint_url: Optional[str] = None  # else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+    region: Optional[str] = None  # else AWS_REGION / AWS_DEFAULT_REGION
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.path), f"{prefix}.path", "must not be empty")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune + Optuna search over lambda, T and the guidance layer (and more)."""
+
+    num_samples: int = 8
+    max_concurrent: int = 1
+    metric: str = "val_white_box_acc"
+    mode: str = "max"
+    clean_floor: float = 0.0  # trials under this clean accuracy score as failures
+    grace_period: int = 1  # ASHA
+    reduction_factor: int = 2
+    lam: tuple[float, float] = (0.1, 10.0)  # log-uniform
+    T: tuple[float, float] = (1.0, 20.0)  # log-uniform
+    guidance: tuple[str, ...] = ("logits", "features")
+    denoise_lr: tuple[float, float] = (3e-4, 3e-3)
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_samples >= 1, f"{prefix}.num_samples", "must be >= 1")
+        _check(self.max_concurrent >= 1, f"{prefix}.max_concurrent", "must be >= 1")
+        _check(self.mode in ("max", "min"), f"{prefix}.mode", "must be 'max' or 'min'")
+        _check(0 <= self.clean_floor <= 1, f"{prefix}.clean_floor", "must be in [0, 1]")
+        _check(self.grace_period >= 1, f"{prefix}.grace_period", "must be >= 1")
+        _check(self.reduction_factor >= 2, f"{prefix}.reduction_factor", "must be >= 2")
+        _check(0 <= self.lam[0] <= self.lam[1], f"{prefix}.lam", "must be a range [lo, hi] with 0 <= lo <= hi")
+        _check(1 <= self.T[0] <= self.T[1], f"{prefix}.T", "must be a range [lo, hi] with 1 <= lo <= hi")
+        for g in self.guidance:
+            _check(g in GUIDANCE, f"{prefix}.guidance", f"unknown guidance '{g}' (known: {', '.join(GUIDANCE)})")
+        _check(0 < self.denoise_lr[0] <= self.denoise_lr[1], f"{prefix}.denoise_lr", "must be a range [lo, hi] with 0 < lo <= hi")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    name: str = "default"  # run name; the same name resumes
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    gnr: GNRConfig = field(default_factory=GNRConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name",
+               f"'{self.name}' is not a valid run name (no '/', not empty, not starting with '.')")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, overrides: Iterable[str] = (), **top: Any) -> "Config":
+        """A new validated Config with dotted overrides (``"distill.T=2"``) applied."""
+        data = self.to_dict()
+        data.update(top)
+        for item in overrides:
+            key, value = parse_override(item)
+            _set_dotted_creating(data, key, value)
+        return from_dict(data)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(_eval_fraction(value))
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _eval_fraction(text: str) -> float:
+    """Accept '8/255' for eps values, as papers write them."""
+    text = text.strip()
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key '{full}' (known under '{prefix or '<top>'}': {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from a (possibly partial) nested mapping."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ("a.b", parsed value); values are parsed as YAML (``8/255`` stays a string)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}': expected a mapping at the top level")
+        data = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted_creating(data, key, value)
+    return from_dict(data)
+
+
+def _set_dotted_creating(data: dict[str, Any], key: str, value: Any) -> None:
+    """Like _set_dotted but creates missing sections; unknown keys are caught by _build."""
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{part}' is not a section, cannot set '{key}'")
+        node = child
+    node[parts[-1]] = value
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())

@@ -1,0 +1,62 @@
+"""Model artifacts: ``<run>/models/<name>.pt`` holds the weights, how to rebuild the network,
+the resolved config that made it and its final metrics. Loaded with ``weights_only=True``."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from raydefense.storage import Storage
+
+
+def build_network(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild a network from its spec: classifier, denoiser (uddn | dae) or generator."""
+    kind = spec["kind"]
+    if kind == "classifier":
+        from raydefense.models import create_model
+
+        return create_model(spec["arch"], num_classes=int(spec["num_classes"]))
+    if kind == "denoiser":
+        from raydefense.denoise import DAE, UDDN
+
+        cls = DAE if spec["arch"] == "dae" else UDDN
+        return cls(widths=tuple(spec["widths"]))
+    if kind == "generator":
+        from raydefense.gnr import Generator
+
+        return Generator(
+            image_size=int(spec["image_size"]),
+            z_dim=int(spec["z_dim"]),
+            widths=tuple(spec["widths"]),
+            max_noise=float(spec["max_noise"]),
+        )
+    raise ValueError(f"unknown artifact kind '{kind}'")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DistributedDataParallel / torch.compile wrappers."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def save_artifact(storage: Storage, name: str, model: nn.Module, spec: dict[str, Any], *,
+                  config: dict[str, Any], metrics: Optional[dict[str, Any]] = None) -> None:
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    storage.save_torch(f"models/{name}.pt", {"spec": spec, "state_dict": state, "config": config, "metrics": metrics or {}})
+
+
+def load_artifact(storage: Storage, name: str, device: torch.device | str = "cpu", *, frozen: bool = True) -> nn.Module:
+    blob = storage.load_torch(f"models/{name}.pt")
+    model = build_network(blob["spec"])
+    model.load_state_dict(blob["state_dict"])
+    model.to(device).eval()
+    if frozen:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def artifact_metrics(storage: Storage, name: str) -> dict[str, Any]:
+    return storage.load_torch(f"models/{name}.pt").get("metrics", {})

@@ -1,0 +1,107 @@
+"""Stage 6, distill: knowledge transfer (section 4.2); and the classifier baselines of Table 3.
+
+1. A Ray Data stage denoises the denoiser's training inputs (real and generated adversarial
+   images) and the clean training images with the trained UDDN: ``data/denoised``.
+2. The teacher (the target's architecture) trains on those denoised images with their
+   one-hot labels.
+3. The student (same architecture) trains on the same images with equation 6:
+   KL(Pt || Ps) + lambda * KL(Pt^T || Ps^T). UDDN + student is the published model.
+
+With ``distill.init_from_target`` (the default) both start from the target's weights:
+a fine-tune instead of a training from scratch, which keeps the CPU default within time.
+
+Baselines (stage ``baselines``): DCN (contractive penalty, Gu & Rigazio 2015) and defensive
+distillation (Papernot et al. 2016, teacher and student at temperature T, deployed at T=1),
+both fine-tuned from the target on the clean training images.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from raydefense.pipeline.artifacts import load_artifact
+from raydefense.pipeline.classifiers import train_classifier
+from raydefense.pipeline.prepare import read_split
+from raydefense.pipeline.runtime import device_for, images_to_tensor, tensor_to_images, user_errors
+
+
+class DenoiseActor:
+    """map_batches actor: images -> UDDN-denoised images (``image`` column, with labels)."""
+
+    def __init__(self, *, storage, denoiser: str, column: str, gpu: bool, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.device = device_for(gpu)
+        self.model = load_artifact(storage, denoiser, self.device)
+        self.column = column
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = images_to_tensor(batch[self.column], self.device)
+        return {"image": tensor_to_images(self.model(x)), "label": batch["label"].astype(np.int64)}
+
+
+def _num_classes(ctx) -> int:
+    return int(ctx.storage.read_json("data/meta.json")["num_classes"])
+
+
+def denoised_training_set(ctx, *, gpu: bool):
+    import ray
+
+    from raydefense.pipeline.denoise import training_pairs
+
+    cfg = ctx.cfg
+    if not ctx.storage.exists("data/denoised/_SUCCESS"):
+        ctx.storage.delete_dir("data/denoised")
+        common = {"batch_size": cfg.attack.batch_size, "compute": ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
+                  "num_cpus": cfg.scale.cpus_per_actor, "num_gpus": 1 if gpu else None}
+        kw = {"storage": ctx.storage, "denoiser": "uddn", "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)}
+        adv = training_pairs(ctx).map_batches(DenoiseActor, fn_constructor_kwargs={**kw, "column": "adv"}, **common)
+        clean = read_split(ctx, ["gnr", "denoise"]).map_batches(DenoiseActor, fn_constructor_kwargs={**kw, "column": "image"}, **common)
+        with user_errors():
+            adv.union(clean).write_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs,
+                                           min_rows_per_file=cfg.data.shard_size)
+        ctx.storage.write_text("data/denoised/_SUCCESS", "")
+    return ray.data.read_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs, file_extensions=["parquet"])
+
+
+def run_distill(ctx, *, gpu: bool) -> dict[str, Any]:
+    cfg = ctx.cfg
+    if not cfg.distill.enabled:
+        ctx.echo("  knowledge transfer disabled (distill.enabled: false)")
+        return {"enabled": False}
+    n_cls = _num_classes(ctx)
+    train = denoised_training_set(ctx, gpu=gpu)
+    val = read_split(ctx, "val", ["image", "label"])
+    init = "target" if cfg.distill.init_from_target else None
+    arch = cfg.models.target
+    teacher = train_classifier(ctx, task="teacher", arch=arch, num_classes=n_cls, train=cfg.distill.teacher,
+                               train_ds=train, val_ds=val, loss="ce", init=init, gpu=gpu)
+    student = train_classifier(ctx, task="student", arch=arch, num_classes=n_cls, train=cfg.distill.student,
+                               train_ds=train, val_ds=val, loss="kt", init=init, teacher="teacher", gpu=gpu,
+                               lam=cfg.distill.lam, T=cfg.distill.T)
+    return {"teacher": teacher, "student": student}
+
+
+def run_baselines(ctx, *, gpu: bool) -> dict[str, Any]:
+    cfg = ctx.cfg
+    b = cfg.baselines
+    n_cls = _num_classes(ctx)
+    arch = cfg.models.target
+    train = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
+    val = read_split(ctx, "val", ["image", "label"])
+    out: dict[str, Any] = {}
+    if "dcn" in b.enabled:
+        out["dcn"] = train_classifier(ctx, task="dcn", arch=arch, num_classes=n_cls, train=b.train, train_ds=train,
+                                      val_ds=val, loss="dcn", init="target", gpu=gpu, dcn_weight=b.dcn_weight)
+    if "distillation" in b.enabled:
+        out["distill_teacher"] = train_classifier(ctx, task="distill_teacher", arch=arch, num_classes=n_cls, train=b.train,
+                                                  train_ds=train, val_ds=val, loss="temp_ce", init="target", gpu=gpu,
+                                                  T=b.distillation_T)
+        out["distillation"] = train_classifier(ctx, task="distillation", arch=arch, num_classes=n_cls, train=b.train,
+                                               train_ds=train, val_ds=val, loss="soft", init="target",
+                                               teacher="distill_teacher", gpu=gpu, T=b.distillation_T)
+    if not out:
+        ctx.echo("  no trained baselines enabled (baselines.enabled lists none of dcn, distillation)")
+    return out

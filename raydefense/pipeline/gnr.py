@@ -1,0 +1,152 @@
+"""Stage 4, gnr: train the WGAN-GP on real adversarial noise (section 2), then grow the
+denoiser's training set with generated noise.
+
+Training runs on Ray Train over ``data/adv/train`` (real noise n = x* - x). Augmentation is
+a Ray Data stage: each clean image of the denoise split gets ``k`` generated noises, with
+``k`` chosen so that generated pairs / real pairs = ``gnr.augment_ratio`` (the paper: 80k
+generated from 40k real). x* = clip(x + n, 0, 1). Output ``data/adv/gnr_aug`` has the
+columns of the attack sets, with ``method = 'gnr'``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from raydefense.config import from_dict
+from raydefense.pipeline import training as T
+from raydefense.pipeline.artifacts import load_artifact, save_artifact
+from raydefense.pipeline.attack import count_rows, read_adv
+from raydefense.pipeline.prepare import read_split
+from raydefense.pipeline.runtime import device_for, images_to_tensor, tensor_to_images, user_errors
+
+
+def _generator_spec(cfg) -> dict[str, Any]:
+    return {"kind": "generator", "image_size": cfg.data.image_size, "z_dim": cfg.gnr.z_dim,
+            "widths": list(cfg.gnr.widths), "max_noise": cfg.attack.eps_max}
+
+
+def gnr_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop for the WGAN-GP (equation 3), n_critic critic steps per generator step."""
+    import ray.train
+    import ray.train.torch
+
+    from raydefense.gnr import Critic, critic_loss, generator_loss
+    from raydefense.pipeline.artifacts import build_network
+
+    cfg = from_dict(config["cfg"])
+    g = cfg.gnr
+    T.set_threads(cfg)
+    device = T.worker_device()
+    rank, _ = T.world()
+    torch.manual_seed(cfg.seed + 101 + rank)
+    spec = _generator_spec(cfg)
+    gen = ray.train.torch.prepare_model(build_network(spec).to(device))
+    critic = ray.train.torch.prepare_model(
+        Critic(image_size=cfg.data.image_size, widths=tuple(g.critic_widths), norm=g.critic_norm).to(device))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=g.lr, betas=(0.0, 0.9))
+    opt_c = torch.optim.Adam(critic.parameters(), lr=g.lr, betas=(0.0, 0.9))
+    objects = {"gen": gen, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
+    start, _ = T.restore(objects)
+    shard = ray.train.get_dataset_shard("train")
+    metrics: dict[str, float] = {}
+    for epoch in range(start, g.epochs):
+        gen.train(); critic.train()
+        timer = T.EpochTimer()
+        w_sum = gp_sum = g_sum = steps = g_steps = 0.0
+        for i, batch in enumerate(T.iter_batches(shard, batch_size=g.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch)):
+            real = T.to_float_images(batch["adv"]) - T.to_float_images(batch["clean"])
+            z = torch.randn(len(real), g.z_dim, device=device)
+            with torch.no_grad():
+                fake = gen(z)
+            loss_c, stats = critic_loss(critic, real, fake, gp_weight=g.gp_weight)
+            opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+            opt_c.step()
+            w_sum += float(stats["wasserstein"]); gp_sum += float(stats["gp"]); steps += 1
+            if (i + 1) % g.n_critic == 0:
+                z = torch.randn(len(real), g.z_dim, device=device)
+                loss_g = generator_loss(critic, gen(z))
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                g_sum += loss_g.item(); g_steps += 1
+        w_sum, gp_sum, g_sum, steps, g_steps = T.allreduce_sum([w_sum, gp_sum, g_sum, steps, g_steps], device)
+        metrics = {"wasserstein": w_sum / max(steps, 1), "gp": gp_sum / max(steps, 1),
+                   "g_loss": g_sum / max(g_steps, 1), "epoch_s": timer.lap()}
+        T.report_epoch(epoch, metrics, objects, config=config["cfg"])
+    if rank == 0:
+        save_artifact(config["storage"], "gnr_generator", gen, spec, config=config["cfg"], metrics=metrics)
+
+
+class AugmentActor:
+    """map_batches actor: clean images -> ``k`` GNR adversarial images each."""
+
+    def __init__(self, *, storage, k: int, seed: int, gpu: bool, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        self.device = device_for(gpu)
+        self.gen = load_artifact(storage, "gnr_generator", self.device)
+        self.k, self.seed = k, seed
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = images_to_tensor(batch["image"], self.device)
+        n = len(x)
+        outs = []
+        for j in range(self.k):
+            # Noise for image i, draw j depends only on (seed, index, j): reproducible at any batching.
+            z = torch.stack([
+                torch.randn(self.gen.z_dim, generator=torch.Generator().manual_seed(self.seed * 7919 + int(idx) * 31 + j))
+                for idx in batch["index"]
+            ]).to(self.device)
+            noise = self.gen(z)
+            adv = (x + noise).clamp(0, 1)
+            outs.append((tensor_to_images(adv), noise.abs().amax(dim=(1, 2, 3)).cpu().numpy().astype(np.float32)))
+        return {
+            "clean": np.concatenate([batch["image"]] * self.k),
+            "adv": np.concatenate([a for a, _ in outs]),
+            "label": np.concatenate([batch["label"].astype(np.int64)] * self.k),
+            "eps": np.concatenate([e for _, e in outs]),
+            "method": np.array(["gnr"] * (n * self.k)),
+            "index": np.concatenate([batch["index"].astype(np.int64)] * self.k),
+        }
+
+
+def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
+    import ray
+
+    cfg = ctx.cfg
+    if not cfg.gnr.enabled:
+        ctx.echo("  gnr disabled (gnr.enabled: false): the denoiser trains on real adversarial pairs only")
+        return {"enabled": False}
+    if not ctx.storage.exists("models/gnr_generator.pt"):
+        ctx.echo(f"  gnr: training the WGAN-GP for {cfg.gnr.epochs} epochs on Ray Train")
+        loop_config = {"cfg": cfg.to_dict(), "storage": ctx.storage}
+        metrics = T.fit(ctx, "gnr", gnr_loop, loop_config, {"train": read_adv(ctx, "train", ["clean", "adv"])}, gpu=gpu)
+        if metrics:
+            ctx.echo(f"  gnr: Wasserstein estimate {metrics.get('wasserstein', float('nan')):.4f}, GP {metrics.get('gp', float('nan')):.4f}")
+    n_real = count_rows(ctx, "data/adv/train")
+    clean = read_split(ctx, "denoise")
+    n_clean = clean.count()
+    k = max(1, math.ceil(cfg.gnr.augment_ratio * n_real / max(n_clean, 1))) if cfg.gnr.augment_ratio > 0 else 0
+    if k == 0 or n_clean == 0:
+        ctx.echo("  gnr: augment_ratio is 0 or the denoise split is empty: no generated images")
+        return {"generated": 0}
+    ds = clean.map_batches(
+        AugmentActor,
+        fn_constructor_kwargs={"storage": ctx.storage, "k": k, "seed": cfg.seed, "gpu": gpu,
+                               "threads": int(cfg.scale.cpus_per_actor)},
+        batch_size=cfg.attack.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
+        num_cpus=cfg.scale.cpus_per_actor,
+        num_gpus=1 if gpu else None,
+    )
+    ctx.storage.delete_dir("data/adv/gnr_aug")
+    with user_errors():
+        ds.write_parquet(ctx.data_path("adv", "gnr_aug"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
+    generated = count_rows(ctx, "data/adv/gnr_aug")
+    ctx.echo(f"  gnr: {generated} generated adversarial images ({k} per clean image) beside {n_real} real ones")
+    return {"generated": generated, "real": n_real, "per_image": k}

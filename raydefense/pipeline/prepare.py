@@ -1,0 +1,154 @@
+"""Stage 1, prepare: read and split the data, write it as Parquet shards.
+
+The driver only handles the list of images (identity, index or file path); rendering the
+synthetic faces or decoding/aligning the files runs in Ray Data ``map_batches`` workers,
+and the shards go straight to ``<run>/data/clean/``. Columns: ``image`` (uint8 H x W x 3),
+``label`` (int64), ``split`` (gnr | denoise | val | test), ``index`` (int64, stable id).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from raydefense.config import Config
+from raydefense.errors import DataError
+from raydefense.pipeline.runtime import user_errors
+from raydefense.storage import Storage
+
+
+class RenderSynthetic:
+    """map_batches callable: (identity, within) rows -> rendered faces."""
+
+    def __init__(self, *, image_size: int, seed: int, difficulty: float):
+        self.kw = {"image_size": image_size, "seed": seed, "difficulty": difficulty}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raydefense.data import render_identity_images
+
+        images = np.stack([
+            render_identity_images(int(i), [int(k)], **self.kw)[0]
+            for i, k in zip(batch["label"], batch["within"])
+        ])
+        return {"image": images, "label": batch["label"].astype(np.int64), "split": batch["split"],
+                "index": batch["index"].astype(np.int64)}
+
+
+class LoadFolderImages:
+    """map_batches actor: image paths -> decoded (optionally MTCNN-aligned) faces."""
+
+    def __init__(self, *, source: str, image_size: int, align: bool, endpoint_url, region):
+        self.storage = Storage.open(source, endpoint_url=endpoint_url, region=region)
+        self.image_size = image_size
+        self.align = align
+        self.aligner = None
+        if align:
+            from raydefense.data import FaceAligner
+
+            self.aligner = FaceAligner(image_size=image_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from raydefense.data import load_images
+
+        fs = self.storage.fs if self.storage.is_s3 else None
+        images, found, _ = load_images(list(batch["path"]), image_size=self.image_size, align=self.align,
+                                       aligner=self.aligner, filesystem=fs)
+        return {"image": images, "label": batch["label"].astype(np.int64), "split": batch["split"],
+                "index": batch["index"].astype(np.int64), "face_found": np.asarray(found, dtype=bool)}
+
+
+def _plan(labels: np.ndarray, cfg: Config) -> Any:
+    from raydefense.data import SPLITS, plan_splits
+
+    plan = plan_splits(labels, per_identity=asdict(cfg.data.splits), seed=cfg.seed)
+    if plan.per_split_counts.get("test", 0) == 0:
+        raise DataError(f"data '{cfg.data.source}': no identity has enough images for a test split")
+    return plan, SPLITS
+
+
+def run_prepare(ctx, *, gpu: bool = False) -> dict[str, Any]:
+    import ray
+
+    cfg = ctx.cfg
+    out = ctx.data_path("clean")
+    ctx.storage.delete_dir("data/clean")
+    meta: dict[str, Any] = {"source": cfg.data.source, "image_size": cfg.data.image_size}
+
+    if cfg.data.source == "synthetic":
+        n_id, per_id = cfg.data.num_identities, cfg.data.images_per_identity
+        labels = np.repeat(np.arange(n_id), per_id)
+        within = np.tile(np.arange(per_id), n_id)
+        plan, splits = _plan(labels, cfg)
+        keep = np.flatnonzero(plan.assignment >= 0)
+        items = [{"label": int(labels[i]), "within": int(within[i]), "split": splits[plan.assignment[i]], "index": int(i)}
+                 for i in keep]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.data.shard_size)))
+        ds = ds.map_batches(RenderSynthetic, fn_constructor_kwargs={
+            "image_size": cfg.data.image_size, "seed": cfg.seed, "difficulty": cfg.data.difficulty},
+            batch_size=cfg.data.shard_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.scale.cpus_per_actor)
+        meta.update(classes=[f"synthetic_{i:04d}" for i in range(n_id)], skipped_identities=[])
+    else:
+        from raydefense.data import list_image_folder
+
+        src = Storage.open(cfg.data.source, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        listing = list_image_folder(src.path() if src.is_s3 else src.root,
+                                    min_images_per_identity=cfg.data.min_images_per_identity,
+                                    filesystem=src.fs if src.is_s3 else None)
+        records = listing.records
+        classes = list(listing.classes)
+        if cfg.data.max_identities:
+            counts: dict[int, int] = {}
+            for r in records:
+                counts[r.label] = counts.get(r.label, 0) + 1
+            top = sorted(counts, key=lambda k: (-counts[k], k))[: cfg.data.max_identities]
+            remap = {old: new for new, old in enumerate(sorted(top))}
+            classes = [classes[old] for old in sorted(top)]
+            records = [type(r)(path=r.path, identity=r.identity, label=remap[r.label]) for r in records if r.label in remap]
+        if len(classes) < 2:
+            raise DataError(f"data '{cfg.data.source}': need at least 2 identities with >= "
+                            f"{cfg.data.min_images_per_identity} images, found {len(classes)}")
+        labels = np.array([r.label for r in records])
+        plan, splits = _plan(labels, cfg)
+        keep = np.flatnonzero(plan.assignment >= 0)
+        items = [{"path": records[i].path, "label": int(labels[i]), "split": splits[plan.assignment[i]], "index": int(i)}
+                 for i in keep]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.data.shard_size)))
+        ds = ds.map_batches(LoadFolderImages, fn_constructor_kwargs={
+            "source": cfg.data.source, "image_size": cfg.data.image_size, "align": cfg.data.align,
+            "endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region},
+            batch_size=min(cfg.data.shard_size, 64), compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
+            num_cpus=cfg.scale.cpus_per_actor)
+        meta.update(classes=classes, skipped_identities=list(listing.skipped_identities))
+
+    with user_errors():
+        ds.write_parquet(out, filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
+
+    counts = {s: int((plan.assignment == k).sum()) for k, s in enumerate(splits)}
+    meta.update(num_classes=len(meta["classes"]), split_counts=counts, shortfalls=list(plan.shortfalls))
+    if cfg.data.source != "synthetic" and cfg.data.align:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(out, filesystem=ctx.storage.fs, columns=["face_found"])
+        meta["no_face_found"] = int(len(table) - int(np.asarray(table["face_found"]).sum()))
+    ctx.storage.write_json("data/meta.json", meta)
+    ctx.echo(f"  prepared {sum(counts.values())} images of {meta['num_classes']} identities: "
+             + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for line in meta["shortfalls"]:
+        ctx.echo(f"  note: {line}")
+    if meta.get("no_face_found"):
+        ctx.echo(f"  note: MTCNN found no face in {meta['no_face_found']} images; they were centre-cropped")
+    return {"meta": "data/meta.json", "clean": "data/clean"}
+
+
+def read_split(ctx, splits: list[str] | str, columns: list[str] | None = None):
+    """A lazy Ray Dataset of the clean images in the given split(s)."""
+    import ray
+
+    wanted = [splits] if isinstance(splits, str) else list(splits)
+    ds = ray.data.read_parquet(ctx.data_path("clean"), filesystem=ctx.storage.fs,
+                               columns=columns or ["image", "label", "split", "index"])
+    from ray.data.expressions import col
+
+    return ds.filter(expr=col("split").is_in(wanted))

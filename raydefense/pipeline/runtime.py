@@ -1,0 +1,117 @@
+"""Ray plumbing shared by every stage: connecting to Ray, batch conversion, error unwrapping."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from raydefense.config import Config
+from raydefense.errors import RayDefenseError
+
+log = logging.getLogger("raydefense")
+
+
+def init_ray(cfg: Config) -> dict[str, Any]:
+    """Connect to the cluster (``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local Ray.
+
+    Returns the cluster's resources. On a small machine the local Ray gets a small object
+    store and a couple of logical CPUs beyond the physical ones, so that Ray Data's read
+    tasks still run while a training worker holds the physical cores.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+        else:
+            num_cpus = cfg.scale.num_cpus or max(2, (os.cpu_count() or 2) + 2)
+            ray.init(
+                num_cpus=num_cpus,
+                object_store_memory=cfg.scale.object_store_memory_mb * 1024 * 1024,
+                include_dashboard=False,
+                runtime_env=runtime_env,
+                log_to_driver=True,
+            )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False
+    return ray.cluster_resources()
+
+
+def use_gpu(cfg: Config) -> bool:
+    """GPU work only where the config asks for it and the cluster has GPUs."""
+    if not cfg.scale.use_gpu:
+        return False
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def device_for(gpu: bool) -> torch.device:
+    return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
+
+
+def find_user_error(exc: BaseException) -> RayDefenseError | None:
+    """Walk Ray's exception wrappers (RayTaskError, UserCodeException, WorkerGroupError...)."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RayDefenseError):
+            return e
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+        # Train V2's WorkerGroupError keeps per-worker errors in a dict.
+        worker_failures = getattr(e, "worker_failures", None)
+        if isinstance(worker_failures, Mapping):
+            stack.extend(worker_failures.values())
+        # RayTaskError's str carries the remote traceback: recover our error class from it.
+        text = str(e)
+        for cls in _user_error_classes():
+            marker = f"{cls.__module__}.{cls.__name__}: "
+            short = f"{cls.__name__}: "
+            for m in (marker, short):
+                if m in text:
+                    msg = text.split(m, 1)[1].strip().splitlines()[0]
+                    return cls(msg)
+    return None
+
+
+def _user_error_classes() -> list[type[RayDefenseError]]:
+    from raydefense.errors import ConfigError, DataError, ModelError, StorageError
+
+    return [DataError, StorageError, ConfigError, ModelError]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raise a RayDefenseError raised inside a Ray task/actor/worker as itself."""
+    try:
+        yield
+    except RayDefenseError:
+        raise
+    except Exception as exc:
+        found = find_user_error(exc)
+        if found is not None:
+            raise found from None
+        raise
+
+
+def images_to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [0, 1]."""
+    t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(images))
+    if t.dtype == torch.uint8:
+        t = t.float().div_(255.0)
+    return t.permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), rounded to the nearest level."""
+    return (x.detach().clamp(0, 1).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())

@@ -1,0 +1,162 @@
+"""Ray Train plumbing: one ``fit`` for every training stage, and the helpers its loops share.
+
+Every training task (target, surrogate, GNR, denoisers, teacher, student, baselines) is a
+``train_loop_per_worker(config)`` run by a :class:`~ray.train.torch.TorchTrainer` whose
+``RunConfig`` points at ``<run>/train/<task>`` on the run's storage (local or S3). The
+loop reports a checkpoint every epoch; running the same task again with the same
+storage path and name makes Ray Train hand the latest checkpoint back through
+``ray.train.get_checkpoint()``, so an interrupted training resumes where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from raydefense.config import Config
+from raydefense.pipeline.runtime import user_errors
+
+
+def scaling_config(cfg: Config, *, gpu: bool):
+    """Workers per training stage; elastic ``(min, max)`` when ``scale.max_workers`` is set."""
+    import ray.train
+
+    s = cfg.scale
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = s.gpus_per_worker
+    workers: Any = (s.num_workers, s.max_workers) if s.max_workers > s.num_workers else s.num_workers
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources)
+
+
+def fit(ctx, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
+        datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
+    """Run one training task on Ray Train; returns the last reported metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        scaling_config=scaling_config(ctx.cfg, gpu=gpu),
+        run_config=ray.train.RunConfig(
+            name=task,
+            storage_path=ctx.storage.path("train"),
+            storage_filesystem=ctx.storage.fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    with user_errors():
+        result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+# ----------------------------------------------------------------------------- in-loop helpers
+
+
+def worker_device() -> torch.device:
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def world() -> tuple[int, int]:
+    import ray.train
+
+    c = ray.train.get_context()
+    return c.get_world_rank(), c.get_world_size()
+
+
+def set_threads(cfg: Config) -> None:
+    """Use the CPUs this worker was given (Ray sets OMP_NUM_THREADS; torch may not follow)."""
+    n = max(1, int(cfg.scale.cpus_per_worker))
+    torch.set_num_threads(n)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU when ``scale.amp``; a no-op elsewhere."""
+    if cfg.scale.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def allreduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over the workers (no-op for one worker)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def restore(objects: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Load the latest Ray Train checkpoint into ``objects`` (name -> module/optimizer/scheduler).
+
+    Returns (first epoch to run, extra state saved with the checkpoint).
+    """
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return 0, {}
+    with ckpt.as_directory() as d:
+        blob = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    for name, obj in objects.items():
+        target = obj.module if hasattr(obj, "module") and isinstance(obj, nn.Module) else obj
+        target.load_state_dict(blob[name])
+    return int(blob["epoch"]) + 1, blob.get("extra", {})
+
+
+def report_epoch(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *,
+                 config: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
+    """Report metrics with a checkpoint (written by rank 0; every worker must call this)."""
+    import ray.train
+
+    rank, _ = world()
+    metrics = {**metrics, "epoch": epoch}
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    state = {"epoch": epoch, "config": config, "extra": extra or {}}
+    for name, obj in objects.items():
+        target = obj.module if hasattr(obj, "module") and isinstance(obj, nn.Module) else obj
+        state[name] = target.state_dict()
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, os.path.join(d, "state.pt"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def iter_batches(shard, *, batch_size: int, device: torch.device, shuffle: bool, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Torch batches from a Ray Data shard, with a local shuffle buffer for training."""
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "device": device, "drop_last": False}
+    if shuffle:
+        kwargs["local_shuffle_buffer_size"] = max(4 * batch_size, 256)
+        kwargs["local_shuffle_seed"] = seed
+    yield from shard.iter_torch_batches(**kwargs)
+
+
+def to_float_images(t: torch.Tensor) -> torch.Tensor:
+    """A uint8 (B, H, W, 3) batch column -> float (B, 3, H, W) in [0, 1] on the same device."""
+    return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+def make_optimizer(params, *, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class EpochTimer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        t, self.t0 = time.perf_counter() - self.t0, time.perf_counter()
+        return t
