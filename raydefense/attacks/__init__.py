@@ -1,0 +1,13 @@
+"""Gradient attacks in ``[0, 1]`` pixel space, torchattacks calling convention.
+
+``attack = FGSM(model, eps=8/255); adv = attack(images, labels)``. FGSM and I-FGSM with 2, 4
+and 8 steps make the attack data of Li & Wang (2019, section 5); PGD (with EOT) is for the
+adaptive evaluation against the whole defended model. ``create_attack(name, model, **kw)`` builds
+one by name: ``'fgsm'``, ``'ifgsm'``, ``'ifgsm2'``, ``'ifgsm4'``, ``'ifgsm8'``, ``'pgd'``.
+"""
+from raydefense.attacks.base import Attack, attack_loss, create_attack, list_attacks, register_attack
+from raydefense.attacks.fgsm import FGSM
+from raydefense.attacks.ifgsm import IFGSM
+from raydefense.attacks.pgd import PGD
+
+__all__ = ["Attack", "FGSM", "IFGSM", "PGD", "create_attack", "list_attacks", "register_attack", "attack_loss"]

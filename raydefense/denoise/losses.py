@@ -1,0 +1,112 @@
+"""Guided denoiser losses of Li & Wang (2019), equation 5 (after HGD, Liao et al. 2018).
+
+``L = || f_l(x_hat) - f_l(x) ||_1`` with f the frozen target model:
+
+- ``'logits'`` (l = -1): the logits, the "logits-guided" denoiser;
+- ``'features'`` (l = -2): the pooled last-conv features, the "feature-guided" denoiser;
+- ``'pixel'``: L1 on the pixels themselves, the pixel-guided baseline.
+
+Reduction: the mean absolute difference over every element (batch, and classes / feature
+dims / pixels), i.e. the L1 norm divided by the element count, so the loss scale does not
+depend on the batch size or the layer's width. The clean branch f_l(x) runs under
+``torch.no_grad()``. These functions never touch ``requires_grad``: the caller freezes the
+target model (``model.requires_grad_(False)``, ``model.eval()``); gradients then reach only
+the denoiser, through x_hat.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+
+from raydefense.errors import ConfigError
+
+__all__ = [
+    "GUIDED_LOSSES",
+    "GuidanceModel",
+    "feature_guided_loss",
+    "guided_loss",
+    "logits_guided_loss",
+    "pixel_guided_loss",
+]
+
+
+@runtime_checkable
+class GuidanceModel(Protocol):
+    """What the guided losses need from a target classifier (the models registry's contract).
+
+    Inputs are [0, 1] images ``(B, 3, H, W)``; ``model(x)`` gives logits ``(B, C)``
+    (layer l = -1), ``features(x)`` the pooled last-conv features ``(B, D)`` (l = -2),
+    ``head(features)`` maps features to logits.
+    """
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def head(self, features: torch.Tensor) -> torch.Tensor: ...
+
+
+def _check_pair(x_hat: torch.Tensor, x: torch.Tensor) -> None:
+    if x_hat.shape != x.shape:
+        raise ValueError(f"x_hat and x must have the same shape, got {tuple(x_hat.shape)} and {tuple(x.shape)}")
+
+
+def _l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().mean()
+
+
+def pixel_guided_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Pixel-guided loss: mean |x_hat - x| over all pixels (the paper's pixel-guided baseline).
+
+    Shapes: ``(B, C, H, W), (B, C, H, W) -> scalar``.
+    """
+    _check_pair(x_hat, x)
+    return _l1(x_hat, x.detach())
+
+
+def logits_guided_loss(model: GuidanceModel, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Logits-guided loss, eq. 5 with l = -1: mean |model(x_hat) - model(x)|.
+
+    Shapes: images ``(B, C, H, W)``, logits ``(B, K)`` -> scalar.
+    """
+    _check_pair(x_hat, x)
+    with torch.no_grad():
+        target = model(x)
+    return _l1(model(x_hat), target)
+
+
+def feature_guided_loss(model: GuidanceModel, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Feature-guided loss, eq. 5 with l = -2: mean |model.features(x_hat) - model.features(x)|.
+
+    Shapes: images ``(B, C, H, W)``, features ``(B, D)`` -> scalar.
+    """
+    _check_pair(x_hat, x)
+    with torch.no_grad():
+        target = model.features(x)
+    return _l1(model.features(x_hat), target)
+
+
+#: Registry: loss kind -> ``fn(model, x_hat, x)`` (``model`` is ignored by ``'pixel'``).
+GUIDED_LOSSES: dict[str, Callable[[GuidanceModel | None, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "pixel": lambda model, x_hat, x: pixel_guided_loss(x_hat, x),
+    "logits": logits_guided_loss,
+    "features": feature_guided_loss,
+}
+
+
+def guided_loss(kind: str, model: GuidanceModel | None, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Dispatch eq. 5 on ``kind`` in ``GUIDED_LOSSES`` (``'pixel'``, ``'logits'``, ``'features'``).
+
+    ``model`` may be None for ``'pixel'``. Unknown kinds raise :class:`ConfigError` listing
+    the known ones. Returns a scalar.
+    """
+    try:
+        fn = GUIDED_LOSSES[kind]
+    except (KeyError, TypeError):
+        raise ConfigError(f"guided loss kind {kind!r} is unknown; choose one of {', '.join(GUIDED_LOSSES)}") from None
+    if kind != "pixel" and model is None:
+        raise ValueError(f"guided loss kind {kind!r} needs a target model, got None")
+    return fn(model, x_hat, x)
