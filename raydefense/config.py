@@ -278,6 +278,8 @@ class ScaleConfig:
     cpus_per_actor: float = 1.0
     object_store_memory_mb: int = 512  # local Ray only
     num_cpus: int = 0  # local Ray only; 0 = detect
+    worker_logs: bool = False  # stream every Ray worker's output to the console (noisy; logs stay in /tmp/ray)
+    cache_mb: float = 2048.0  # a training worker keeps a shard this small in memory (0 = stream every epoch)
 
     def validate(self, prefix: str) -> None:
         _check(self.num_workers >= 1, f"{prefix}.num_workers", "must be >= 1")
@@ -289,6 +291,7 @@ class ScaleConfig:
         _check(self.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "must be > 0")
         _check(self.object_store_memory_mb >= 128, f"{prefix}.object_store_memory_mb", "must be >= 128")
         _check(self.num_cpus >= 0, f"{prefix}.num_cpus", "must be >= 0")
+        _check(self.cache_mb >= 0, f"{prefix}.cache_mb", "must be >= 0")
 
 
 @dataclass(frozen=True)

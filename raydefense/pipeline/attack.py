@@ -4,7 +4,7 @@ Ray Data streams the clean shards through an actor pool (GPU actors when the clu
 GPUs) that runs FGSM and I-FGSM 2/4/8 with a per-image eps ~ U[eps_min, eps_max], and
 writes the pairs straight back as Parquet; the driver never holds a dataset.
 
-Sets (``<run>/data/adv/<set>/``), columns ``clean, adv, label, eps, method, index``:
+Sets (``<run>/data/adv/set=<set>/``, one Parquet partition each), columns ``clean, adv, label, eps, method, index``:
 
 - ``train``: the GNR split attacked with every training method against the target. Its
   noise ``adv - clean`` trains the GNR and its pairs are the real part of the denoiser set
@@ -34,54 +34,65 @@ def per_image_eps(indices: np.ndarray, method: str, *, seed: int, lo: float, hi:
 
 
 class AttackActor:
-    """map_batches actor: clean rows -> one adversarial row per (image, method)."""
+    """map_batches actor: clean rows -> adversarial rows for every set the row's split feeds.
 
-    def __init__(self, *, storage, model: str, methods: Sequence[str], seed: int, eps_min: float, eps_max: float,
-                 gpu: bool, threads: int = 1):
+    ``plan`` maps a split to a list of (set name, model, methods); e.g. a test image yields
+    rows for ``test_white`` (against the target) and ``test_black`` (against the surrogate).
+    """
+
+    def __init__(self, *, storage, plan: dict[str, list[tuple[str, str, list[str]]]], seed: int, eps_min: float,
+                 eps_max: float, gpu: bool, threads: int = 1):
         torch.set_num_threads(max(1, threads))
         self.device = device_for(gpu)
-        self.model = load_artifact(storage, model, self.device)
-        self.methods = list(methods)
+        names = {model for sets in plan.values() for _, model, _ in sets}
+        self.models = {name: load_artifact(storage, name, self.device) for name in sorted(names)}
+        self.plan = plan
         self.seed, self.lo, self.hi = seed, eps_min, eps_max
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raydefense.attacks import create_attack
 
-        x = images_to_tensor(batch["image"], self.device)
-        y = torch.as_tensor(batch["label"], device=self.device)
-        out: dict[str, list[Any]] = {k: [] for k in ("clean", "adv", "label", "eps", "method", "index")}
-        for method in self.methods:
-            eps = per_image_eps(batch["index"], method, seed=self.seed, lo=self.lo, hi=self.hi)
-            adv = create_attack(method, self.model, eps=torch.as_tensor(eps, device=self.device))(x, y)
-            out["clean"].append(batch["image"])
-            out["adv"].append(tensor_to_images(adv))
-            out["label"].append(batch["label"].astype(np.int64))
-            out["eps"].append(eps)
-            out["method"].append(np.array([method] * len(eps)))
-            out["index"].append(batch["index"].astype(np.int64))
+        out: dict[str, list[Any]] = {k: [] for k in ("set", "clean", "adv", "label", "eps", "method", "index")}
+        for split in np.unique(batch["split"]):
+            rows = np.flatnonzero(batch["split"] == split)
+            images, labels, indices = batch["image"][rows], batch["label"][rows], batch["index"][rows]
+            x = images_to_tensor(images, self.device)
+            y = torch.as_tensor(labels, device=self.device)
+            for set_name, model, methods in self.plan.get(str(split), []):
+                for method in methods:
+                    eps = per_image_eps(indices, method, seed=self.seed, lo=self.lo, hi=self.hi)
+                    adv = create_attack(method, self.models[model], eps=torch.as_tensor(eps, device=self.device))(x, y)
+                    out["set"].append(np.array([set_name] * len(rows)))
+                    out["clean"].append(images)
+                    out["adv"].append(tensor_to_images(adv))
+                    out["label"].append(labels.astype(np.int64))
+                    out["eps"].append(eps)
+                    out["method"].append(np.array([method] * len(rows)))
+                    out["index"].append(indices.astype(np.int64))
+        if not out["set"]:
+            return {"set": np.array([], dtype=object), "clean": batch["image"][:0], "adv": batch["image"][:0],
+                    "label": np.array([], np.int64), "eps": np.array([], np.float32),
+                    "method": np.array([], dtype=object), "index": np.array([], np.int64)}
         return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def attack_set(ctx, *, name: str, splits: list[str], model: str, methods: Sequence[str], gpu: bool) -> int:
-    """Attack the clean images of ``splits`` with ``model``'s gradients; write ``data/adv/<name>``."""
-    import ray
+def attack_plan(cfg) -> dict[str, list[tuple[str, str, list[str]]]]:
+    """split -> [(set, attacked model, methods)], following section 5.1."""
+    train = list(cfg.attack.train_methods)
+    test = list(cfg.attack.test_methods)
+    plan: dict[str, list[tuple[str, str, list[str]]]] = {
+        "gnr": [("train", "target", train)],
+        "val": [("val_white", "target", test)],
+        "test": [("test_white", "target", test), ("test_black", "surrogate", test)],
+    }
+    if not cfg.gnr.enabled:
+        plan["denoise"] = [("train", "target", train)]
+    return plan
 
-    cfg = ctx.cfg
-    ds = read_split(ctx, splits)
-    ds = ds.map_batches(
-        AttackActor,
-        fn_constructor_kwargs={"storage": ctx.storage, "model": model, "methods": list(methods), "seed": cfg.attack.seed,
-                               "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max, "gpu": gpu,
-                               "threads": int(cfg.scale.cpus_per_actor)},
-        batch_size=cfg.attack.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-        num_cpus=cfg.scale.cpus_per_actor,
-        num_gpus=1 if gpu else None,
-    )
-    ctx.storage.delete_dir(f"data/adv/{name}")
-    with user_errors():
-        ds.write_parquet(ctx.data_path("adv", name), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
-    return count_rows(ctx, f"data/adv/{name}")
+
+def adv_rel(name: str) -> str:
+    """Where an adversarial set lives (a partition of ``data/adv``)."""
+    return f"data/adv/set={name}"
 
 
 def count_rows(ctx, rel: str) -> int:
@@ -91,22 +102,36 @@ def count_rows(ctx, rel: str) -> int:
 
 
 def read_adv(ctx, name: str, columns: list[str] | None = None):
+    """An adversarial set by name: an attack partition, or ``gnr_aug`` (the GNR's pairs)."""
     import ray
 
-    return ray.data.read_parquet(ctx.data_path("adv", name), filesystem=ctx.storage.fs, columns=columns)
+    rel = "data/gnr_aug" if name == "gnr_aug" else adv_rel(name)
+    return ray.data.read_parquet(ctx.storage.path(rel), filesystem=ctx.storage.fs, columns=columns)
 
 
 def run_attack(ctx, *, gpu: bool) -> dict[str, Any]:
+    """One streaming pass: every clean image that feeds an adversarial set, through one actor pool."""
+    import ray
+
     cfg = ctx.cfg
-    train_splits = ["gnr"] if cfg.gnr.enabled else ["gnr", "denoise"]
-    plan = [
-        ("train", train_splits, "target", cfg.attack.train_methods),
-        ("val_white", ["val"], "target", cfg.attack.test_methods),
-        ("test_white", ["test"], "target", cfg.attack.test_methods),
-        ("test_black", ["test"], "surrogate", cfg.attack.test_methods),
-    ]
+    plan = attack_plan(cfg)
+    ds = read_split(ctx, sorted(plan)).map_batches(
+        AttackActor,
+        fn_constructor_kwargs={"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
+                               "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max, "gpu": gpu,
+                               "threads": int(cfg.scale.cpus_per_actor)},
+        batch_size=cfg.attack.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
+        num_cpus=cfg.scale.cpus_per_actor,
+        num_gpus=1 if gpu else None,
+    )
+    ctx.storage.delete_dir("data/adv")
+    with user_errors():
+        ds.write_parquet(ctx.data_path("adv"), filesystem=ctx.storage.fs, partition_cols=["set"])
     counts = {}
-    for name, splits, model, methods in plan:
-        counts[name] = attack_set(ctx, name=name, splits=splits, model=model, methods=methods, gpu=gpu)
-        ctx.echo(f"  {name}: {counts[name]} adversarial images ({', '.join(methods)} against the {model})")
+    for split, sets in plan.items():
+        for name, model, methods in sets:
+            counts[name] = count_rows(ctx, adv_rel(name))
+            ctx.echo(f"  {name}: {counts[name]} adversarial images from the {split} split "
+                     f"({', '.join(methods)} against the {model})")
     return {"counts": counts}

@@ -41,7 +41,7 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def accuracy(model, shard, *, batch_size: int, device: torch.device, image_col: str = "image") -> float:
     model.eval()
     correct = total = 0.0
-    for batch in T.iter_batches(shard, batch_size=batch_size, device=device, shuffle=False, seed=0):
+    for batch in shard.batches(batch_size=batch_size, device=device, shuffle=False, seed=0):
         logits = model(T.to_float_images(batch[image_col]))
         correct += (logits.argmax(1) == batch["label"]).sum().item()
         total += len(batch["label"])
@@ -62,7 +62,7 @@ def classifier_loop(config: dict[str, Any]) -> None:
     tc = TrainConfig(**config["train"])
     loss_kind = config["loss"]
     storage = config["storage"]
-    T.set_threads(cfg)
+    T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 17)
@@ -79,15 +79,18 @@ def classifier_loop(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
     start, _ = T.restore({"model": model, "opt": opt, "sched": sched})
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    train_shard = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb)
+    # Every dataset named val* is evaluated each epoch and reported as <name>_acc: "val" holds
+    # clean images; a Tune trial adds e.g. "val_white" (denoised white-box images).
+    vals = {name: T.EpochData(ray.train.get_dataset_shard(name), cache_mb=cfg.scale.cache_mb)
+            for name in config["val_sets"]}
     temp = float(config.get("T", 1.0))
     metrics: dict[str, float] = {}
     for epoch in range(start, tc.epochs):
         model.train()
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
-        for batch in T.iter_batches(train_shard, batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch):
+        for batch in train_shard.batches(batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch):
             x = augment(T.to_float_images(batch["image"]), gen)
             y = batch["label"]
             with T.autocast(cfg, device):
@@ -115,26 +118,27 @@ def classifier_loop(config: dict[str, Any]) -> None:
             seen += len(y)
         sched.step()
         loss_sum, seen = T.allreduce_sum([loss_sum, seen], device)
-        metrics = {
-            "train_loss": loss_sum / max(seen, 1.0),
-            "val_acc": accuracy(model, val_shard, batch_size=tc.batch_size * 2, device=device),
-            "epoch_s": timer.lap(),
-        }
+        metrics = {"train_loss": loss_sum / max(seen, 1.0)}
+        for name, shard in vals.items():
+            metrics[f"{name}_acc"] = accuracy(model, shard, batch_size=tc.batch_size * 2, device=device)
+        metrics["epoch_s"] = timer.lap()
         T.report_epoch(epoch, metrics, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"])
 
     if rank == 0:
         if not metrics:  # resumed after the last epoch: measure once more
-            metrics = {"val_acc": accuracy(model, val_shard, batch_size=tc.batch_size * 2, device=device)}
+            metrics = {f"{n}_acc": accuracy(model, s, batch_size=tc.batch_size * 2, device=device) for n, s in vals.items()}
         spec = {"kind": "classifier", "arch": config["arch"], "num_classes": config["num_classes"]}
         save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics=metrics)
 
 
 def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: TrainConfig,
                      train_ds, val_ds, loss: str = "ce", init: str | None = None,
-                     teacher: str | None = None, gpu: bool = False, **extra: Any) -> dict[str, Any]:
+                     teacher: str | None = None, gpu: bool = False, extra_val: dict[str, Any] | None = None,
+                     **extra: Any) -> dict[str, Any]:
     """Train (or resume) one classifier on Ray Train and write ``models/<task>.pt``.
 
     Skips the work when the artifact already exists (it is written last, atomically).
+    ``extra_val`` adds validation sets (name -> dataset with image, label; names start with "val").
     """
     if ctx.storage.exists(f"models/{task}.pt"):
         ctx.echo(f"  {task}: already trained, skipping")
@@ -146,10 +150,10 @@ def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: Trai
     loop_config = {
         "cfg": ctx.cfg.to_dict(), "task": task, "arch": arch, "num_classes": num_classes,
         "train": asdict(train), "loss": loss, "init": init, "teacher": teacher,
-        "storage": ctx.storage, "artifact": task, **extra,
+        "storage": ctx.storage, "artifact": task, "val_sets": ["val", *(extra_val or {})], **extra,
     }
     ctx.echo(f"  {task}: training {arch} ({loss}) for {train.epochs} epochs on Ray Train")
-    metrics = T.fit(ctx, task, classifier_loop, loop_config, {"train": train_ds, "val": val_ds}, gpu=gpu)
+    metrics = T.fit(ctx, task, classifier_loop, loop_config, {"train": train_ds, "val": val_ds, **(extra_val or {})}, gpu=gpu)
     if "val_acc" in metrics:
         ctx.echo(f"  {task}: val accuracy {metrics['val_acc']:.3f}")
     return metrics

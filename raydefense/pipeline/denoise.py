@@ -1,7 +1,7 @@
 """Stage 5, denoise: train the UDDN (section 3) and the denoiser baselines on Ray Train.
 
-The training set is the real adversarial pairs (``data/adv/train``) plus the GNR's
-generated pairs (``data/adv/gnr_aug``). Losses: ``uddn`` uses the configured guidance
+The training set is the real adversarial pairs (``data/adv/set=train``) plus the GNR's
+generated pairs (``data/gnr_aug``). Losses: ``uddn`` uses the configured guidance
 (logits, l = -1, or features, l = -2, of the frozen target: equation 5); ``pixel_guided``
 is the same network with an L1 pixel loss; ``dae`` is the network without lateral
 connections, with the pixel loss (the standard denoiser the paper compares with).
@@ -32,7 +32,7 @@ def denoised_accuracy(denoiser, classifier, shard, *, batch_size: int, device) -
     """Classifier accuracy on denoised adversarial and denoised clean validation images."""
     denoiser.eval()
     adv_ok = clean_ok = total = 0.0
-    for batch in T.iter_batches(shard, batch_size=batch_size, device=device, shuffle=False, seed=0):
+    for batch in shard.batches(batch_size=batch_size, device=device, shuffle=False, seed=0):
         y = batch["label"]
         adv_ok += (classifier(denoiser(T.to_float_images(batch["adv"]))).argmax(1) == y).sum().item()
         clean_ok += (classifier(denoiser(T.to_float_images(batch["clean"]))).argmax(1) == y).sum().item()
@@ -51,7 +51,7 @@ def denoiser_loop(config: dict[str, Any]) -> None:
 
     cfg = from_dict(config["cfg"])
     d = cfg.denoise
-    T.set_threads(cfg)
+    T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
     torch.manual_seed(cfg.seed + 202 + rank)
@@ -64,15 +64,15 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=d.plateau_patience,
                                                        min_lr=d.lr_min, threshold=1e-3)
     start, _ = T.restore({"model": model, "opt": opt, "sched": sched})
-    shard = ray.train.get_dataset_shard("train")
-    val = ray.train.get_dataset_shard("val")
+    shard = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb)
+    val = T.EpochData(ray.train.get_dataset_shard("val"), cache_mb=cfg.scale.cache_mb)
     loss_kind = config["loss"]
     metrics: dict[str, float] = {}
     for epoch in range(start, d.epochs):
         model.train()
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
-        for batch in T.iter_batches(shard, batch_size=d.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch):
+        for batch in shard.batches(batch_size=d.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch):
             x = T.to_float_images(batch["clean"])
             x_adv = T.to_float_images(batch["adv"])
             if d.include_clean:
@@ -102,7 +102,7 @@ def training_pairs(ctx):
     from raydefense.pipeline.attack import read_adv
 
     ds = read_adv(ctx, "train", ["clean", "adv", "label"])
-    if ctx.cfg.gnr.enabled and ctx.storage.exists("data/adv/gnr_aug"):
+    if ctx.cfg.gnr.enabled and ctx.storage.exists("data/gnr_aug"):
         ds = ds.union(read_adv(ctx, "gnr_aug", ["clean", "adv", "label"]))
     return ds
 

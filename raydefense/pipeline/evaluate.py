@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from raydefense.pipeline.artifacts import load_artifact
-from raydefense.pipeline.attack import read_adv
+from raydefense.pipeline.attack import adv_rel
 from raydefense.pipeline.prepare import read_split
 from raydefense.pipeline.runtime import device_for, images_to_tensor, user_errors
 
@@ -118,7 +118,7 @@ class EvalActor:
         clean = images_to_tensor(batch["clean"], self.device)
         adv = images_to_tensor(batch["adv"], self.device)
         y = batch["label"]
-        out: dict[str, np.ndarray] = {k: batch[k] for k in ("label", "eps", "method", "index")}
+        out: dict[str, np.ndarray] = {k: batch[k] for k in ("set", "label", "eps", "method", "index")}
         for tag, x in (("adv", adv), ("clean", clean)):
             preds, pre = self.bank.predict_all(x)
             for name, p in preds.items():
@@ -185,9 +185,15 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
     detail: dict[str, dict[str, Any]] = {d: {} for d in defenses}
     l1: dict[str, dict[str, float]] = {d: {} for d in ("none",) + DENOISERS if d == "none" or d in defenses}
     first_method = cfg.attack.test_methods[0]
+    import ray
+    from ray.data.expressions import col
+
+    # White- and black-box sets in one pass through one actor pool.
+    tests = ray.data.read_parquet(ctx.data_path("adv"), filesystem=ctx.storage.fs).filter(
+        expr=col("set").is_in(list(TEST_SETS.values())))
     with user_errors():
-        frames = {key: _map(read_adv(ctx, name), EvalActor, common, ctx, gpu, cfg.eval.batch_size).to_pandas()
-                  for key, name in TEST_SETS.items()}
+        df_all = _map(tests, EvalActor, common, ctx, gpu, cfg.eval.batch_size).to_pandas()
+    frames = {key: df_all[df_all["set"] == name] for key, name in TEST_SETS.items()}
     # Clean accuracy: the test split's clean images, once per image.
     clean_rows = frames["white_box"][frames["white_box"]["method"] == first_method]
     for key, df in (("clean", clean_rows), ("white_box", frames["white_box"]), ("black_box", frames["black_box"])):
@@ -232,7 +238,7 @@ def figure6_examples(ctx, *, k: int) -> dict[str, np.ndarray]:
 
     from raydefense.pipeline.runtime import tensor_to_images
 
-    table = pads.dataset(ctx.storage.path("data/adv/test_white"), filesystem=ctx.storage.fs, format="parquet").head(k)
+    table = pads.dataset(ctx.storage.path(adv_rel("test_white")), filesystem=ctx.storage.fs, format="parquet").head(k)
     rows = table.to_pydict()
     clean = np.stack([np.asarray(v, dtype=np.uint8) for v in rows["clean"]])
     adv = np.stack([np.asarray(v, dtype=np.uint8) for v in rows["adv"]])

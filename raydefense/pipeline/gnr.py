@@ -1,16 +1,15 @@
 """Stage 4, gnr: train the WGAN-GP on real adversarial noise (section 2), then grow the
 denoiser's training set with generated noise.
 
-Training runs on Ray Train over ``data/adv/train`` (real noise n = x* - x). Augmentation is
+Training runs on Ray Train over ``data/adv/set=train`` (real noise n = x* - x). Augmentation is
 a Ray Data stage: each clean image of the denoise split gets ``k`` generated noises, with
 ``k`` chosen so that generated pairs / real pairs = ``gnr.augment_ratio`` (the paper: 80k
-generated from 40k real). x* = clip(x + n, 0, 1). Output ``data/adv/gnr_aug`` has the
+generated from 40k real). x* = clip(x + n, 0, 1). Output ``data/gnr_aug`` has the
 columns of the attack sets, with ``method = 'gnr'``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact
-from raydefense.pipeline.attack import count_rows, read_adv
+from raydefense.pipeline.attack import adv_rel, count_rows, read_adv
 from raydefense.pipeline.prepare import read_split
 from raydefense.pipeline.runtime import device_for, images_to_tensor, tensor_to_images, user_errors
 
@@ -39,7 +38,7 @@ def gnr_loop(config: dict[str, Any]) -> None:
 
     cfg = from_dict(config["cfg"])
     g = cfg.gnr
-    T.set_threads(cfg)
+    T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
     torch.manual_seed(cfg.seed + 101 + rank)
@@ -51,13 +50,13 @@ def gnr_loop(config: dict[str, Any]) -> None:
     opt_c = torch.optim.Adam(critic.parameters(), lr=g.lr, betas=(0.0, 0.9))
     objects = {"gen": gen, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     start, _ = T.restore(objects)
-    shard = ray.train.get_dataset_shard("train")
+    shard = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb)
     metrics: dict[str, float] = {}
     for epoch in range(start, g.epochs):
         gen.train(); critic.train()
         timer = T.EpochTimer()
         w_sum = gp_sum = g_sum = steps = g_steps = 0.0
-        for i, batch in enumerate(T.iter_batches(shard, batch_size=g.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch)):
+        for i, batch in enumerate(shard.batches(batch_size=g.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch)):
             real = T.to_float_images(batch["adv"]) - T.to_float_images(batch["clean"])
             z = torch.randn(len(real), g.z_dim, device=device)
             with torch.no_grad():
@@ -66,7 +65,7 @@ def gnr_loop(config: dict[str, Any]) -> None:
             opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             opt_c.step()
-            w_sum += float(stats["wasserstein"]); gp_sum += float(stats["gp"]); steps += 1
+            w_sum += float(stats["wasserstein"]); gp_sum += float(stats["gradient_penalty"]); steps += 1
             if (i + 1) % g.n_critic == 0:
                 z = torch.randn(len(real), g.z_dim, device=device)
                 loss_g = generator_loss(critic, gen(z))
@@ -128,7 +127,7 @@ def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
         metrics = T.fit(ctx, "gnr", gnr_loop, loop_config, {"train": read_adv(ctx, "train", ["clean", "adv"])}, gpu=gpu)
         if metrics:
             ctx.echo(f"  gnr: Wasserstein estimate {metrics.get('wasserstein', float('nan')):.4f}, GP {metrics.get('gp', float('nan')):.4f}")
-    n_real = count_rows(ctx, "data/adv/train")
+    n_real = count_rows(ctx, adv_rel("train"))
     clean = read_split(ctx, "denoise")
     n_clean = clean.count()
     k = max(1, math.ceil(cfg.gnr.augment_ratio * n_real / max(n_clean, 1))) if cfg.gnr.augment_ratio > 0 else 0
@@ -144,9 +143,9 @@ def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
         num_cpus=cfg.scale.cpus_per_actor,
         num_gpus=1 if gpu else None,
     )
-    ctx.storage.delete_dir("data/adv/gnr_aug")
+    ctx.storage.delete_dir("data/gnr_aug")
     with user_errors():
-        ds.write_parquet(ctx.data_path("adv", "gnr_aug"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
-    generated = count_rows(ctx, "data/adv/gnr_aug")
+        ds.write_parquet(ctx.data_path("gnr_aug"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
+    generated = count_rows(ctx, "data/gnr_aug")
     ctx.echo(f"  gnr: {generated} generated adversarial images ({k} per clean image) beside {n_real} real ones")
     return {"generated": generated, "real": n_real, "per_image": k}

@@ -27,7 +27,7 @@ def init_ray(cfg: Config) -> dict[str, Any]:
     if not ray.is_initialized():
         runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=cfg.scale.worker_logs)
         else:
             num_cpus = cfg.scale.num_cpus or max(2, (os.cpu_count() or 2) + 2)
             ray.init(
@@ -35,7 +35,7 @@ def init_ray(cfg: Config) -> dict[str, Any]:
                 object_store_memory=cfg.scale.object_store_memory_mb * 1024 * 1024,
                 include_dashboard=False,
                 runtime_env=runtime_env,
-                log_to_driver=True,
+                log_to_driver=cfg.scale.worker_logs,
             )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True

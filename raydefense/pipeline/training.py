@@ -40,6 +40,9 @@ def fit(ctx, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    for ds in datasets.values():
+        # Training reads are short and repeated per worker: their progress bars are noise.
+        ds.context.enable_progress_bars = False
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -75,10 +78,15 @@ def world() -> tuple[int, int]:
     return c.get_world_rank(), c.get_world_size()
 
 
-def set_threads(cfg: Config) -> None:
-    """Use the CPUs this worker was given (Ray sets OMP_NUM_THREADS; torch may not follow)."""
-    n = max(1, int(cfg.scale.cpus_per_worker))
-    torch.set_num_threads(n)
+def setup_worker(cfg: Config) -> None:
+    """Per-worker setup: use the CPUs this worker was given, and keep Ray Train's per-report
+    INFO lines out of the console (the driver prints one line per task instead)."""
+    import logging
+
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray.train") or "ray/train" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def autocast(cfg: Config, device: torch.device):
@@ -133,13 +141,52 @@ def report_epoch(epoch: int, metrics: dict[str, float], objects: dict[str, Any],
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-def iter_batches(shard, *, batch_size: int, device: torch.device, shuffle: bool, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Torch batches from a Ray Data shard, with a local shuffle buffer for training."""
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "device": device, "drop_last": False}
-    if shuffle:
-        kwargs["local_shuffle_buffer_size"] = max(4 * batch_size, 256)
-        kwargs["local_shuffle_seed"] = seed
-    yield from shard.iter_torch_batches(**kwargs)
+class EpochData:
+    """Torch batches from a Ray Data shard, epoch after epoch.
+
+    Every pass over a Ray Data iterator starts a streaming execution (seconds of overhead),
+    which dominates small trainings. A shard whose tensors fit in ``cache_mb`` is therefore
+    streamed once and kept in this worker's memory (uint8 images are compact: 10k images of
+    80x80 take 190 MB), and later epochs shuffle it with a seeded permutation. Larger shards
+    stream every epoch with a local shuffle buffer.
+    """
+
+    def __init__(self, shard, *, cache_mb: float = 2048.0):
+        self.shard = shard
+        self.cache_bytes = cache_mb * 1024 * 1024
+        self.cache: Optional[dict[str, torch.Tensor]] = None
+        self.streaming = cache_mb <= 0
+
+    def _fill(self) -> None:
+        cols: dict[str, list[torch.Tensor]] = {}
+        size = 0
+        for batch in self.shard.iter_torch_batches(batch_size=512, drop_last=False):
+            for k, v in batch.items():
+                cols.setdefault(k, []).append(v)
+                size += v.element_size() * v.nelement()
+            if size > self.cache_bytes:
+                self.streaming = True
+                return
+        self.cache = {k: torch.cat(v) for k, v in cols.items()} if cols else {}
+
+    def __len__(self) -> int:
+        return 0 if not self.cache else len(next(iter(self.cache.values())))
+
+    def batches(self, *, batch_size: int, device: torch.device, shuffle: bool, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        if self.cache is None and not self.streaming:
+            self._fill()
+        if self.streaming:
+            kwargs: dict[str, Any] = {"batch_size": batch_size, "device": device, "drop_last": False}
+            if shuffle:
+                kwargs["local_shuffle_buffer_size"] = max(4 * batch_size, 256)
+                kwargs["local_shuffle_seed"] = seed
+            yield from self.shard.iter_torch_batches(**kwargs)
+            return
+        n = len(self)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            yield {k: v[idx].to(device, non_blocking=True) for k, v in self.cache.items()}
 
 
 def to_float_images(t: torch.Tensor) -> torch.Tensor:
