@@ -17,3 +17,15 @@ def full_pipeline_main(argv: Sequence[str]) -> int:
 
     run_pipeline(cfg, stop_after=args.stop_after)
     return 0
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    p = common_parser("Evaluate a finished run again: Tables 1-3, Figures 6-7, attacks on the whole "
+                      "defended model; rewrites <storage>/<name>/report/.")
+    args = p.parse_args(list(argv))
+    quiet_logs()
+    cfg = config_from_args(args)
+    from raydefense.pipeline.runner import evaluate_run
+
+    evaluate_run(cfg)
+    return 0

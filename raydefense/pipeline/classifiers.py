@@ -128,7 +128,8 @@ def classifier_loop(config: dict[str, Any]) -> None:
         if not metrics:  # resumed after the last epoch: measure once more
             metrics = {f"{n}_acc": accuracy(model, s, batch_size=tc.batch_size * 2, device=device) for n, s in vals.items()}
         spec = {"kind": "classifier", "arch": config["arch"], "num_classes": config["num_classes"]}
-        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics=metrics)
+        # start_epoch > 0 records that this training resumed from a checkpoint.
+        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics={**metrics, "start_epoch": start})
 
 
 def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: TrainConfig,

@@ -59,6 +59,16 @@ class LoadFolderImages:
                 "index": batch["index"].astype(np.int64), "face_found": np.asarray(found, dtype=bool)}
 
 
+def list_source(cfg: Config):
+    """List an image-folder source (cheap: names only); DataError naming the culprit if unusable."""
+    from raydefense.data import list_image_folder
+
+    src = Storage.open(cfg.data.source, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    return list_image_folder(src.path() if src.is_s3 else src.root,
+                             min_images_per_identity=cfg.data.min_images_per_identity,
+                             filesystem=src.fs if src.is_s3 else None)
+
+
 def _plan(labels: np.ndarray, cfg: Config) -> Any:
     from raydefense.data import SPLITS, plan_splits
 
@@ -90,12 +100,7 @@ def run_prepare(ctx, *, gpu: bool = False) -> dict[str, Any]:
             batch_size=cfg.data.shard_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.scale.cpus_per_actor)
         meta.update(classes=[f"synthetic_{i:04d}" for i in range(n_id)], skipped_identities=[])
     else:
-        from raydefense.data import list_image_folder
-
-        src = Storage.open(cfg.data.source, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-        listing = list_image_folder(src.path() if src.is_s3 else src.root,
-                                    min_images_per_identity=cfg.data.min_images_per_identity,
-                                    filesystem=src.fs if src.is_s3 else None)
+        listing = list_source(cfg)
         records = listing.records
         classes = list(listing.classes)
         if cfg.data.max_identities:

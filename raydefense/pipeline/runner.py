@@ -46,6 +46,10 @@ def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callabl
     storage = open_storage(cfg)
     ctx: RunContext = open_run(cfg, storage)
     ctx.echo = echo
+    if cfg.data.source != "synthetic" and not ctx.is_done("prepare"):
+        from raydefense.pipeline.prepare import list_source
+
+        list_source(cfg)  # fail fast on a bad data path, before starting Ray
     resources = init_ray(cfg)
     gpu = use_gpu(cfg)
     echo(f"raydefense run '{cfg.name}' at {ctx.storage.display()} on Ray "
@@ -65,4 +69,38 @@ def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callabl
         if name == stop_after:
             echo(f"stopping after '{name}' as asked; run again with the same --name to go on")
             return {}
+    return ctx.storage.read_json("report/metrics.json")
+
+
+def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Re-run the evaluate stage of a run whose training stages have finished.
+
+    The run's own saved config is used for everything but ``eval.*``, ``scale.*`` and
+    ``storage.*``, which come from ``cfg`` (so a user can attack harder after the fact).
+    """
+    import yaml
+
+    from raydefense.config import from_dict
+    from raydefense.pipeline.evaluate import run_evaluate
+
+    storage = open_storage(cfg)
+    run = storage.child(cfg.name)
+    if not run.exists("config.yaml"):
+        raise ConfigError(f"run '{cfg.name}' not found at {run.display()} (no config.yaml)")
+    saved = yaml.safe_load(run.read_text("config.yaml"))
+    fresh = cfg.to_dict()
+    for key in ("eval", "scale", "storage"):
+        saved[key] = fresh[key]
+    run_cfg = from_dict(saved)
+    ctx = RunContext(cfg=run_cfg, storage=run, echo=echo)
+    missing = [s for s in STAGE_NAMES[:-1] if not ctx.is_done(s)]
+    if missing:
+        raise ConfigError(f"run '{cfg.name}' has unfinished stages ({', '.join(missing)}); "
+                          f"finish it with jobs/full_pipeline.py --name {cfg.name}")
+    for s in STAGE_NAMES[:-1]:
+        ctx.timings[s] = float(ctx.marker(s).get("duration_s", 0.0))
+    init_ray(run_cfg)
+    t0 = time.perf_counter()
+    out = run_evaluate(ctx, gpu=use_gpu(run_cfg))
+    ctx.mark_done("evaluate", duration_s=time.perf_counter() - t0, outputs=out)
     return ctx.storage.read_json("report/metrics.json")

@@ -25,7 +25,10 @@ def init_ray(cfg: Config) -> dict[str, Any]:
     import ray
 
     if not ray.is_initialized():
-        runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+        env = {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
+        # Test hooks (RAYDEFENSE_*) travel to every worker.
+        env.update({k: v for k, v in os.environ.items() if k.startswith("RAYDEFENSE_")})
+        runtime_env = {"env_vars": env}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=cfg.scale.worker_logs)
         else:

@@ -124,10 +124,24 @@ def restore(objects: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 
 def report_epoch(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *,
                  config: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
-    """Report metrics with a checkpoint (written by rank 0; every worker must call this)."""
+    """Report metrics with a checkpoint (written by rank 0; every worker must call this).
+
+    Fault injection for tests: ``RAYDEFENSE_CRASH_AFTER=<task>:<epoch>`` makes the task fail
+    right after that epoch's checkpoint, as a preempted node would.
+    """
     import ray.train
 
     rank, _ = world()
+    _report(epoch, metrics, objects, config=config, extra=extra, rank=rank)
+    crash = os.environ.get("RAYDEFENSE_CRASH_AFTER", "")
+    if crash and crash == f"{ray.train.get_context().get_experiment_name()}:{epoch}":
+        raise RuntimeError(f"injected failure after epoch {epoch} (RAYDEFENSE_CRASH_AFTER={crash})")
+
+
+def _report(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *, config: dict[str, Any],
+            extra: Optional[dict[str, Any]], rank: int) -> None:
+    import ray.train
+
     metrics = {**metrics, "epoch": epoch}
     if rank != 0:
         ray.train.report(metrics, checkpoint=None)
