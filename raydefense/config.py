@@ -270,7 +270,7 @@ class ScaleConfig:
 
     num_workers: int = 1  # Ray Train workers per training stage
     max_workers: int = 0  # > num_workers makes training elastic: ScalingConfig(num_workers=(min, max))
-    use_gpu: bool = False
+    use_gpu: bool = True  # use GPUs where the cluster has them (false: CPU only)
     cpus_per_worker: float = 2.0
     gpus_per_worker: float = 1.0
     amp: bool = False  # mixed precision (bf16 autocast) on GPU

@@ -29,3 +29,30 @@ def evaluate_main(argv: Sequence[str]) -> int:
 
     evaluate_run(cfg)
     return 0
+
+
+def tune_defense_main(argv: Sequence[str]) -> int:
+    p = common_parser("Search the knowledge-transfer weight lambda, the temperature T, the UDDN guidance layer and "
+                      "more with Ray Tune + Optuna + ASHA, on the stages prepare..gnr of the run --name.")
+    p.add_argument("--num-samples", type=int, metavar="N", help="trials to run (default: tune.num_samples)")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="trials at once (default: tune.max_concurrent; 0 = as many as the cluster fits)")
+    p.add_argument("--search", default="search", metavar="NAME",
+                   help="search name, under <storage>/<run>/tune/ (default: search); the same name resumes")
+    p.add_argument("--space", action="append", default=[], metavar="KEY=KIND(ARGS)",
+                   help="search one more config key, e.g. --space 'distill.student.lr=loguniform(1e-4, 1e-2)' or "
+                        "--space 'denoise.width_mult=choice(0.5, 1, 2)' (repeatable)")
+    p.add_argument("--best-config", metavar="PATH", help="also write the best config to this local file")
+    args = p.parse_args(list(argv))
+    quiet_logs()
+    if args.num_samples is not None:
+        args.overrides.append(f"tune.num_samples={args.num_samples}")
+    if args.max_concurrent:
+        args.overrides.append(f"tune.max_concurrent={args.max_concurrent}")
+    cfg = config_from_args(args)
+    from raydefense.tune.search import format_summary, run_search
+
+    best = run_search(cfg, search=args.search, space=args.space, max_concurrent=args.max_concurrent,
+                      best_config_path=args.best_config)
+    print(format_summary(best))
+    return 0

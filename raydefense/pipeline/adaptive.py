@@ -7,8 +7,10 @@ PGD (random start, ``eval.adaptive_steps`` steps, ``eval.adaptive_restarts`` res
 against ``DefendedModel(classifier, preprocess)`` at each ``eval.adaptive_eps``; JPEG, which is
 not differentiable, is attacked with BPDA (real codec forward, identity backward).
 
-Results: ``accuracy[d]['adaptive_pgd']`` is the accuracy at the largest eps; the full curve
-is in ``adaptive[d]`` as ``[[eps, accuracy], ...]``.
+Robust accuracy counts an image only if the defended model classifies it correctly both
+clean and under attack (the clean image lies in its own eps-ball, so an attacker can always
+submit it), as AutoAttack does. ``accuracy[d]['adaptive_pgd']`` is the robust accuracy at
+the largest eps; the full curve is in ``adaptive[d]`` as ``[[eps, accuracy], ...]``.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydefense.pipeline.evaluate import DEFENSES, _map, available_defenses, wilson
+from raydefense.pipeline.evaluate import _map, available_defenses, wilson
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.prepare import read_split
 from raydefense.pipeline.runtime import device_for, images_to_tensor, user_errors
@@ -62,7 +64,7 @@ class AdaptiveActor:
                              restarts=self.restarts)
                 adv = attack(x, y)
                 with torch.no_grad():
-                    out[f"eps{k}_{name}"] = (model(adv).argmax(1) == y).cpu().numpy()
+                    out[f"eps{k}_{name}"] = out[f"clean_{name}"] & (model(adv).argmax(1) == y).cpu().numpy()
         return out
 
 
@@ -89,6 +91,7 @@ def run_adaptive(ctx, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
         clean_ok = df[f"clean_{name}"].to_numpy()
         metrics["accuracy_detail"][name]["adaptive_pgd"] = {
             "accuracy": k / max(n, 1), "n": n, "ci95": list(wilson(k, n)), "eps": levels[-1],
+            "clean_accuracy_same_images": float(clean_ok.mean()) if n else 0.0,
             "steps": cfg.eval.adaptive_steps, "restarts": cfg.eval.adaptive_restarts,
             "attack_success_rate": float((clean_ok & ~ok).sum() / max(clean_ok.sum(), 1)),
             "threat_model": "PGD through the whole defended model" + (" (BPDA for JPEG)" if defenses[name][0] == "jpeg" else ""),

@@ -111,11 +111,12 @@ def render_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
         w("The tables above follow the paper: adversarial images are computed against the bare classifier and then "
           "passed through the defense. An attacker who knows the defense attacks the denoiser and classifier "
           "together. PGD through the whole model (BPDA through real JPEG):\n")
-        w("| defense | clean | pre-generated white-box | adaptive PGD | " + " | ".join(
+        w("| defense | clean (same images) | pre-generated white-box | adaptive PGD | " + " | ".join(
             f"eps {255 * e:.0f}/255" for e, _ in next(iter(metrics["adaptive"].values()))) + " |")
         w("|---|---|---|---|" + "---|" * len(next(iter(metrics["adaptive"].values()))))
         for d, pts in metrics["adaptive"].items():
-            w(f"| {DEFENSE_LABELS.get(d, d)} | {_pct(acc[d].get('clean'))} | {_pct(acc[d].get('white_box'))} | "
+            same = metrics["accuracy_detail"][d]["adaptive_pgd"].get("clean_accuracy_same_images")
+            w(f"| {DEFENSE_LABELS.get(d, d)} | {_pct(same)} | {_pct(acc[d].get('white_box'))} | "
               f"{_acc_cell(metrics, d, 'adaptive_pgd')} | " + " | ".join(_pct(a_) for _, a_ in pts) + " |")
         w("")
         worst = min(acc[d].get("adaptive_pgd", 1.0) for d in metrics["adaptive"])
