@@ -47,7 +47,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from raydefense.errors import ConfigError, DataError, StorageError
 
