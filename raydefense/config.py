@@ -251,6 +251,14 @@ class EvalConfig:
     adaptive_defenses: tuple[str, ...] = ("none", "uddn", "uddn_kt", "jpeg")
     by_epsilon: tuple[float, ...] = (0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)  # Figure 7
     figure_examples: int = 4  # Figure 6
+    # Independent check: APGD-CE + APGD-DLR (Croce & Hein 2020) through the whole model,
+    # same images and budgets as adaptive PGD ('autoattack' test set); 100 steps in the paper.
+    autoattack: bool = True
+    autoattack_steps: int = 50
+    autoattack_restarts: int = 1
+    # EOT (Athalye et al. 2018): forward passes per gradient for defenses with randomness
+    # (a submodule with randomized = True); deterministic defenses always use 1.
+    eot_samples: int = 10
 
     def validate(self, prefix: str) -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
@@ -262,6 +270,9 @@ class EvalConfig:
         for d in self.adaptive_defenses:
             _check(d in DEFENSES, f"{prefix}.adaptive_defenses", f"unknown defense '{d}' (known: {', '.join(DEFENSES)})")
         _check(self.figure_examples >= 1, f"{prefix}.figure_examples", "must be >= 1")
+        _check(self.autoattack_steps >= 1, f"{prefix}.autoattack_steps", "must be >= 1")
+        _check(self.autoattack_restarts >= 1, f"{prefix}.autoattack_restarts", "must be >= 1")
+        _check(self.eot_samples >= 1, f"{prefix}.eot_samples", "must be >= 1")
 
 
 @dataclass(frozen=True)

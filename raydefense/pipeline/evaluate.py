@@ -16,9 +16,12 @@ dcn            -               dcn
 distillation   -               distillation
 =============  ==============  ==========
 
-Results: per-image correctness flags stream back from the actors (no images reach the
-driver), are aggregated into accuracies with Wilson 95% intervals, L1 distances (Table 1),
-accuracy against eps (Figure 7), and written with the figures to ``<run>/report/``.
+One streaming pass of :class:`EvalActor` over the white- and black-box test rows gives
+Tables 1-3 (per-row correctness, L1 distance to the clean image) and Figure 7 (FGSM at the
+``eval.by_epsilon`` levels from the target and the surrogate, on each clean test image
+once). Only per-row flags reach the driver, which turns them into accuracies with n and
+Wilson 95% intervals and attack success rates. :mod:`raydefense.pipeline.adaptive` then
+attacks the whole defended models, and the report goes to ``<run>/report/``.
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ import torch
 
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.attack import adv_rel
-from raydefense.pipeline.prepare import read_split
 from raydefense.pipeline.runtime import device_for, images_to_tensor, user_errors
+from raydefense.report.stats import proportion, wilson  # noqa: F401  (wilson: re-exported)
 
 DEFENSES: dict[str, tuple[Optional[str], str]] = {
     "none": (None, "target"),
@@ -107,64 +110,62 @@ class DefenseBank:
 
 
 class EvalActor:
-    """map_batches actor over an adversarial test set: correctness and L1 per defense."""
+    """map_batches actor over the white- and black-box test rows: every defense, one pass.
 
-    def __init__(self, *, storage, defenses, jpeg_quality: int, gpu: bool, threads: int = 1):
-        torch.set_num_threads(max(1, threads))
-        self.device = device_for(gpu)
-        self.bank = DefenseBank(storage, defenses, jpeg_quality=jpeg_quality, device=self.device)
+    Per row: correctness and L1 distance to the clean image of each defense on the
+    adversarial image (Tables 1-3). On the rows of the first test method of the white-box
+    set (``curve_row``: each test image once) also on the clean image, and under FGSM at
+    each level of ``eval.by_epsilon`` from the target (white-box) and the surrogate
+    (black-box) for Figure 7. Values a row does not have are False / NaN.
+    """
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        clean = images_to_tensor(batch["clean"], self.device)
-        adv = images_to_tensor(batch["adv"], self.device)
-        y = batch["label"]
-        out: dict[str, np.ndarray] = {k: batch[k] for k in ("set", "label", "eps", "method", "index")}
-        for tag, x in (("adv", adv), ("clean", clean)):
-            preds, pre = self.bank.predict_all(x)
-            for name, p in preds.items():
-                out[f"{tag}_ok_{name}"] = p == y
-            for name, xd in pre.items():
-                key = name or "none"
-                out[f"{tag}_l1_{key}"] = (xd - clean).abs().mean(dim=(1, 2, 3)).cpu().numpy()
-        return out
-
-
-class ByEpsActor:
-    """map_batches actor for Figure 7: FGSM at fixed eps levels from the target (white-box)
-    and the surrogate (black-box), then every defense."""
-
-    def __init__(self, *, storage, defenses, jpeg_quality: int, levels, gpu: bool, threads: int = 1):
+    def __init__(self, *, storage, defenses, jpeg_quality: int, levels, first_method: str, gpu: bool,
+                 threads: int = 1):
         torch.set_num_threads(max(1, threads))
         self.device = device_for(gpu)
         self.bank = DefenseBank(storage, defenses, jpeg_quality=jpeg_quality, device=self.device)
         self.sources = {"white": load_artifact(storage, "target", self.device),
                         "black": load_artifact(storage, "surrogate", self.device)}
-        self.levels = list(levels)
+        self.levels, self.first_method = list(levels), first_method
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raydefense.attacks import FGSM
 
-        x = images_to_tensor(batch["image"], self.device)
-        y = torch.as_tensor(batch["label"], device=self.device)
-        out: dict[str, np.ndarray] = {"label": batch["label"]}
-        for src, model in self.sources.items():
-            for k, eps in enumerate(self.levels):
-                adv = FGSM(model, eps=eps)(x, y) if eps > 0 else x
-                preds, _ = self.bank.predict_all(adv)
-                for name, p in preds.items():
-                    out[f"{src}{k}_{name}"] = p == batch["label"]
+        clean = images_to_tensor(batch["clean"], self.device)
+        adv = images_to_tensor(batch["adv"], self.device)
+        y = batch["label"]
+        b = len(y)
+        out: dict[str, np.ndarray] = {k: batch[k] for k in ("set", "label", "eps", "method", "index")}
+        curve = (np.asarray(batch["set"]) == TEST_SETS["white_box"]) & (np.asarray(batch["method"]) == self.first_method)
+        out["curve_row"] = curve
+        preds, pre = self.bank.predict_all(adv)
+        for name, p in preds.items():
+            out[f"adv_ok_{name}"] = p == y
+        for name, xd in pre.items():
+            out[f"adv_l1_{name or 'none'}"] = (xd - clean).abs().mean(dim=(1, 2, 3)).cpu().numpy()
+        rows = np.flatnonzero(curve)
+        names = list(self.bank.defenses)
+        for name in names:
+            out[f"clean_ok_{name}"] = np.zeros(b, dtype=bool)
+            for src in self.sources:
+                for k in range(len(self.levels)):
+                    out[f"{src}{k}_{name}"] = np.zeros(b, dtype=bool)
+        for name in pre:
+            out[f"clean_l1_{name or 'none'}"] = np.full(b, np.nan, dtype=np.float32)
+        if rows.size:
+            xc, yc = clean[rows], y[rows]
+            preds, pre = self.bank.predict_all(xc)
+            for name, p in preds.items():
+                out[f"clean_ok_{name}"][rows] = p == yc
+            for name, xd in pre.items():
+                out[f"clean_l1_{name or 'none'}"][rows] = (xd - xc).abs().mean(dim=(1, 2, 3)).cpu().numpy()
+            yt = torch.as_tensor(yc, device=self.device)
+            for src, model in self.sources.items():
+                for k, eps in enumerate(self.levels):
+                    x_eps = FGSM(model, eps=eps)(xc, yt) if eps > 0 else xc
+                    for name, p in self.bank.predict_all(x_eps)[0].items():
+                        out[f"{src}{k}_{name}"][rows] = p == yc
         return out
-
-
-def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, float(centre - half)), min(1.0, float(centre + half)))
 
 
 def _map(ds, cls, kwargs: dict[str, Any], ctx, gpu: bool, batch_size: int):
@@ -184,25 +185,27 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
     accuracy: dict[str, dict[str, float]] = {d: {} for d in defenses}
     detail: dict[str, dict[str, Any]] = {d: {} for d in defenses}
     l1: dict[str, dict[str, float]] = {d: {} for d in ("none",) + DENOISERS if d == "none" or d in defenses}
+    l1_detail: dict[str, dict[str, Any]] = {d: {} for d in l1}
     first_method = cfg.attack.test_methods[0]
     import ray
     from ray.data.expressions import col
 
-    # White- and black-box sets in one pass through one actor pool.
+    # White- and black-box sets, clean images and Figure 7 in one pass through one actor pool.
+    levels = list(cfg.eval.by_epsilon)
     tests = ray.data.read_parquet(ctx.data_path("adv"), filesystem=ctx.storage.fs).filter(
         expr=col("set").is_in(list(TEST_SETS.values())))
+    kwargs = {**common, "levels": levels, "first_method": first_method}
     with user_errors():
-        df_all = _map(tests, EvalActor, common, ctx, gpu, cfg.eval.batch_size).to_pandas()
+        df_all = _map(tests, EvalActor, kwargs, ctx, gpu, cfg.eval.batch_size).to_pandas()
     frames = {key: df_all[df_all["set"] == name] for key, name in TEST_SETS.items()}
     # Clean accuracy: the test split's clean images, once per image.
-    clean_rows = frames["white_box"][frames["white_box"]["method"] == first_method]
+    clean_rows = df_all[df_all["curve_row"].to_numpy(dtype=bool)]
     for key, df in (("clean", clean_rows), ("white_box", frames["white_box"]), ("black_box", frames["black_box"])):
         tag = "clean" if key == "clean" else "adv"
         for d in defenses:
-            ok = df[f"{tag}_ok_{d}"].to_numpy()
-            n, k = len(ok), int(ok.sum())
-            accuracy[d][key] = k / max(n, 1)
-            entry: dict[str, Any] = {"accuracy": k / max(n, 1), "n": n, "ci95": list(wilson(k, n))}
+            ok = df[f"{tag}_ok_{d}"].to_numpy(dtype=bool)
+            entry: dict[str, Any] = proportion(ok)
+            accuracy[d][key] = entry["accuracy"]
             if key != "clean":
                 # Attack success rate: of the images this defense gets right when clean,
                 # the fraction the attack makes it get wrong.
@@ -213,21 +216,23 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
             detail[d][key] = entry
         for d in l1:
             l1[d][key] = float(df[f"{tag}_l1_{d}"].mean())
+            l1_detail[d][key] = {"mean": l1[d][key], "std": float(df[f"{tag}_l1_{d}"].std(ddof=0)), "n": int(len(df))}
 
-    levels = list(cfg.eval.by_epsilon)
-    with user_errors():
-        eps_df = _map(read_split(ctx, "test"), ByEpsActor, {**common, "levels": levels}, ctx, gpu, cfg.eval.batch_size).to_pandas()
-    by_eps = {d: [[float(e), float(eps_df[f"white{k}_{d}"].mean())] for k, e in enumerate(levels)] for d in defenses}
-    by_eps_black = {d: [[float(e), float(eps_df[f"black{k}_{d}"].mean())] for k, e in enumerate(levels)] for d in defenses}
+    by_eps_detail = {src: {d: [proportion(clean_rows[f"{src}{k}_{d}"].to_numpy(dtype=bool), eps=float(e))
+                               for k, e in enumerate(levels)] for d in defenses} for src in ("white", "black")}
+    by_eps = {d: [[r["eps"], r["accuracy"]] for r in rows] for d, rows in by_eps_detail["white"].items()}
+    by_eps_black = {d: [[r["eps"], r["accuracy"]] for r in rows] for d, rows in by_eps_detail["black"].items()}
 
     return {
         "accuracy": accuracy,
         "l1": l1,
         "by_epsilon": by_eps,
         "by_epsilon_black_box": by_eps_black,
+        "by_epsilon_detail": {"white_box": by_eps_detail["white"], "black_box": by_eps_detail["black"]},
         "accuracy_detail": detail,
+        "l1_detail": l1_detail,
         "n_images": {"clean": int(len(clean_rows)), "white_box": int(len(frames["white_box"])),
-                     "black_box": int(len(frames["black_box"])), "by_epsilon": int(len(eps_df))},
+                     "black_box": int(len(frames["black_box"])), "by_epsilon": int(len(clean_rows))},
         "defenses_left_out": missing,
     }
 
@@ -250,30 +255,92 @@ def figure6_examples(ctx, *, k: int) -> dict[str, np.ndarray]:
     return out
 
 
-def run_evaluate(ctx, *, gpu: bool) -> dict[str, Any]:
-    from raydefense.report import write_report
+def describe_models(storage) -> dict[str, dict[str, Any]]:
+    """Every ``models/*.pt`` artifact of the run: kind, architecture, parameter count, final metrics."""
+    out: dict[str, dict[str, Any]] = {}
+    for fname in storage.listdir("models"):
+        if not fname.endswith(".pt"):
+            continue
+        blob = storage.load_torch(f"models/{fname}")
+        spec = blob.get("spec", {})
+        params = sum(int(v.numel()) for k, v in blob.get("state_dict", {}).items()
+                     if hasattr(v, "numel") and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+        out[fname[:-3]] = {"kind": spec.get("kind"), "arch": spec.get("arch"), "parameters": params,
+                           "metrics": {k: v for k, v in blob.get("metrics", {}).items()
+                                       if isinstance(v, (int, float, str, bool))}}
+    return out
 
+
+def child_run_name(parent: str, model: str) -> str:
+    """The run that defends extra target ``model`` of a multi-model run (Table 5)."""
+    return f"{parent}--{model}"
+
+
+def table5_rows(cfg, parent_metrics: dict[str, Any], runs_root) -> list[dict[str, Any]]:
+    """Table 5's rows: this run's target, then each finished child run of ``models.extra_targets``.
+
+    ``runs_root`` is the Storage holding the runs (the parent's siblings). Children without a
+    report yet are left out (they appear once they finish).
+    """
+    from raydefense.report.compare import run_row
+
+    rows = [run_row(parent_metrics, run=cfg.name)]
+    for model in cfg.models.extra_targets:
+        child = runs_root.child(child_run_name(cfg.name, model))
+        if child.exists("report/metrics.json"):
+            rows.append(run_row(child.read_json("report/metrics.json"), run=child_run_name(cfg.name, model)))
+    return rows
+
+
+def run_evaluate(ctx, *, gpu: bool) -> dict[str, Any]:
+    """The evaluate stage: Tables 1-3, Figures 6-7, whole-model attacks, report; returns its outputs."""
+    from raydefense.report import write_report
+    from raydefense.storage import Storage
+
+    cfg = ctx.cfg
     t0 = time.perf_counter()
     metrics = evaluate_defenses(ctx, gpu=gpu)
-    if ctx.cfg.eval.adaptive:
+    steps = {"tables 1-3 and figure 7": time.perf_counter() - t0}
+    if cfg.eval.adaptive:
         from raydefense.pipeline.adaptive import run_adaptive
 
+        t1 = time.perf_counter()
         metrics.update(run_adaptive(ctx, gpu=gpu, metrics=metrics))
-    metrics["config"] = ctx.cfg.to_dict()
+        steps["whole-model attacks"] = time.perf_counter() - t1
+    metrics["config"] = cfg.to_dict()
     metrics["data"] = ctx.storage.read_json("data/meta.json")
+    metrics["models"] = describe_models(ctx.storage)
+    if cfg.models.extra_targets:
+        root = Storage.open(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+        metrics["table5"] = table5_rows(cfg, metrics, root)
+    examples = figure6_examples(ctx, k=cfg.eval.figure_examples)
+    metrics["eval_timings_s"] = steps
     metrics["timings_s"] = {**ctx.timings, "evaluate": time.perf_counter() - t0}
-    examples = figure6_examples(ctx, k=ctx.cfg.eval.figure_examples)
     write_report(ctx.storage, metrics, examples)
     ctx.echo(summary_table(metrics))
     return {"report": "report/report.md", "metrics": "report/metrics.json"}
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
+    """The console summary: accuracy per defense and test set (whole-model attacks where run)."""
     acc = metrics["accuracy"]
-    lines = ["", f"{'defense':<14}{'clean':>8}{'white-box':>11}{'black-box':>11}"]
+    extra = [s for s in ("adaptive_pgd", "autoattack") if any(s in row for row in acc.values())]
+    titles = {"clean": "clean", "white_box": "white-box", "black_box": "black-box", "adaptive_pgd": "whole-PGD",
+              "autoattack": "APGD"}
+    cols = ["clean", "white_box", "black_box"]
+    lines = ["", f"{'defense':<14}" + "".join(f"{titles[c]:>11}" for c in cols)
+             + "".join(f"{titles[c]:>11}" for c in extra) + ("   (clean, same images)" if extra else "")]
     for d, row in acc.items():
-        lines.append(f"{d:<14}" + "".join(f"{100 * row.get(k, float('nan')):>{w}.1f}%" for k, w in
-                                         (("clean", 7), ("white_box", 10), ("black_box", 10))))
+        line = f"{d:<14}" + "".join(f"{100 * row[c]:>10.1f}%" if c in row else f"{'-':>11}" for c in cols)
+        line += "".join(f"{100 * row[c]:>10.1f}%" if c in row else f"{'-':>11}" for c in extra)
+        same = metrics.get("accuracy_detail", {}).get(d, {}).get("adaptive_pgd", {}).get("clean_accuracy_same_rows")
+        if extra and same is not None:
+            line += f"   ({100 * same:.1f}%)"
+        lines.append(line)
+    n = metrics.get("n_images", {})
+    setup = metrics.get("adaptive_setup", {})
+    lines.append(f"n: clean {n.get('clean')} images, white-/black-box {n.get('white_box')}/{n.get('black_box')} rows"
+                 + (f", whole-model attacks {setup.get('rows')} rows of {setup.get('images')} images" if setup else ""))
     if "none" in acc and "uddn_kt" in acc:
         gain = 100 * (acc["uddn_kt"]["white_box"] - acc["none"]["white_box"])
         loss = 100 * (acc["none"]["clean"] - acc["uddn_kt"]["clean"])

@@ -69,7 +69,30 @@ def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callabl
         if name == stop_after:
             echo(f"stopping after '{name}' as asked; run again with the same --name to go on")
             return {}
+    if cfg.models.extra_targets:
+        return run_extra_targets(cfg, echo=echo)
     return ctx.storage.read_json("report/metrics.json")
+
+
+def load_run_config(name: str, *, storage: str, overrides: tuple[str, ...] | list[str] = (),
+                    endpoint_url: Optional[str] = None, region: Optional[str] = None) -> Config:
+    """The saved config of run ``name`` under ``storage``, pointed at that storage, with ``overrides``.
+
+    What ``jobs/evaluate.py`` uses when no ``--config`` is given: the run is evaluated with its
+    own ``eval.*`` settings unless ``--set eval...=`` says otherwise.
+    """
+    import yaml
+
+    from raydefense.config import from_dict
+
+    run = Storage.open(storage, endpoint_url=endpoint_url, region=region).child(name)
+    if not run.exists("config.yaml"):
+        raise ConfigError(f"run '{name}' not found at {run.display()} (no config.yaml)")
+    saved = yaml.safe_load(run.read_text("config.yaml"))
+    saved.setdefault("storage", {})["path"] = storage
+    if endpoint_url:
+        saved["storage"]["endpoint_url"] = endpoint_url
+    return from_dict(saved).replace(list(overrides))
 
 
 def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -77,6 +100,7 @@ def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[st
 
     The run's own saved config is used for everything but ``eval.*``, ``scale.*`` and
     ``storage.*``, which come from ``cfg`` (so a user can attack harder after the fact).
+    A multi-model run's report gets Table 5 from its finished child runs.
     """
     import yaml
 
@@ -104,3 +128,65 @@ def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[st
     out = run_evaluate(ctx, gpu=use_gpu(run_cfg))
     ctx.mark_done("evaluate", duration_s=time.perf_counter() - t0, outputs=out)
     return ctx.storage.read_json("report/metrics.json")
+
+
+# --------------------------------------------------------------------------- multi-model runs (Table 5)
+
+
+def child_config(cfg: Config, model: str) -> Config:
+    """The config of the child run that defends extra target ``model`` (Li & Wang 2019, Table 5).
+
+    Same data, seed, attacks, GNR, UDDN, knowledge transfer and evaluation as the parent; the
+    target is ``model`` (no pretrained weights unless it is the parent's own target); only
+    what Table 5 needs is trained (no DAE / pixel-guided / JPEG / DCN / distillation baselines).
+    """
+    from raydefense.config import from_dict
+    from raydefense.pipeline.evaluate import child_run_name
+
+    data = cfg.to_dict()
+    data["name"] = child_run_name(cfg.name, model)
+    m = data["models"]
+    if model != m["target"]:
+        m["target_pretrained"] = None
+    m["target"], m["extra_targets"] = model, []
+    data["baselines"]["enabled"] = []
+    data["denoise"]["baselines"] = []
+    return from_dict(data)
+
+
+def _share_prepared_data(parent: RunContext, child: Storage) -> None:
+    """Give a child run the parent's prepared data (same data config and seed): copy, marker last."""
+    if child.exists("stages", "prepare.json"):
+        return
+    child.delete_dir("data/clean")
+    for fname in parent.storage.listdir("data/clean"):
+        child.write_bytes(f"data/clean/{fname}", parent.storage.read_bytes(f"data/clean/{fname}"))
+    child.write_bytes("data/meta.json", parent.storage.read_bytes("data/meta.json"))
+    marker = parent.marker("prepare")
+    marker["outputs"] = {**marker.get("outputs", {}), "shared_from": parent.cfg.name}
+    child.write_json("stages/prepare.json", marker)
+
+
+def run_extra_targets(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline once per ``models.extra_targets`` as child runs
+    ``<name>--<model>``, then put Table 5 into the parent run's report; returns its metrics.
+
+    The parent must have finished. Children share the parent's prepared data and nothing else.
+    """
+    from raydefense.pipeline.evaluate import child_run_name, table5_rows
+    from raydefense.report import rewrite_report
+
+    root = open_storage(cfg)
+    parent = RunContext(cfg=cfg, storage=root.child(cfg.name), echo=echo)
+    for model in cfg.models.extra_targets:
+        child_cfg = child_config(cfg, model)
+        echo(f"Table 5: target '{model}' as run '{child_cfg.name}'")
+        _share_prepared_data(parent, root.child(child_run_name(cfg.name, model)))
+        run_pipeline(child_cfg, echo=lambda line, m=model: echo(f"  [{m}] {line}"))
+    metrics = parent.storage.read_json("report/metrics.json")
+    metrics["table5"] = table5_rows(cfg, metrics, root)
+    rewrite_report(parent.storage, metrics)
+    from raydefense.report.compare import format_rows
+
+    echo("\nTable 5 (defended / no defense):\n" + format_rows(metrics["table5"]))
+    return metrics

@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-DEFENSE_LABELS = {
-    "none": "no defense", "dae": "DAE", "pixel_guided": "pixel-guided", "uddn": "UDDN",
-    "uddn_kt": "UDDN + KT", "jpeg": "JPEG", "dcn": "DCN", "distillation": "distillation",
-}
+from raydefense.report.paper import DEFENSE_LABELS
+from raydefense.report.stats import wilson
+
+__all__ = ["DEFENSE_LABELS", "figure6", "figure7", "adaptive_figure"]
 
 
 def _png(fig) -> bytes:
@@ -54,8 +54,20 @@ def figure6(examples: dict[str, np.ndarray]) -> bytes:
     return _png(fig)
 
 
-def figure7(by_eps: dict[str, list[list[float]]], by_eps_black: dict[str, list[list[float]]] | None = None) -> bytes:
-    """Accuracy against perturbation level per defense (FGSM), white-box and black-box."""
+def _band(ax, eps_255: list[float], acc: list[float], n: int | None, color) -> None:
+    """Shade the Wilson 95% interval of each point (``n`` images per point)."""
+    if not n:
+        return
+    lo, hi = zip(*(wilson(round(a * n), n) for a in acc))
+    ax.fill_between(eps_255, [100 * v for v in lo], [100 * v for v in hi], color=color, alpha=0.12, linewidth=0)
+
+
+def figure7(by_eps: dict[str, list[list[float]]], by_eps_black: dict[str, list[list[float]]] | None = None, *,
+            n: int | None = None) -> bytes:
+    """Accuracy against perturbation level per defense (FGSM), white-box and black-box (Figure 7).
+
+    ``by_eps[d]`` is ``[[eps, accuracy], ...]``; ``n`` (images per point) adds Wilson 95% bands.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,19 +80,23 @@ def figure7(by_eps: dict[str, list[list[float]]], by_eps_black: dict[str, list[l
     for ax, (title, curves) in zip(axes[0], panels):
         for d, pts in curves.items():
             e = [255 * p[0] for p in pts]
-            a = [100 * p[1] for p in pts]
-            ax.plot(e, a, marker="o", label=DEFENSE_LABELS.get(d, d), linewidth=2.2 if d == "uddn_kt" else 1.2)
+            a = [p[1] for p in pts]
+            (line,) = ax.plot(e, [100 * v for v in a], marker="o", label=DEFENSE_LABELS.get(d, d),
+                              linewidth=2.2 if d == "uddn_kt" else 1.2)
+            _band(ax, e, a, n, line.get_color())
         ax.set_xlabel("perturbation level eps (x/255, L-inf)")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + (f", n={n}" if n else ""), fontsize=9)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Figure 7: accuracy under different levels of perturbation", fontsize=9)
     return _png(fig)
 
 
-def adaptive_figure(curves: dict[str, list[list[float]]], steps: Any) -> bytes:
+def adaptive_figure(curves: dict[str, list[list[float]]], steps: Any, *,
+                    detail: dict[str, list[dict[str, Any]]] | None = None) -> bytes:
+    """Robust accuracy against eps under PGD through the whole defended model, with Wilson bands."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,9 +104,14 @@ def adaptive_figure(curves: dict[str, list[list[float]]], steps: Any) -> bytes:
 
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for d, pts in curves.items():
-        ax.plot([255 * p[0] for p in pts], [100 * p[1] for p in pts], marker="s", label=DEFENSE_LABELS.get(d, d))
+        e = [255 * p[0] for p in pts]
+        (line,) = ax.plot(e, [100 * p[1] for p in pts], marker="s", label=DEFENSE_LABELS.get(d, d))
+        if detail and d in detail:
+            lo = [100 * r["ci95"][0] for r in detail[d]]
+            hi = [100 * r["ci95"][1] for r in detail[d]]
+            ax.fill_between(e, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set_xlabel("eps (x/255, L-inf)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("robust accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
