@@ -16,7 +16,8 @@ log = logging.getLogger("raydefense")
 
 
 def init_ray(cfg: Config) -> dict[str, Any]:
-    """Connect to the cluster (``RAY_ADDRESS``, e.g. under ``ray job submit``) or start a local Ray.
+    """Connect to the cluster (``RAY_ADDRESS``, e.g. under ``ray job submit``, or one started on
+    this machine with ``ray start``) or else start a local Ray.
 
     Returns the cluster's resources. On a small machine the local Ray gets a small object
     store and a couple of logical CPUs beyond the physical ones, so that Ray Data's read
@@ -31,6 +32,8 @@ def init_ray(cfg: Config) -> dict[str, Any]:
         runtime_env = {"env_vars": env}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=cfg.scale.worker_logs)
+        elif _running_local_cluster():
+            ray.init(address="auto", runtime_env=runtime_env, log_to_driver=cfg.scale.worker_logs)
         else:
             num_cpus = cfg.scale.num_cpus or max(2, (os.cpu_count() or 2) + 2)
             ray.init(
@@ -44,6 +47,13 @@ def init_ray(cfg: Config) -> dict[str, Any]:
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
     return ray.cluster_resources()
+
+
+def _running_local_cluster() -> bool:
+    """Whether ``ray start`` left a cluster address on this machine for ``address='auto'``."""
+    from ray._common.utils import get_ray_address_file
+
+    return os.path.exists(get_ray_address_file(None))
 
 
 def use_gpu(cfg: Config) -> bool:
