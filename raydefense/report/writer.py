@@ -321,10 +321,11 @@ def render_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
     out += _summary(metrics)
     out += _run_section(metrics)
     out += _table1(metrics)
-    out += _acc_table(metrics, TABLE2_ROWS, PAPER_TABLE2, "## Table 2: accuracy behind each denoiser",
+    out += ["## Tables 2 and 3: accuracy per defense", ""]
+    out += _acc_table(metrics, TABLE2_ROWS, PAPER_TABLE2, "### Table 2: accuracy behind each denoiser",
                       "Classifier: the target. Pre-generated attacks against the bare target (white-box) and the "
                       "surrogate (black-box), the paper's threat model.")
-    out += _acc_table(metrics, TABLE3_ROWS, PAPER_TABLE3, "## Table 3: accuracy per defense",
+    out += _acc_table(metrics, TABLE3_ROWS, PAPER_TABLE3, "### Table 3: the whole strategy against other defenses",
                       "UDDN + KT is the whole strategy (UDDN in front of the knowledge-transfer student). The paper's "
                       "Table 3 has no plain UDDN row; its pixel-guided row differs from its Table 2.")
     acc = metrics["accuracy"]

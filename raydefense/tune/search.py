@@ -1,0 +1,512 @@
+"""The defense search: Ray Tune + Optuna (TPE, seeded) + ASHA over lambda, T, the guidance
+layer and the other knobs of :mod:`raydefense.tune.space`.
+
+``run_search(cfg)`` is what ``jobs/tune_defense.py`` calls:
+
+1. runs (or resumes) the base run's stages prepare, models, attack and gnr: the data, the
+   target and surrogate, the adversarial sets and the GNR pairs that every trial shares;
+2. runs (or, after the driver was killed, restores) a Tune experiment whose trials are
+   :class:`raydefense.tune.trial.DefenseTrial`: each trains a UDDN, a teacher and a student with
+   the pipeline's own loops on Ray Train and reports every epoch;
+3. writes the summary: ``best.json``, ``best_config.yaml`` (the config with the best values,
+   under a new run name: ``jobs/full_pipeline.py --config best_config.yaml`` trains with
+   them), ``trials.png`` and ``optuna_trials.json`` (the Optuna study's own record).
+
+Layout, on the run's storage (local or S3)::
+
+    <storage>/<run>/tune/<search>/
+        search.json            the space, budget and objective (a rerun must match it)
+        experiment/            Ray Tune's experiment: state, searcher, one folder per trial
+        train/<trial>_<phase>/ Ray Train checkpoints of each trial's phases
+        trials/<trial>/        config.yaml, history.json (every reported epoch), result.json
+                               (written last: the trial finished), denoised/ (its KT data)
+        optuna_trials.json     Optuna's trials: state, params, value, intermediate values
+        best.json              written last: the search finished
+        best_config.yaml, trials.png
+    <storage>/<run>/models/tune/<search>/<trial>/{uddn,teacher,student}.pt
+
+Running the same command again resumes: a finished search only prints its summary; an
+interrupted one is restored with ``Tuner.restore`` (finished trials are kept, unfinished and
+failed ones resume from their Ray Train checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import yaml
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from raydefense.config import Config, from_dict
+from raydefense.errors import ConfigError, RayDefenseError
+from raydefense.storage import Storage
+from raydefense.tune.space import (Knob, apply_params, build_knobs, overrides_for, param_space,
+                                   resolve_metric)
+from raydefense.tune.trial import DefenseTrial, TrialSpec
+
+# Resources of the trial function itself: it only drives the inner Ray Train runs, whose
+# workers reserve their own CPUs/GPUs. Ray cannot schedule an actor with no resources at
+# all, so it takes a sliver of a CPU (the Ray Train docs use the same trick).
+TRIAL_DRIVER_CPU = 0.01
+# Sections of the run's config that stages prepare..gnr do not read: a search may change them.
+_TRIAL_ONLY_SECTIONS = ("denoise", "distill", "baselines")
+
+
+# ----------------------------------------------------------------------------- Optuna
+
+
+class RecordingOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that tells Optuna which trials ASHA stopped, and keeps a record.
+
+    Tune reports an early-stopped trial as complete (``done``) with its last, earlier-phase
+    result; here it becomes a PRUNED Optuna trial (TPE ranks pruned trials by their
+    intermediate values, which every result was reported as), and only trials whose last
+    result is the student's last epoch (``complete``) are COMPLETE with their final
+    objective. After every finished trial the study's trials are written to
+    ``optuna_trials.json`` on the search's storage.
+    """
+
+    def __init__(self, *, record: Storage, seed: int, **kwargs: Any) -> None:
+        super().__init__(seed=seed, **kwargs)
+        self._record = record
+        self._last_step: dict[str, int] = {}  # the last step reported to Optuna, per trial
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        super().on_trial_result(trial_id, result)
+        self._last_step[trial_id] = int(result.get("training_iteration", 0))
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        stopped_early = (result is not None and not error and not result.get("complete", False)
+                         and trial_id in self._ot_trials and trial_id not in self._completed_trials)
+        if stopped_early:
+            from optuna.trial import TrialState
+
+            ot_trial = self._ot_trials[trial_id]
+            step = int(result.get("training_iteration", 0))
+            # Tune does not pass the result that ASHA stopped on to the searcher: report it here.
+            if result.get(self._metric) is not None and step > self._last_step.get(trial_id, 0):
+                ot_trial.report(float(result[self._metric]), step)
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+        else:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        self.export()
+
+    def export(self) -> None:
+        """Write the study's trials (Optuna's own record) to ``optuna_trials.json``."""
+        if self._ot_study is None:
+            return
+        tune_ids = {t.number: tid for tid, t in self._ot_trials.items()}
+        rows = [{
+            "number": t.number,
+            "tune_trial_id": tune_ids.get(t.number),
+            "state": t.state.name,
+            "params": t.params,
+            "value": t.value if t.state.name == "COMPLETE" else None,
+            "intermediate_values": {str(k): v for k, v in sorted(t.intermediate_values.items())},
+        } for t in self._ot_study.trials]
+        self._record.write_json("optuna_trials.json", {
+            "study_name": self._ot_study.study_name,
+            "direction": self._ot_study.direction.name,
+            "sampler": type(self._ot_study.sampler).__name__,
+            "trials": rows,
+        })
+
+
+class _Progress(tune.Callback):
+    """One console line per trial event, instead of Tune's status table."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo = echo
+
+    @staticmethod
+    def _params(trial) -> str:
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in trial.config.items())
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.echo(f"  trial {trial.trial_id}: started ({self._params(trial)})")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        how = "finished" if last.get("complete") else "stopped early by ASHA"
+        obj = last.get("objective")
+        self.echo(f"  trial {trial.trial_id}: {how} after {last.get('training_iteration', 0)} epochs, "
+                  f"objective {_fmt(obj)} (white-box {_fmt(last.get('val_white_acc'))}, "
+                  f"clean {_fmt(last.get('val_clean_acc'))}, phase {last.get('phase', '-')})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.echo(f"  trial {trial.trial_id}: failed (see {trial.error_file or 'its error.txt'})")
+
+
+def trial_dirname(trial) -> str:
+    """Trial folders are named by the trial id, like everything else a trial writes."""
+    return trial.trial_id
+
+
+def console(line: str) -> None:
+    """The default ``echo``. Tune pickles its callbacks, and ``builtins.print`` itself cannot
+    always be pickled (Ray's progress bars replace it while they run): this looks it up when called."""
+    print(line)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def _first_line(text: str) -> str:
+    return str(text).strip().splitlines()[0] if str(text).strip() else ""
+
+
+# ----------------------------------------------------------------------------- resources
+
+
+def trial_concurrency(cfg: Config, *, requested: int, resources: Mapping[str, float], gpu: bool,
+                      local_cpus: Optional[int] = None) -> int:
+    """How many trials run at once: ``requested`` (0 = as many as fit), never more than the
+    cluster holds.
+
+    One trial at a time needs ``scale.num_workers`` Ray Train workers of
+    ``scale.cpus_per_worker`` CPUs (or ``scale.gpus_per_worker`` GPUs), and an actor pool of
+    ``scale.attack_actors`` x ``scale.cpus_per_actor`` CPUs while it denoises its KT data.
+    On a local Ray, ``local_cpus`` (the machine's cores) caps the CPUs counted: the local
+    cluster advertises a few logical CPUs more than there are cores.
+    """
+    s = cfg.scale
+    cpus = resources.get("CPU", 0.0)
+    if local_cpus:
+        cpus = min(cpus, float(local_cpus))
+    cpu_need = max(s.num_workers * (0.0 if gpu else s.cpus_per_worker), s.attack_actors * s.cpus_per_actor)
+    fits = int(cpus // (cpu_need + TRIAL_DRIVER_CPU)) if cpu_need > 0 else requested or 1
+    if gpu:
+        gpu_fits = int(resources.get("GPU", 0.0) // (s.num_workers * s.gpus_per_worker))
+        fits = min(fits, gpu_fits)
+    fits = max(1, fits)
+    return fits if requested <= 0 else min(requested, fits)
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def _open_storage(cfg: Config) -> Storage:
+    """The storage root with an absolute local path: trial actors run in their own working
+    directories, and a pickled Storage reopens its URI there."""
+    path = cfg.storage.path
+    if not path.startswith("s3://"):
+        path = os.path.abspath(os.path.expanduser(path[len("file://"):] if path.startswith("file://") else path))
+    return Storage.open(path, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+
+
+def stage_config(cfg: Config, storage: Storage) -> Config:
+    """The config for the base run's stages prepare..gnr.
+
+    They do not read ``denoise``, ``distill`` or ``baselines``; when the run exists, those
+    sections are taken from its saved config, so that a search may train its trials with other
+    values (fewer epochs, say) than the run was made with. Everything the shared stages read
+    (data, models, attack, gnr, seed) must still match: ``open_run`` says which key does not.
+    """
+    run = storage.child(cfg.name)
+    if not run.exists("config.yaml"):
+        return cfg
+    saved = yaml.safe_load(run.read_text("config.yaml")) or {}
+    data = cfg.to_dict()
+    for section in _TRIAL_ONLY_SECTIONS:
+        if section in saved:
+            data[section] = saved[section]
+    return from_dict(data)
+
+
+def search_record(cfg: Config, knobs: Sequence[Knob], *, requested_concurrency: int) -> dict[str, Any]:
+    """What defines a search: a rerun under the same name must match it to resume."""
+    t = cfg.tune
+    return {
+        "space": [k.to_dict() for k in knobs],
+        "num_samples": t.num_samples,
+        "max_concurrent": requested_concurrency,
+        "metric": t.metric, "mode": t.mode, "clean_floor": t.clean_floor,
+        "grace_period": t.grace_period, "reduction_factor": t.reduction_factor, "seed": t.seed,
+        "trial_config": {"seed": cfg.seed, "denoise": cfg.to_dict()["denoise"], "distill": cfg.to_dict()["distill"]},
+    }
+
+
+# A resumed search may run on other resources (scale.*), like a resumed run; its concurrency
+# limit is the first run's (Tuner.restore keeps the searcher it saved).
+_RESUMABLE_RECORD_KEYS = ("max_concurrent", "effective_concurrency")
+
+
+def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new)):
+            out += _changed(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "<all>"]
+
+
+# ----------------------------------------------------------------------------- the search
+
+
+def run_search(cfg: Config, *, search: str = "search", space: Iterable[str] = (),
+               max_concurrent: Optional[int] = None, best_config_path: Optional[str] = None,
+               echo: Callable[[str], None] = console) -> dict[str, Any]:
+    """Run (or resume) a defense search; returns the content of ``best.json``.
+
+    Args:
+        cfg: the config; ``cfg.tune`` gives the space (lam, T, guidance, denoise_lr), the budget
+            (num_samples, max_concurrent), the objective (metric, mode, clean_floor), ASHA's
+            grace_period and reduction_factor, and the sampler's seed. Trials train with
+            ``cfg.denoise`` / ``cfg.distill`` plus their sampled values.
+        search: the search's name; it lives in ``<storage>/<cfg.name>/tune/<search>/``.
+        space: extra knobs, ``KEY=KIND(ARGS)`` strings (see :mod:`raydefense.tune.space`).
+        max_concurrent: trials at once; ``None``: ``cfg.tune.max_concurrent``; 0: as many as
+            the cluster fits. Always capped by what the cluster holds (:func:`trial_concurrency`).
+        best_config_path: also write ``best_config.yaml`` to this local file.
+        echo: progress lines (a builtin such as ``print`` is replaced by :func:`console`).
+    """
+    import types
+
+    import ray
+
+    from raydefense.pipeline.runner import run_pipeline
+    from raydefense.pipeline.runtime import use_gpu, user_errors
+
+    if isinstance(echo, types.BuiltinFunctionType):
+        echo = console
+    if not search or "/" in search or search.startswith("."):
+        raise ConfigError(f"--search '{search}' is not a valid search name (no '/', not empty, not starting with '.')")
+    knobs = build_knobs(cfg, space)
+    metric = resolve_metric(cfg.tune.metric)
+    requested = cfg.tune.max_concurrent if max_concurrent is None else int(max_concurrent)
+    if requested < 0:
+        raise ConfigError(f"--max-concurrent {requested}: must be >= 0 (0 = as many as the cluster fits)")
+
+    storage = _open_storage(cfg)
+    base_cfg = stage_config(cfg, storage)
+    run_pipeline(base_cfg, stop_after="gnr", echo=lambda line: None if line.startswith("stopping after") else echo(line))
+    run = storage.child(cfg.name)
+    sdir = run.child("tune", search)
+
+    record = search_record(cfg, knobs, requested_concurrency=requested)
+    if sdir.exists("search.json"):
+        saved = sdir.read_json("search.json")
+        changed = [k for k in _changed(saved, json.loads(json.dumps(record))) if k not in _RESUMABLE_RECORD_KEYS]
+        if changed:
+            shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+            raise ConfigError(f"search '{search}' of run '{cfg.name}' already exists at {sdir.display()} with another "
+                              f"space, budget or trial config ({shown}); use another --search to start a new search")
+    else:
+        sdir.write_json("search.json", record)
+    if sdir.exists("best.json"):
+        echo(f"search '{search}': finished earlier ({sdir.display('best.json')})")
+        best = sdir.read_json("best.json")
+        _write_local_copy(sdir, best_config_path)
+        return best
+
+    t0 = time.perf_counter()
+    gpu = use_gpu(cfg)
+    exp_path = sdir.path("experiment")
+    with user_errors():
+        restoring = tune.Tuner.can_restore(exp_path, storage_filesystem=sdir.fs)
+    if restoring:  # Tuner.restore keeps the searcher, and so the concurrency limit, it saved
+        concurrency = saved_concurrency(sdir, 1)
+    else:
+        local = None if os.environ.get("RAY_ADDRESS") else os.cpu_count()
+        concurrency = trial_concurrency(cfg, requested=requested, resources=ray.cluster_resources(), gpu=gpu,
+                                        local_cpus=local)
+        sdir.write_json("search.json", {**record, "effective_concurrency": concurrency})
+    spec = TrialSpec(cfg=cfg.to_dict(), run=run, search=sdir, name=search, knobs=tuple(knobs), metric=metric,
+                     mode=cfg.tune.mode, clean_floor=cfg.tune.clean_floor, gpu=gpu,
+                     num_classes=int(run.read_json("data/meta.json")["num_classes"]))
+    trainable = tune.with_resources(tune.with_parameters(DefenseTrial, spec=spec), {"CPU": TRIAL_DRIVER_CPU})
+    searched = [k for k in knobs if not k.fixed]
+    fixed = [k for k in knobs if k.fixed]
+    echo(f"search '{search}' of run '{cfg.name}' at {sdir.display()}: {cfg.tune.num_samples} trials, "
+         f"{concurrency} at a time, objective {metric} ({cfg.tune.mode}, clean floor {cfg.tune.clean_floor:g}), "
+         f"each trial trains UDDN, teacher and student on {'GPU' if gpu else 'CPU'}")
+    echo("  space: " + "; ".join(k.describe() for k in searched) + ("" if not fixed else
+         "; fixed: " + ", ".join(k.describe() for k in fixed)))
+    with user_errors():
+        if restoring:
+            echo("  resuming the interrupted search (finished trials are kept)")
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=sdir.fs)
+        else:
+            tuner = _new_tuner(cfg, trainable, knobs=knobs, sdir=sdir, concurrency=concurrency, echo=echo)
+        results = tuner.fit()
+    best = summarize(cfg, results, knobs=knobs, sdir=sdir, search=search, metric=metric, concurrency=concurrency,
+                     wall_s=time.perf_counter() - t0)
+    _write_local_copy(sdir, best_config_path)
+    return best
+
+
+def saved_concurrency(sdir: Storage, default: int) -> int:
+    """The concurrency a search started with (``search.json``), which a restored Tuner keeps."""
+    try:
+        return int(sdir.read_json("search.json").get("effective_concurrency", default))
+    except RayDefenseError:
+        return default
+
+
+def _new_tuner(cfg: Config, trainable, *, knobs: Sequence[Knob], sdir: Storage, concurrency: int,
+               echo: Callable[[str], None]):
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    t = cfg.tune
+    # Every trial reports the same epochs in the same order, so iteration i compares like with like.
+    max_t = cfg.denoise.epochs + cfg.distill.teacher.epochs + cfg.distill.student.epochs
+    searcher = RecordingOptunaSearch(record=sdir, seed=t.seed)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(knobs),
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode=t.mode,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t),
+                                    reduction_factor=t.reduction_factor),
+            num_samples=t.num_samples,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name="experiment",
+            storage_path=sdir.path(),
+            storage_filesystem=sdir.fs,
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+            callbacks=[_Progress(echo)],
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def trial_rows(results, *, knobs: Sequence[Knob], sdir: Storage) -> list[dict[str, Any]]:
+    """One summary row per trial of a Tune ``ResultGrid``, in the order the trials were created."""
+    names = [k.name for k in knobs if not k.fixed]
+    rows = []
+    for r in results:
+        metrics = dict(r.metrics or {})
+        trial_id = metrics.get("trial_id") or os.path.basename(str(r.path).rstrip("/"))
+        status = "error" if r.error is not None else ("completed" if metrics.get("complete") else "stopped_early")
+        curve: list[float] = []
+        df = r.metrics_dataframe
+        if df is not None and "objective" in df:
+            curve = [float(v) for v in df["objective"].tolist()]
+        obj = metrics.get("objective")
+        rows.append({
+            "trial_id": trial_id,
+            "status": status,
+            "params": {n: r.config.get(n) for n in names},
+            "objective": float(obj) if obj is not None else None,
+            "val_white_acc": metrics.get("val_white_acc"),
+            "val_clean_acc": metrics.get("val_clean_acc"),
+            "phase": metrics.get("phase"),
+            "iterations": int(metrics.get("training_iteration", 0) or 0),
+            "error": _first_line(str(r.error)) if r.error is not None else None,
+            "curve": curve,
+            "_error": r.error,
+        })
+    return rows  # in the order Tune created the trials
+
+
+def pick_best(rows: Sequence[dict[str, Any]], *, mode: str) -> Optional[dict[str, Any]]:
+    """The best trial: among those that trained every phase if any did, else among all that reported."""
+    scored = [r for r in rows if r["objective"] is not None and math.isfinite(r["objective"]) and r["status"] != "error"]
+    completed = [r for r in scored if r["status"] == "completed"]
+    pool = completed or scored
+    if not pool:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    # Ties (small validation sets make them common) go to the better clean accuracy, then to
+    # the earlier trial.
+    order = {id(r): i for i, r in enumerate(rows)}
+    return max(pool, key=lambda r: (sign * r["objective"], r.get("val_clean_acc") or 0.0, -order[id(r)]))
+
+
+def summarize(cfg: Config, results, *, knobs: Sequence[Knob], sdir: Storage, search: str, metric: str,
+              concurrency: int, wall_s: float) -> dict[str, Any]:
+    """Write ``trials.png``, ``best_config.yaml`` and (last) ``best.json``; return best.json's content."""
+    from raydefense.pipeline.runtime import find_user_error
+    from raydefense.tune.plot import trials_figure
+
+    rows = trial_rows(results, knobs=knobs, sdir=sdir)
+    best = pick_best(rows, mode=cfg.tune.mode)
+    if best is None:
+        errors = [r["_error"] for r in rows if r["_error"] is not None]
+        for e in errors:
+            found = find_user_error(e)
+            if found is not None:
+                raise found
+        first = _first_line(str(errors[0])) if errors else "no trial reported a result"
+        raise RayDefenseError(f"search '{search}' of run '{cfg.name}': no trial finished ({first})")
+    best_cfg = apply_params(cfg, best["params"], knobs, name=f"{cfg.name}-{search}-best")
+    sdir.write_text("best_config.yaml", f"# The best values of search '{search}' (trial {best['trial_id']}, objective "
+                                        f"{best['objective']:.4f}); train with them:\n#   python jobs/full_pipeline.py "
+                                        f"--config best_config.yaml\n" + best_cfg.to_yaml())
+    phase_ends = []
+    n = 0
+    for e in (cfg.denoise.epochs, cfg.distill.teacher.epochs, cfg.distill.student.epochs):
+        n += e
+        phase_ends.append(n)
+    sdir.write_bytes("trials.png", trials_figure(rows, best_id=best["trial_id"], phase_ends=phase_ends,
+                                                 title=f"search '{search}' of run '{cfg.name}' ({metric})"))
+    trial = sdir.child("trials", best["trial_id"])
+    result = trial.read_json("result.json") if trial.exists("result.json") else {}
+    public = [{k: v for k, v in r.items() if k not in ("curve", "_error")} for r in rows]
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "error")}
+    out = {
+        "search": search,
+        "run": cfg.name,
+        "path": sdir.display(),
+        "metric": metric,
+        "mode": cfg.tune.mode,
+        "clean_floor": cfg.tune.clean_floor,
+        "best": {
+            "trial_id": best["trial_id"],
+            "status": best["status"],
+            "params": best["params"],
+            "overrides": overrides_for(cfg, best["params"], knobs),
+            "objective": best["objective"],
+            "metrics": {k: best[k] for k in ("val_white_acc", "val_clean_acc", "phase")},
+            "final_metrics": result.get("metrics", {}),
+        },
+        "trials": public,
+        "counts": counts,
+        "space": [k.to_dict() for k in knobs],
+        "num_samples": cfg.tune.num_samples,
+        "max_concurrent": concurrency,
+        "seed": cfg.tune.seed,
+        "wall_s": wall_s,
+        "files": {"best_config": sdir.display("best_config.yaml"), "plot": sdir.display("trials.png"),
+                  "optuna": sdir.display("optuna_trials.json"), "experiment": sdir.display("experiment")},
+    }
+    sdir.write_json("best.json", out)
+    return out
+
+
+def _write_local_copy(sdir: Storage, path: Optional[str]) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(sdir.read_text("best_config.yaml"))
+
+
+def format_summary(best: Mapping[str, Any]) -> str:
+    """The console table of a finished search."""
+    lines = [f"search '{best['search']}' of run '{best['run']}': {best['counts']['completed']} trials completed, "
+             f"{best['counts']['stopped_early']} stopped early by ASHA, {best['counts']['error']} failed",
+             f"  {'trial':<14} {'status':<14} {'objective':>9}  params"]
+    for r in best["trials"]:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
+        lines.append(f"  {r['trial_id']:<14} {r['status']:<14} {_fmt(r['objective']):>9}  {params}")
+    b = best["best"]
+    lines.append(f"best: trial {b['trial_id']}, objective {b['objective']:.4f} ({best['metric']}); "
+                 + ", ".join(f"{k}={_fmt(v)}" for k, v in b["params"].items()))
+    lines.append(f"train with the best values: python jobs/full_pipeline.py --config {best['files']['best_config']}")
+    return "\n".join(lines)
