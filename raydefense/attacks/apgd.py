@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from raydefense.attacks.base import Attack, EpsLike, attack_loss
+from raydefense.attacks.base import Attack, EpsLike, attack_loss, register_attack
 
 __all__ = ["APGD", "apgd_checkpoints"]
 
@@ -41,6 +41,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return sorted({min(steps, math.ceil(round(pj * steps, 9))) for pj in p[1:]} - {0})
 
 
+@register_attack("apgd")
 class APGD(Attack):
     """Auto-PGD, L-inf: PGD with momentum and a step size that adapts itself (Croce & Hein 2020).
 
@@ -198,3 +199,9 @@ class APGD(Attack):
     def __repr__(self) -> str:
         return (f"{super().__repr__()[:-1]}, steps={self.steps}, restarts={self.restarts}, loss={self.loss!r}, "
                 f"rho={self.rho}, momentum={self.momentum}, eot_samples={self.eot_samples})")
+
+
+@register_attack("apgd_dlr")
+def _apgd_dlr(model: nn.Module, **kwargs) -> APGD:
+    """APGD with the DLR loss (the second attack of AutoAttack's standard version)."""
+    return APGD(model, **{**kwargs, "loss": "dlr"})

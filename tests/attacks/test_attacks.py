@@ -347,8 +347,10 @@ def test_output_on_model_device_and_input_dtype():
 
 # ------------------------------------------------------------------ registry
 def test_registry_names():
-    assert list_attacks() == ["fgsm", "ifgsm", "ifgsm2", "ifgsm4", "ifgsm8", "pgd"]
+    assert list_attacks() == ["apgd", "apgd_dlr", "fgsm", "ifgsm", "ifgsm2", "ifgsm4", "ifgsm8", "pgd"]
     model = Linear()
+    assert create_attack("apgd", model, eps=2 / 255).loss == "ce"
+    assert create_attack("apgd_dlr", model, eps=2 / 255).loss == "dlr"
     for name, cls, steps in [("fgsm", FGSM, None), ("ifgsm2", IFGSM, 2), ("ifgsm4", IFGSM, 4), ("ifgsm8", IFGSM, 8), ("pgd", PGD, 10)]:
         attack = create_attack(name, model, eps=2 / 255)
         assert type(attack) is cls and attack.eps == 2 / 255
