@@ -322,8 +322,8 @@ class TuneConfig:
     """Ray Tune + Optuna search over lambda, T and the guidance layer (and more)."""
 
     num_samples: int = 8
-    max_concurrent: int = 1
-    metric: str = "val_white_box_acc"
+    max_concurrent: int = 1  # 0 = as many trials as the cluster fits
+    metric: str = "val_white_acc"  # white-box validation accuracy of UDDN + the phase's model
     mode: str = "max"
     clean_floor: float = 0.0  # trials under this clean accuracy score as failures
     grace_period: int = 1  # ASHA
@@ -336,7 +336,7 @@ class TuneConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.num_samples >= 1, f"{prefix}.num_samples", "must be >= 1")
-        _check(self.max_concurrent >= 1, f"{prefix}.max_concurrent", "must be >= 1")
+        _check(self.max_concurrent >= 0, f"{prefix}.max_concurrent", "must be >= 0 (0 = fill the cluster)")
         _check(self.mode in ("max", "min"), f"{prefix}.mode", "must be 'max' or 'min'")
         _check(0 <= self.clean_floor <= 1, f"{prefix}.clean_floor", "must be in [0, 1]")
         _check(self.grace_period >= 1, f"{prefix}.grace_period", "must be >= 1")

@@ -102,6 +102,8 @@ class Storage:
     @classmethod
     def open(cls, uri: str, *, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> "Storage":
         fs, root = filesystem_for(uri, endpoint_url=endpoint_url, region=region)
+        if not uri.startswith("s3://"):
+            uri = root  # absolute: a worker that changes directory (Tune trials do) reopens the same folder
         return cls(uri=uri, fs=fs, root=root, endpoint_url=endpoint_url, region=region)
 
     # Storage objects travel to Ray workers: rebuild the filesystem there.

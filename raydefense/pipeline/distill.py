@@ -56,12 +56,14 @@ def denoised_training_set(ctx, *, gpu: bool):
         ctx.storage.delete_dir("data/denoised")
         common = {"batch_size": cfg.attack.batch_size, "compute": ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
                   "num_cpus": cfg.scale.cpus_per_actor, "num_gpus": 1 if gpu else None}
-        kw = {"storage": ctx.storage, "denoiser": "uddn", "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)}
-        adv = training_pairs(ctx).map_batches(DenoiseActor, fn_constructor_kwargs={**kw, "column": "adv"}, **common)
-        clean = read_split(ctx, ["gnr", "denoise"]).map_batches(DenoiseActor, fn_constructor_kwargs={**kw, "column": "image"}, **common)
+        kw = {"storage": ctx.storage, "denoiser": "uddn", "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor),
+              "column": "image"}
+        # One actor pool over the union of inputs (two pools in one job can starve each other of CPUs).
+        adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
+        clean = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
+        ds = adv.union(clean).map_batches(DenoiseActor, fn_constructor_kwargs=kw, **common)
         with user_errors():
-            adv.union(clean).write_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs,
-                                           min_rows_per_file=cfg.data.shard_size)
+            ds.write_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
         ctx.storage.write_text("data/denoised/_SUCCESS", "")
     return ray.data.read_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs, file_extensions=["parquet"])
 

@@ -71,6 +71,8 @@ def trials_figure(rows: Sequence[dict[str, Any]], *, best_id: str | None, phase_
                                   edgecolors="red", linewidths=1.5)
         if all(float(r["params"][xk]) > 0 for r in done):
             ax_params.set_xscale("log")
+            ax_params.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax_params.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         if ck:
             sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
             fig.colorbar(sm, ax=ax_params, label=ck)

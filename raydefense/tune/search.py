@@ -387,7 +387,7 @@ def _new_tuner(cfg: Config, trainable, *, knobs: Sequence[Knob], sdir: Storage, 
 # ----------------------------------------------------------------------------- the summary
 
 
-def trial_rows(results, *, knobs: Sequence[Knob], sdir: Storage) -> list[dict[str, Any]]:
+def trial_rows(results, *, knobs: Sequence[Knob]) -> list[dict[str, Any]]:
     """One summary row per trial of a Tune ``ResultGrid``, in the order the trials were created."""
     names = [k.name for k in knobs if not k.fixed]
     rows = []
@@ -397,7 +397,9 @@ def trial_rows(results, *, knobs: Sequence[Knob], sdir: Storage) -> list[dict[st
         status = "error" if r.error is not None else ("completed" if metrics.get("complete") else "stopped_early")
         curve: list[float] = []
         df = r.metrics_dataframe
-        if df is not None and "objective" in df:
+        if df is not None and "objective" in df and "training_iteration" in df:
+            # A trial restarted after the driver was killed counts its (replayed) epochs again.
+            df = df.drop_duplicates("training_iteration", keep="last").sort_values("training_iteration")
             curve = [float(v) for v in df["objective"].tolist()]
         obj = metrics.get("objective")
         rows.append({
@@ -436,7 +438,7 @@ def summarize(cfg: Config, results, *, knobs: Sequence[Knob], sdir: Storage, sea
     from raydefense.pipeline.runtime import find_user_error
     from raydefense.tune.plot import trials_figure
 
-    rows = trial_rows(results, knobs=knobs, sdir=sdir)
+    rows = trial_rows(results, knobs=knobs)
     best = pick_best(rows, mode=cfg.tune.mode)
     if best is None:
         errors = [r["_error"] for r in rows if r["_error"] is not None]
