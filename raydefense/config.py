@@ -290,6 +290,9 @@ class ScaleConfig:
     object_store_memory_mb: int = 512  # local Ray only
     num_cpus: int = 0  # local Ray only; 0 = detect
     worker_logs: bool = False  # stream every Ray worker's output to the console (noisy; logs stay in /tmp/ray)
+    # A Ray Train checkpoint costs ~1-2 s to persist: write one at the first and last epoch of
+    # a training and otherwise at most every this many seconds (0 = every epoch).
+    checkpoint_interval_s: float = 30.0
     cache_mb: float = 2048.0  # a training worker keeps a shard this small in memory (0 = stream every epoch)
 
     def validate(self, prefix: str) -> None:
@@ -303,6 +306,7 @@ class ScaleConfig:
         _check(self.object_store_memory_mb >= 128, f"{prefix}.object_store_memory_mb", "must be >= 128")
         _check(self.num_cpus >= 0, f"{prefix}.num_cpus", "must be >= 0")
         _check(self.cache_mb >= 0, f"{prefix}.cache_mb", "must be >= 0")
+        _check(self.checkpoint_interval_s >= 0, f"{prefix}.checkpoint_interval_s", "must be >= 0")
 
 
 @dataclass(frozen=True)

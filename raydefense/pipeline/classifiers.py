@@ -122,7 +122,8 @@ def classifier_loop(config: dict[str, Any]) -> None:
         for name, shard in vals.items():
             metrics[f"{name}_acc"] = accuracy(model, shard, batch_size=tc.batch_size * 2, device=device)
         metrics["epoch_s"] = timer.lap()
-        T.report_epoch(epoch, metrics, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"])
+        T.report_epoch(epoch, metrics, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"],
+                       final=epoch == tc.epochs - 1)
 
     if rank == 0:
         if not metrics:  # resumed after the last epoch: measure once more

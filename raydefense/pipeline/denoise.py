@@ -92,7 +92,8 @@ def denoiser_loop(config: dict[str, Any]) -> None:
         white, clean = denoised_accuracy(model, target, val, batch_size=d.batch_size * 2, device=device)
         metrics = {"train_loss": train_loss, "val_white_acc": white, "val_clean_acc": clean,
                    "lr": opt.param_groups[0]["lr"], "epoch_s": timer.lap()}
-        T.report_epoch(epoch, metrics, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"])
+        T.report_epoch(epoch, metrics, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"],
+                       final=epoch == d.epochs - 1)
     if rank == 0 and config.get("artifact"):
         save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics=metrics)
 

@@ -76,7 +76,7 @@ def gnr_loop(config: dict[str, Any]) -> None:
         w_sum, gp_sum, g_sum, steps, g_steps = T.allreduce_sum([w_sum, gp_sum, g_sum, steps, g_steps], device)
         metrics = {"wasserstein": w_sum / max(steps, 1), "gp": gp_sum / max(steps, 1),
                    "g_loss": g_sum / max(g_steps, 1), "epoch_s": timer.lap()}
-        T.report_epoch(epoch, metrics, objects, config=config["cfg"])
+        T.report_epoch(epoch, metrics, objects, config=config["cfg"], final=epoch == g.epochs - 1)
     if rank == 0:
         save_artifact(config["storage"], "gnr_generator", gen, spec, config=config["cfg"], metrics=metrics)
 

@@ -122,9 +122,14 @@ def restore(objects: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     return int(blob["epoch"]) + 1, blob.get("extra", {})
 
 
+_LAST_CHECKPOINT: dict[str, float] = {}
+
+
 def report_epoch(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *,
-                 config: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
-    """Report metrics with a checkpoint (written by rank 0; every worker must call this).
+                 config: dict[str, Any], final: bool = True, extra: Optional[dict[str, Any]] = None) -> None:
+    """Report an epoch's metrics (every worker must call this); rank 0 attaches a checkpoint at
+    the first epoch this process runs, at the ``final`` one, and otherwise at most every
+    ``scale.checkpoint_interval_s`` seconds.
 
     Fault injection for tests: ``RAYDEFENSE_CRASH_AFTER=<task>:<epoch>`` makes the task fail
     right after that epoch's checkpoint, as a preempted node would.
@@ -132,7 +137,13 @@ def report_epoch(epoch: int, metrics: dict[str, float], objects: dict[str, Any],
     import ray.train
 
     rank, _ = world()
-    _report(epoch, metrics, objects, config=config, extra=extra, rank=rank)
+    now = time.monotonic()
+    interval = float(config.get("scale", {}).get("checkpoint_interval_s", 0.0))
+    last = _LAST_CHECKPOINT.get("t")
+    due = final or last is None or now - last >= interval
+    if due and rank == 0:
+        _LAST_CHECKPOINT["t"] = now
+    _report(epoch, metrics, objects, config=config, extra=extra, rank=rank if due else -1)
     crash = os.environ.get("RAYDEFENSE_CRASH_AFTER", "")
     if crash and crash == f"{ray.train.get_context().get_experiment_name()}:{epoch}":
         raise RuntimeError(f"injected failure after epoch {epoch} (RAYDEFENSE_CRASH_AFTER={crash})")
@@ -143,7 +154,7 @@ def _report(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *, c
     import ray.train
 
     metrics = {**metrics, "epoch": epoch}
-    if rank != 0:
+    if rank != 0:  # other ranks, or rank 0 between checkpoints (rank -1)
         ray.train.report(metrics, checkpoint=None)
         return
     state = {"epoch": epoch, "config": config, "extra": extra or {}}
