@@ -258,6 +258,8 @@ def test_job_rejects_bad_input_before_anything_runs(tmp_path, args, culprit):
 SEARCH = ["--config", "configs/smoke.yaml", "--name", "tiny", "--num-samples", "2", "--max-concurrent", "1",
           # 3 identities, no GNR, one epoch per phase: the smallest run that has every stage the search needs.
           "--set", "data.num_identities=3", "--set", "gnr.enabled=false", "--set", "models.target_train.epochs=1",
+          "--set", "models.surrogate_train.epochs=1", "--set", "denoise.epochs=1",
+          "--set", "distill.teacher.epochs=1", "--set", "distill.student.epochs=1",
           # ASHA's first rung at the last epoch: no trial is stopped early, so the kill below always
           # lands in the second trial (early stopping itself is checked on the searcher above).
           "--set", "tune.grace_period=3"]
