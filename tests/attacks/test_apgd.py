@@ -14,13 +14,6 @@ from raydefense.attacks.apgd import APGD, apgd_checkpoints
 K = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class Linear(nn.Module):
     """Linear logits: the CE maximiser over an L-inf ball (away from the [0, 1] walls) is known."""

@@ -14,14 +14,6 @@ from raydefense.models import create_model
 K = 5  # classes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny tensors: one intra-op thread is faster, and avoids thrashing on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class Linear(nn.Module):
     """A linear classifier on flattened images: CE is convex in the input, so a signed-gradient

@@ -21,14 +21,6 @@ from raydefense.denoise import UDDN
 from raydefense.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def smooth_images(b: int, c: int, h: int, w: int, *, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     """Natural-ish images: upsampled low-frequency content plus a little pixel noise, in [0, 1]."""

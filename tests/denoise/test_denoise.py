@@ -24,14 +24,6 @@ from raydefense.errors import ConfigError
 TINY = (4, 8, 8, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class TinyClassifier(nn.Module):
     """Implements the GuidanceModel contract: logits, pooled features, head."""

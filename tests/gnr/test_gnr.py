@@ -19,14 +19,6 @@ from raydefense.gnr import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY_G = dict(z_dim=8, widths=(8, 8, 4), kernel_size=3)
 TINY_D = dict(widths=(4, 8, 8, 8), kernel_size=3)

@@ -19,14 +19,6 @@ from raydefense.models.facenet import FACENET_URLS
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny tensors: one intra-op thread is faster, and avoids thrashing on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 _CACHE: dict[str, Classifier] = {}
 
