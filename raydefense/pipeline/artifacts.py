@@ -57,6 +57,3 @@ def load_artifact(storage: Storage, name: str, device: torch.device | str = "cpu
             p.requires_grad_(False)
     return model
 
-
-def artifact_metrics(storage: Storage, name: str) -> dict[str, Any]:
-    return storage.load_torch(f"models/{name}.pt").get("metrics", {})
