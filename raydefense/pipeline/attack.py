@@ -115,7 +115,14 @@ def run_attack(ctx, *, gpu: bool) -> dict[str, Any]:
 
     cfg = ctx.cfg
     plan = attack_plan(cfg)
-    ds = read_split(ctx, sorted(plan)).map_batches(
+    # One filtered read per split, chained: a batch then holds one split (at most two where
+    # the reads meet), so each attack runs on a full batch instead of a split's share of it
+    # (on CPU a batch of 8 costs ~1.6x per image what a batch of 32 does).
+    splits = sorted(plan)
+    ds = read_split(ctx, splits[0])
+    for split in splits[1:]:
+        ds = ds.union(read_split(ctx, split))
+    ds = ds.map_batches(
         AttackActor,
         fn_constructor_kwargs={"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
                                "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max, "gpu": gpu,

@@ -154,16 +154,17 @@ class EvalActor:
             out[f"clean_l1_{name or 'none'}"] = np.full(b, np.nan, dtype=np.float32)
         if rows.size:
             xc, yc = clean[rows], y[rows]
-            preds, pre = self.bank.predict_all(xc)
-            for name, p in preds.items():
+            clean_preds, pre = self.bank.predict_all(xc)
+            for name, p in clean_preds.items():
                 out[f"clean_ok_{name}"][rows] = p == yc
             for name, xd in pre.items():
                 out[f"clean_l1_{name or 'none'}"][rows] = (xd - xc).abs().mean(dim=(1, 2, 3)).cpu().numpy()
             yt = torch.as_tensor(yc, device=self.device)
             for src, model in self.sources.items():
                 for k, eps in enumerate(self.levels):
-                    x_eps = FGSM(model, eps=eps)(xc, yt) if eps > 0 else xc
-                    for name, p in self.bank.predict_all(x_eps)[0].items():
+                    # eps 0 is the clean image: its predictions are the ones just made.
+                    preds = self.bank.predict_all(FGSM(model, eps=eps)(xc, yt))[0] if eps > 0 else clean_preds
+                    for name, p in preds.items():
                         out[f"{src}{k}_{name}"][rows] = p == yc
         return out
 
