@@ -47,8 +47,8 @@ from torch import nn
 
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.attack import adv_rel
-from raydefense.pipeline.evaluate import _map, available_defenses
-from raydefense.pipeline.runtime import device_for, images_to_tensor, user_errors
+from raydefense.pipeline.evaluate import available_defenses
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion
 
 APGD_LOSSES = ("ce", "dlr")  # AutoAttack's 'rand' version: APGD-CE, then APGD-DLR
@@ -291,7 +291,7 @@ def run_adaptive(ctx, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
              + ", ".join(f"{255 * v:.0f}/255" for v in levels)
              + (f"; APGD-CE/DLR-{e.autoattack_steps}" if e.autoattack else ""))
     with user_errors():
-        df = _map(ds, WholeModelActor, kwargs, ctx, gpu, e.batch_size).to_pandas()
+        df = actor_map(ds, WholeModelActor, kwargs, cfg=cfg, gpu=gpu, batch_size=e.batch_size).to_pandas()
     # EOT is decided per defense by the model itself (a submodule with randomized = True).
     eot = {d: int(df[f"{d}:eot"].max()) if len(df) else 1 for d in defenses}
     out = summarize_whole_model(df, defenses, levels=levels, cfg=cfg, eot=eot)

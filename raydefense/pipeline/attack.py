@@ -24,7 +24,7 @@ import torch
 from raydefense.config import ATTACK_METHODS
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.prepare import read_split
-from raydefense.pipeline.runtime import device_for, images_to_tensor, tensor_to_images, user_errors
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images, user_errors
 
 
 def per_image_eps(indices: np.ndarray, method: str, *, seed: int, lo: float, hi: float) -> np.ndarray:
@@ -111,8 +111,6 @@ def read_adv(ctx, name: str, columns: list[str] | None = None):
 
 def run_attack(ctx, *, gpu: bool) -> dict[str, Any]:
     """One streaming pass: every clean image that feeds an adversarial set, through one actor pool."""
-    import ray
-
     cfg = ctx.cfg
     plan = attack_plan(cfg)
     # One filtered read per split, chained: a batch then holds one split (at most two where
@@ -122,16 +120,9 @@ def run_attack(ctx, *, gpu: bool) -> dict[str, Any]:
     ds = read_split(ctx, splits[0])
     for split in splits[1:]:
         ds = ds.union(read_split(ctx, split))
-    ds = ds.map_batches(
-        AttackActor,
-        fn_constructor_kwargs={"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
-                               "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max, "gpu": gpu,
-                               "threads": int(cfg.scale.cpus_per_actor)},
-        batch_size=cfg.attack.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-        num_cpus=cfg.scale.cpus_per_actor,
-        num_gpus=1 if gpu else None,
-    )
+    ds = actor_map(ds, AttackActor, {"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
+                                     "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max},
+                   cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
     ctx.storage.delete_dir("data/adv")
     with user_errors():
         ds.write_parquet(ctx.data_path("adv"), filesystem=ctx.storage.fs, partition_cols=["set"])

@@ -24,7 +24,7 @@ import torch
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.classifiers import train_classifier
 from raydefense.pipeline.prepare import read_split
-from raydefense.pipeline.runtime import device_for, images_to_tensor, tensor_to_images, user_errors
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images, user_errors
 
 
 class DenoiseActor:
@@ -54,14 +54,11 @@ def denoised_training_set(ctx, *, gpu: bool):
     cfg = ctx.cfg
     if not ctx.storage.exists("data/denoised/_SUCCESS"):
         ctx.storage.delete_dir("data/denoised")
-        common = {"batch_size": cfg.attack.batch_size, "compute": ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-                  "num_cpus": cfg.scale.cpus_per_actor, "num_gpus": 1 if gpu else None}
-        kw = {"storage": ctx.storage, "denoiser": "uddn", "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor),
-              "column": "image"}
         # One actor pool over the union of inputs (two pools in one job can starve each other of CPUs).
         adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
         clean = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
-        ds = adv.union(clean).map_batches(DenoiseActor, fn_constructor_kwargs=kw, **common)
+        ds = actor_map(adv.union(clean), DenoiseActor, {"storage": ctx.storage, "denoiser": "uddn", "column": "image"},
+                       cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
         with user_errors():
             ds.write_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
         ctx.storage.write_text("data/denoised/_SUCCESS", "")

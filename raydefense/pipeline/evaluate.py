@@ -33,7 +33,7 @@ import torch
 
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.attack import adv_rel
-from raydefense.pipeline.runtime import device_for, images_to_tensor, user_errors
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion, wilson  # noqa: F401  (wilson: re-exported)
 
 DEFENSES: dict[str, tuple[Optional[str], str]] = {
@@ -169,15 +169,6 @@ class EvalActor:
         return out
 
 
-def _map(ds, cls, kwargs: dict[str, Any], ctx, gpu: bool, batch_size: int):
-    import ray
-
-    cfg = ctx.cfg
-    return ds.map_batches(cls, fn_constructor_kwargs={**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)},
-                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-                          num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None)
-
-
 def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
     """Compute metrics.json's content (without timings) for a run whose training is done."""
     cfg = ctx.cfg
@@ -197,7 +188,7 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
         expr=col("set").is_in(list(TEST_SETS.values())))
     kwargs = {**common, "levels": levels, "first_method": first_method}
     with user_errors():
-        df_all = _map(tests, EvalActor, kwargs, ctx, gpu, cfg.eval.batch_size).to_pandas()
+        df_all = actor_map(tests, EvalActor, kwargs, cfg=cfg, gpu=gpu, batch_size=cfg.eval.batch_size).to_pandas()
     frames = {key: df_all[df_all["set"] == name] for key, name in TEST_SETS.items()}
     # Clean accuracy: the test split's clean images, once per image.
     clean_rows = df_all[df_all["curve_row"].to_numpy(dtype=bool)]

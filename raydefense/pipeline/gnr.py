@@ -20,7 +20,7 @@ from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact
 from raydefense.pipeline.attack import adv_rel, count_rows, read_adv
 from raydefense.pipeline.prepare import read_split
-from raydefense.pipeline.runtime import device_for, images_to_tensor, tensor_to_images, user_errors
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images, user_errors
 
 
 def _generator_spec(cfg) -> dict[str, Any]:
@@ -115,8 +115,6 @@ class AugmentActor:
 
 
 def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
-    import ray
-
     cfg = ctx.cfg
     if not cfg.gnr.enabled:
         ctx.echo("  gnr disabled (gnr.enabled: false): the denoiser trains on real adversarial pairs only")
@@ -134,15 +132,8 @@ def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
     if k == 0 or n_clean == 0:
         ctx.echo("  gnr: augment_ratio is 0 or the denoise split is empty: no generated images")
         return {"generated": 0}
-    ds = clean.map_batches(
-        AugmentActor,
-        fn_constructor_kwargs={"storage": ctx.storage, "k": k, "seed": cfg.seed, "gpu": gpu,
-                               "threads": int(cfg.scale.cpus_per_actor)},
-        batch_size=cfg.attack.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-        num_cpus=cfg.scale.cpus_per_actor,
-        num_gpus=1 if gpu else None,
-    )
+    ds = actor_map(clean, AugmentActor, {"storage": ctx.storage, "k": k, "seed": cfg.seed}, cfg=cfg, gpu=gpu,
+                   batch_size=cfg.attack.batch_size)
     ctx.storage.delete_dir("data/gnr_aug")
     with user_errors():
         ds.write_parquet(ctx.data_path("gnr_aug"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)

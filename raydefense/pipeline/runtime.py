@@ -65,6 +65,17 @@ def use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_size: int):
+    """``ds.map_batches`` on an actor pool of ``cls`` sized by ``scale.attack_actors``: one GPU per
+    actor when ``gpu``, else ``scale.cpus_per_actor`` CPUs, which the actor uses as torch threads
+    (``cls`` takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``)."""
+    import ray
+
+    return ds.map_batches(cls, fn_constructor_kwargs={**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)},
+                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
+                          num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None)
+
+
 def device_for(gpu: bool) -> torch.device:
     return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
 

@@ -13,7 +13,7 @@ import contextlib
 import os
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,29 +34,38 @@ def scaling_config(cfg: Config, *, gpu: bool):
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources)
 
 
-def fit(ctx, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
-        datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
-    """Run one training task on Ray Train; returns the last reported metrics."""
+def make_trainer(cfg: Config, storage, name: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
+                 datasets: dict[str, Any], *, gpu: bool, callbacks: Sequence[Any] = ()):
+    """The TorchTrainer of one training task: ``datasets['train']`` split over the workers, the
+    others whole on each; checkpoints under ``<storage>/train/<name>`` (same place, same name:
+    Ray Train resumes from the latest one)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     for ds in datasets.values():
         # Training reads are short and repeated per worker: their progress bars are noise.
         ds.context.enable_progress_bars = False
-    trainer = TorchTrainer(
+    return TorchTrainer(
         loop,
         train_loop_config=loop_config,
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        scaling_config=scaling_config(ctx.cfg, gpu=gpu),
+        scaling_config=scaling_config(cfg, gpu=gpu),
         run_config=ray.train.RunConfig(
-            name=task,
-            storage_path=ctx.storage.path("train"),
-            storage_filesystem=ctx.storage.fs,
+            name=name,
+            storage_path=storage.path("train"),
+            storage_filesystem=storage.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=0),
+            callbacks=list(callbacks),
         ),
     )
+
+
+def fit(ctx, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
+        datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
+    """Run one training task on Ray Train; returns the last reported metrics."""
+    trainer = make_trainer(ctx.cfg, ctx.storage, task, loop, loop_config, datasets, gpu=gpu)
     with user_errors():
         result = trainer.fit()
     return dict(result.metrics or {})

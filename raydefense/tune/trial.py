@@ -147,29 +147,10 @@ def _reporter(*, phase: str, last_epoch: int, spec: TrialSpec, trial: Storage, h
 def _fit(spec: TrialSpec, cfg, *, name: str, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
          callback, stopping: threading.Event) -> None:
     """One inner Ray Train run (as the pipeline's ``fit``, plus the callback), under ``<search>/train/<name>``."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from raydefense.pipeline.runtime import user_errors
-    from raydefense.pipeline.training import scaling_config
+    from raydefense.pipeline.training import make_trainer
 
-    for ds in datasets.values():
-        ds.context.enable_progress_bars = False
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-        scaling_config=scaling_config(cfg, gpu=spec.gpu),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=spec.search.path("train"),
-            storage_filesystem=spec.search.fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=0),
-            callbacks=[callback],
-        ),
-    )
+    trainer = make_trainer(cfg, spec.search, name, loop, loop_config, datasets, gpu=spec.gpu, callbacks=[callback])
     try:
         with user_errors():
             trainer.fit()
@@ -183,19 +164,11 @@ def _fit(spec: TrialSpec, cfg, *, name: str, loop, loop_config: dict[str, Any], 
 
 def _denoise(ds, *, spec: TrialSpec, cfg, denoiser: str, column: str):
     """``ds`` with ``column`` replaced by the trial's UDDN output, as (image, label) rows."""
-    import ray
-
     from raydefense.pipeline.distill import DenoiseActor
+    from raydefense.pipeline.runtime import actor_map
 
-    return ds.map_batches(
-        DenoiseActor,
-        fn_constructor_kwargs={"storage": spec.run, "denoiser": denoiser, "column": column, "gpu": spec.gpu,
-                               "threads": int(cfg.scale.cpus_per_actor)},
-        batch_size=cfg.attack.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-        num_cpus=cfg.scale.cpus_per_actor,
-        num_gpus=1 if spec.gpu else None,
-    )
+    return actor_map(ds, DenoiseActor, {"storage": spec.run, "denoiser": denoiser, "column": column},
+                     cfg=cfg, gpu=spec.gpu, batch_size=cfg.attack.batch_size)
 
 
 def _denoised_sets(ctx, *, spec: TrialSpec, trial: Storage, denoiser: str) -> dict[str, Any]:
