@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -29,9 +30,42 @@ GUIDANCE = ("logits", "features", "pixel")
 DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
 
 
+# Seeds feed numpy (needs 0 <= seed < 2**32) and torch (seed * 1000 + rank must stay < 2**63).
+MAX_SEED = 2**31 - 1
+# object_store_memory_mb above this (16 TiB) is a unit mistake (bytes or 1e8 typed for MB).
+MAX_OBJECT_STORE_MB = 16 * 1024 * 1024
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _check_seed(value: int, key: str) -> None:
+    _check(0 <= value <= MAX_SEED, key, f"must be in [0, {MAX_SEED}], got {value}")
+
+
+def run_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot name a run folder (``<storage>/<name>/``), or None when it can.
+
+    A run name is one path segment, used verbatim: not empty, no '/' or '\\', not '.' or '..'
+    and not starting with '.' (hidden folders; '..' escapes the storage root), no control
+    characters (they corrupt logs and S3 keys), at most 200 characters. Spaces, '#', unicode
+    letters are fine.
+    """
+    if not name:
+        return "must not be empty"
+    if "/" in name or "\\" in name:
+        return "must not contain '/' or '\\' (a run name is one folder, not a path)"
+    if name.startswith("."):
+        return "must not start with '.' ('.', '..' and hidden folders are not run names)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not contain control characters"
+    if name != name.strip():
+        return "must not start or end with whitespace"
+    if len(name) > 200:
+        return f"is {len(name)} characters long; at most 200"
+    return None
 
 
 @dataclass(frozen=True)
@@ -66,7 +100,7 @@ class DataConfig:
     splits: SplitConfig = field(default_factory=SplitConfig)
 
     def validate(self, prefix: str) -> None:
-        _check(bool(self.source), f"{prefix}.source", "must not be empty")
+        _check(bool(self.source.strip()), f"{prefix}.source", "must not be empty")
         _check(self.num_identities >= 2, f"{prefix}.num_identities", "must be >= 2")
         _check(self.images_per_identity >= 2, f"{prefix}.images_per_identity", "must be >= 2")
         _check(32 <= self.image_size <= 512, f"{prefix}.image_size", "must be in [32, 512]")
@@ -75,6 +109,14 @@ class DataConfig:
         _check(self.max_identities >= 0, f"{prefix}.max_identities", "must be >= 0")
         _check(self.shard_size >= 1, f"{prefix}.shard_size", "must be >= 1")
         self.splits.validate(f"{prefix}.splits")
+        if self.source == "synthetic":
+            # Every synthetic identity has the same number of images, so the split plan is known
+            # now: each split the config asks for must get its full count (never an empty or
+            # short split downstream). Image folders are checked when listed (prepare.check_source).
+            from raydefense.data.splits import synthetic_split_problem
+
+            problem = synthetic_split_problem(self.images_per_identity, dataclasses.asdict(self.splits))
+            _check(problem is None, f"{prefix}.images_per_identity", problem or "")
 
 
 @dataclass(frozen=True)
@@ -113,8 +155,19 @@ class ModelsConfig:
     surrogate_train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, prefix: str) -> None:
-        _check(bool(self.target), f"{prefix}.target", "must name a model")
-        _check(bool(self.surrogate), f"{prefix}.surrogate", "must name a model")
+        # The registry fills when raydefense.models is imported (torch); the jobs import it anyway.
+        from raydefense.models import list_models
+
+        known = list_models()
+        for key in ("target", "surrogate"):
+            name = getattr(self, key)
+            _check(name in known, f"{prefix}.{key}", f"unknown model '{name}' (known: {', '.join(known)})")
+        for name in self.extra_targets:
+            _check(name in known, f"{prefix}.extra_targets", f"unknown model '{name}' (known: {', '.join(known)})")
+        _check(len(set(self.extra_targets)) == len(self.extra_targets), f"{prefix}.extra_targets", "lists a model twice")
+        for key in ("target_pretrained", "surrogate_pretrained"):
+            value = getattr(self, key)
+            _check(value is None or bool(value.strip()), f"{prefix}.{key}", "must be null or name weights (a tag, path or s3:// URI)")
         self.target_train.validate(f"{prefix}.target_train")
         self.surrogate_train.validate(f"{prefix}.surrogate_train")
 
@@ -141,6 +194,7 @@ class AttackConfig:
         _check(self.eps_max >= self.eps_min, f"{prefix}.eps_max", "must be >= eps_min")
         _check(self.eps_max <= 1, f"{prefix}.eps_max", "must be <= 1")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check_seed(self.seed, f"{prefix}.seed")
 
 
 @dataclass(frozen=True)
@@ -262,8 +316,11 @@ class EvalConfig:
 
     def validate(self, prefix: str) -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
-        for e in self.adaptive_eps + self.by_epsilon:
-            _check(0 <= e <= 1, f"{prefix}.adaptive_eps", f"eps {e} must be in [0, 1]")
+        for key in ("adaptive_eps", "by_epsilon"):
+            values = getattr(self, key)
+            _check(len(values) >= 1, f"{prefix}.{key}", "must list at least one eps")
+            for e in values:
+                _check(0 <= e <= 1, f"{prefix}.{key}", f"eps {e} must be in [0, 1] (pixel units: 8/255, not 8)")
         _check(self.adaptive_steps >= 1, f"{prefix}.adaptive_steps", "must be >= 1")
         _check(self.adaptive_restarts >= 1, f"{prefix}.adaptive_restarts", "must be >= 1")
         _check(self.adaptive_max_images >= 1, f"{prefix}.adaptive_max_images", "must be >= 1")
@@ -293,7 +350,20 @@ class ScaleConfig:
     # A Ray Train checkpoint costs ~1-2 s to persist: write one at the first and last epoch of
     # a training and otherwise at most every this many seconds (0 = every epoch).
     checkpoint_interval_s: float = 30.0
-    cache_mb: float = 2048.0  # a training worker keeps a shard this small in memory (0 = stream every epoch)
+    # Also checkpoint at least every this many epochs (0 = by time only). A lost worker costs at
+    # most one interval of work: whichever of the two comes first.
+    checkpoint_every_epochs: int = 0
+    cache_mb: float = 2048.0  # a training worker keeps a dataset this small in memory (0 = stream every epoch)
+    # Ray Train FailureConfig(max_failures): a failed worker group (lost worker, preempted node)
+    # restarts from the latest checkpoint by itself this many times (-1 = forever, 0 = never).
+    max_failures: int = 3
+    # Elastic training (max_workers > num_workers): how often Ray Train looks for room to grow.
+    resize_interval_s: float = 60.0
+    # Extra custom resources per training worker, e.g. {spot_gpu: 1} to pin workers to a node type.
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    # A worker or actor that asks for more than the cluster has fails the run at once (0), or, on an
+    # autoscaling cluster, waits up to this many seconds for the resources to appear.
+    resource_wait_s: float = 0.0
 
     def validate(self, prefix: str) -> None:
         _check(self.num_workers >= 1, f"{prefix}.num_workers", "must be >= 1")
@@ -303,10 +373,20 @@ class ScaleConfig:
         _check(self.gpus_per_worker > 0, f"{prefix}.gpus_per_worker", "must be > 0")
         _check(self.attack_actors >= 1, f"{prefix}.attack_actors", "must be >= 1")
         _check(self.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "must be > 0")
-        _check(self.object_store_memory_mb >= 128, f"{prefix}.object_store_memory_mb", "must be >= 128")
+        _check(128 <= self.object_store_memory_mb <= MAX_OBJECT_STORE_MB, f"{prefix}.object_store_memory_mb",
+               f"must be in [128, {MAX_OBJECT_STORE_MB}] (megabytes), got {self.object_store_memory_mb}")
+        _check(self.resource_wait_s >= 0, f"{prefix}.resource_wait_s", "must be >= 0 (0 = fail at once)")
         _check(self.num_cpus >= 0, f"{prefix}.num_cpus", "must be >= 0")
         _check(self.cache_mb >= 0, f"{prefix}.cache_mb", "must be >= 0")
         _check(self.checkpoint_interval_s >= 0, f"{prefix}.checkpoint_interval_s", "must be >= 0")
+        _check(self.checkpoint_every_epochs >= 0, f"{prefix}.checkpoint_every_epochs", "must be >= 0")
+        _check(self.max_failures >= -1, f"{prefix}.max_failures", "must be >= -1 (-1 = retry forever)")
+        _check(self.resize_interval_s > 0, f"{prefix}.resize_interval_s", "must be > 0")
+        for key, value in self.worker_resources.items():
+            _check(isinstance(key, str) and key not in ("CPU", "GPU", "memory"), f"{prefix}.worker_resources",
+                   f"'{key}': custom resource names only (CPU/GPU come from cpus_per_worker/gpus_per_worker)")
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                   f"{prefix}.worker_resources.{key}", "must be a number > 0")
 
 
 @dataclass(frozen=True)
@@ -318,7 +398,13 @@ class StorageConfig:
     region: Optional[str] = None  # else AWS_REGION / AWS_DEFAULT_REGION
 
     def validate(self, prefix: str) -> None:
-        _check(bool(self.path), f"{prefix}.path", "must not be empty")
+        _check(bool(self.path.strip()), f"{prefix}.path", "must not be empty")
+        if self.endpoint_url is not None:
+            scheme, sep, host = self.endpoint_url.partition("://")
+            _check(bool(sep) and scheme in ("http", "https") and bool(host.strip("/")), f"{prefix}.endpoint_url",
+                   f"must be null or an http(s)://host[:port] URL, got '{self.endpoint_url}'")
+        if self.region is not None:
+            _check(bool(self.region.strip()), f"{prefix}.region", "must be null or a region name")
 
 
 @dataclass(frozen=True)
@@ -342,11 +428,17 @@ class TuneConfig:
         _check(self.num_samples >= 1, f"{prefix}.num_samples", "must be >= 1")
         _check(self.max_concurrent >= 0, f"{prefix}.max_concurrent", "must be >= 0 (0 = fill the cluster)")
         _check(self.mode in ("max", "min"), f"{prefix}.mode", "must be 'max' or 'min'")
+        from raydefense.tune.space import METRIC_ALIASES, REPORTED
+
+        _check(self.metric in REPORTED or self.metric in METRIC_ALIASES, f"{prefix}.metric",
+               f"unknown metric '{self.metric}' (known: {', '.join(REPORTED)})")
+        _check_seed(self.seed, f"{prefix}.seed")
         _check(0 <= self.clean_floor <= 1, f"{prefix}.clean_floor", "must be in [0, 1]")
         _check(self.grace_period >= 1, f"{prefix}.grace_period", "must be >= 1")
         _check(self.reduction_factor >= 2, f"{prefix}.reduction_factor", "must be >= 2")
         _check(0 <= self.lam[0] <= self.lam[1], f"{prefix}.lam", "must be a range [lo, hi] with 0 <= lo <= hi")
         _check(1 <= self.T[0] <= self.T[1], f"{prefix}.T", "must be a range [lo, hi] with 1 <= lo <= hi")
+        _check(len(self.guidance) >= 1, f"{prefix}.guidance", "must list at least one guidance layer")
         for g in self.guidance:
             _check(g in GUIDANCE, f"{prefix}.guidance", f"unknown guidance '{g}' (known: {', '.join(GUIDANCE)})")
         _check(0 < self.denoise_lr[0] <= self.denoise_lr[1], f"{prefix}.denoise_lr", "must be a range [lo, hi] with 0 < lo <= hi")
@@ -371,8 +463,9 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
 
     def validate(self, prefix: str = "") -> None:
-        _check(bool(self.name) and "/" not in self.name and not self.name.startswith("."), "name",
-               f"'{self.name}' is not a valid run name (no '/', not empty, not starting with '.')")
+        problem = run_name_problem(self.name)
+        _check(problem is None, "name", f"run name {self.name!r} {problem}")
+        _check_seed(self.seed, "seed")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
@@ -409,8 +502,32 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A ``--set`` value: the YAML reading of the text and the text itself.
+
+    String keys take the text verbatim (``--set name=exp #2`` is the name ``exp #2``, and
+    ``--set name=2024`` the name ``2024``); every other key takes the YAML value.
+    """
+
+    parsed: Any
+    raw: str
+
+
+def _is_str_type(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return str in typing.get_args(tp)
+    return False
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to the annotated type, or raise ConfigError naming the key."""
+    if isinstance(value, _Override):
+        if _is_str_type(tp) and not (value.parsed is None and type(None) in typing.get_args(tp)):
+            return _coerce(value.raw, tp, key)
+        value = value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -430,6 +547,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -441,28 +562,41 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is float:
+        number: Optional[float] = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(_eval_fraction(value))
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                raise ConfigError(f"config key '{key}': {value} is too large") from None
+        elif isinstance(value, str):
+            number = _eval_fraction(value, key)
+        if number is None:
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        # inf and nan pass every '>= 0' check and poison training (lr=inf, T=nan): never a value.
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        hint = f" (quote it: '{value}')" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}{hint}")
     raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
 
 
-def _eval_fraction(text: str) -> float:
-    """Accept '8/255' for eps values, as papers write them."""
+def _eval_fraction(text: str, key: str) -> Optional[float]:
+    """A number written as text: '1e-4' (a string to YAML 1.1) or 'a/b' as papers write eps
+    ('8/255'). None when the text is no number; ConfigError naming ``key`` for '1/0'."""
     text = text.strip()
-    if "/" in text:
-        num, den = text.split("/", 1)
-        return float(num) / float(den)
-    return float(text)
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except ValueError:
+        return None
+    except ZeroDivisionError:
+        raise ConfigError(f"config key '{key}': '{text}' divides by zero") from None
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
@@ -489,40 +623,73 @@ def from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ("a.b", parsed value); values are parsed as YAML (``8/255`` stays a string)."""
+    """``"a.b=value"`` -> ("a.b", value): the value's YAML reading, kept beside its text so that
+    string keys take the text verbatim (``8/255`` stays a string for float keys to divide)."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key=value")
+        raise ConfigError(f"--set '{item}': expected key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if not key:
-        raise ConfigError(f"override '{item}': empty key")
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set '{item}': '{key}' is not a dotted config key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key, value
+    return key, _Override(parsed=value, raw=raw)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> Config:
-    """Load a YAML config (or the built-in defaults when ``path`` is None) and apply overrides."""
+def parse_yaml_config(text: str | bytes, *, what: str) -> dict[str, Any]:
+    """The mapping in a YAML config document; ConfigError naming ``what`` (the file) when the
+    bytes are not UTF-8, not YAML, or not a mapping. The one parser of config files: a
+    ``--config`` file and a run's saved ``config.yaml`` both come through here."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{what} is not UTF-8 text (byte 0x{text[exc.start]:02x} at offset {exc.start}); "
+                              f"save it as UTF-8 YAML") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if getattr(mark, "line", None) is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from exc
+    except RecursionError as exc:  # pathologically nested documents
+        raise ConfigError(f"{what} is nested too deeply to be a config") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = (),
+                values: Optional[Mapping[str, Any]] = None) -> Config:
+    """Load a YAML config (or the built-in defaults when ``path`` is None), apply ``--set``
+    overrides, then ``values`` (dotted key -> value, taken verbatim: what ``--name``,
+    ``--data`` and ``--storage`` give).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not UTF-8, not YAML or not a mapping;
+            an override is malformed; any key is unknown or any value out of range.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file '{path}' is a directory, not a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}': expected a mapping at the top level")
-        data = loaded
+            raw = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"config file '{path}' cannot be read ({exc.strerror or exc})") from exc
+        data = parse_yaml_config(raw, what=f"config file '{path}'")
     for item in overrides:
         key, value = parse_override(item)
+        _set_dotted_creating(data, key, value)
+    for key, value in (values or {}).items():
         _set_dotted_creating(data, key, value)
     return from_dict(data)
 
