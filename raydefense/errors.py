@@ -28,3 +28,12 @@ class StorageError(RayDefenseError, OSError):
 
 class ModelError(RayDefenseError, ValueError):
     """An unknown model name, or weights that do not fit the model."""
+
+
+class TrainingError(RayDefenseError, RuntimeError):
+    """A training's worker group kept failing after its automatic restarts (scale.max_failures).
+
+    Its checkpoints stay: a rerun with the same --name resumes from the latest one.
+    """
+
+    exit_code = 1
