@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from raydefense.config import Config, load_config
-from raydefense.errors import RayDefenseError
+from raydefense.config import Config, load_config, run_name_problem
+from raydefense.errors import ConfigError, RayDefenseError
 
 # configs/ beside jobs/ in a checkout (also what `ray job submit --working-dir .` ships).
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -32,18 +32,38 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def check_flags(args: argparse.Namespace) -> dict[str, str]:
+    """``--name``, ``--data`` and ``--storage`` as the config values they set, verbatim (never
+    parsed as YAML: ``--name 'exp #2'`` is that name, ``--name 2024`` the name '2024'); a flag
+    given with a value that cannot work is a ConfigError naming the flag."""
+    values: dict[str, str] = {}
+    if args.name is not None:
+        problem = run_name_problem(args.name)
+        if problem:
+            raise ConfigError(f"--name {args.name!r}: a run name {problem}")
+        values["name"] = args.name
+    for flag, key in (("data", "data.source"), ("storage", "storage.path")):
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if not value.strip():
+            raise ConfigError(f"--{flag}: must not be empty (leave the flag out for the default)")
+        if any(ord(c) < 32 for c in value):
+            raise ConfigError(f"--{flag} {value!r}: contains control characters")
+        if value != value.strip():
+            raise ConfigError(f"--{flag} {value!r}: starts or ends with whitespace")
+        values[key] = value
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.source={args.data}")
-    if args.storage:
-        overrides.append(f"storage.path={args.storage}")
-    if args.name:
-        overrides.append(f"name={args.name}")
+    """The config of ``--config`` (default: configs/default.yaml), then ``--set``, then the
+    verbatim ``--data``, ``--storage`` and ``--name``."""
+    values = check_flags(args)
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():
         path = str(DEFAULT_CONFIG)
-    return load_config(path, overrides)
+    return load_config(path, list(args.overrides), values=values)
 
 
 def quiet_logs() -> None:

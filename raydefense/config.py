@@ -558,6 +558,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and "/" not in value:
+            parsed = _eval_fraction(value, key)  # '1e8' is a string to YAML 1.1
+            value = parsed if parsed is not None else value
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
@@ -700,6 +703,8 @@ def _set_dotted_creating(data: dict[str, Any], key: str, value: Any) -> None:
     node = data
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if isinstance(child, _Override) and isinstance(child.parsed, dict):
+            child = node[part] = dict(child.parsed)  # --set a={x: 1} then --set a.y=2
         if not isinstance(child, dict):
             raise ConfigError(f"config key '{part}' is not a section, cannot set '{key}'")
         node = child

@@ -26,6 +26,17 @@ class StorageError(RayDefenseError, OSError):
     """Storage (a local folder or an s3:// URI) is unreachable, unwritable or lacks credentials."""
 
 
+class CorruptFileError(StorageError):
+    """A file the project wrote earlier (a run's config.yaml, a stage marker, metrics.json,
+    weights) cannot be read back: truncated, edited by hand, or not what it should be.
+    The message names the file and what to do about it."""
+
+
+class ClusterError(RayDefenseError):
+    """Ray cannot be started or reached (``ray.init`` failed or timed out), or the cluster can
+    never hold what the run asks for."""
+
+
 class ModelError(RayDefenseError, ValueError):
     """An unknown model name, or weights that do not fit the model."""
 

@@ -26,22 +26,39 @@ from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
-from raydefense.errors import StorageError
+from raydefense.errors import CorruptFileError, StorageError
+
+# What to do about a corrupt file when the caller does not say: every file under a run is
+# rewritten by the stage that made it.
+REDO_HINT = "delete it and run again (the stage that wrote it is redone), or use another --name"
 
 
 def endpoint_from_env() -> Optional[str]:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def _s3_filesystem(endpoint_url: Optional[str], region: Optional[str]) -> pafs.S3FileSystem:
+def resolve_s3(endpoint_url: Optional[str], region: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """The S3 endpoint and region to use: the arguments, else the standard AWS variables.
+
+    Resolved once, where the storage is opened (the driver), and carried by value from then on:
+    a Storage pickled to a Ray worker on another node must not re-read that node's environment.
+    An explicit endpoint without a region gets ``us-east-1`` (what S3-compatible servers expect).
+    """
     endpoint = endpoint_url or endpoint_from_env()
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    if endpoint and not region:
+        region = "us-east-1"
+    return endpoint, region
+
+
+def _s3_filesystem(endpoint_url: Optional[str], region: Optional[str]) -> pafs.S3FileSystem:
+    endpoint, region = resolve_s3(endpoint_url, region)
     kwargs: dict[str, Any] = {
         # Fail fast on an unreachable endpoint instead of retrying for minutes.
         "connect_timeout": 3.0,
         "request_timeout": 20.0,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
     }
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     if endpoint:
@@ -50,11 +67,10 @@ def _s3_filesystem(endpoint_url: Optional[str], region: Optional[str]) -> pafs.S
             scheme, host = "https", endpoint
         kwargs["endpoint_override"] = host.rstrip("/")
         kwargs["scheme"] = scheme
-        kwargs.setdefault("region", "us-east-1")
     try:
         return pafs.S3FileSystem(**kwargs)
     except Exception as exc:  # pyarrow raises ArrowInvalid etc. for bad arguments
-        raise StorageError(f"storage: cannot configure S3 client ({exc})") from None
+        raise StorageError(f"storage: cannot configure S3 client ({_describe(exc)})") from exc
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -101,12 +117,22 @@ class Storage:
 
     @classmethod
     def open(cls, uri: str, *, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> "Storage":
+        """Open ``uri`` (a local path or ``s3://bucket/prefix``); StorageError for other schemes.
+
+        For S3 the endpoint and region are resolved now (arguments, else ``AWS_ENDPOINT_URL_S3`` /
+        ``AWS_ENDPOINT_URL`` and ``AWS_REGION`` / ``AWS_DEFAULT_REGION``) and kept on the object,
+        so a copy pickled to another node talks to the same endpoint. Credentials are not carried:
+        each node gets them from its own AWS chain (instance role, IRSA, runtime_env env_vars).
+        """
+        if uri.startswith("s3://"):
+            endpoint_url, region = resolve_s3(endpoint_url, region)
         fs, root = filesystem_for(uri, endpoint_url=endpoint_url, region=region)
         if not uri.startswith("s3://"):
             uri = root  # absolute: a worker that changes directory (Tune trials do) reopens the same folder
         return cls(uri=uri, fs=fs, root=root, endpoint_url=endpoint_url, region=region)
 
-    # Storage objects travel to Ray workers: rebuild the filesystem there.
+    # Storage objects travel to Ray workers: rebuild the filesystem there from the resolved
+    # endpoint and region (never from the worker's environment).
     def __getstate__(self) -> dict[str, Any]:
         return {"uri": self.uri, "endpoint_url": self.endpoint_url, "region": self.region}
 
@@ -143,7 +169,7 @@ class Storage:
                 f.read()
             self.fs.delete_file(probe)
         except Exception as exc:
-            raise StorageError(f"storage '{self.uri}': {_describe(exc)}") from None
+            raise StorageError(f"storage '{self.uri}': {_describe(exc)}") from exc
 
     # ---------------------------------------------------------------- files
 
@@ -151,7 +177,7 @@ class Storage:
         try:
             return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
         except Exception as exc:
-            raise StorageError(f"storage '{self.display(*parts)}': {_describe(exc)}") from None
+            raise StorageError(f"storage '{self.display(*parts)}': {_describe(exc)}") from exc
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
@@ -168,28 +194,69 @@ class Storage:
                     f.write(data)
                 os.replace(tmp, target)
         except Exception as exc:
-            raise StorageError(f"storage '{self.display(rel)}': cannot write ({_describe(exc)})") from None
+            raise StorageError(f"storage '{self.display(rel)}': cannot write ({_describe(exc)})") from exc
 
     def read_bytes(self, rel: str) -> bytes:
         try:
             with self.fs.open_input_stream(self.path(rel)) as f:
                 return f.read()
-        except FileNotFoundError:
-            raise StorageError(f"storage '{self.display(rel)}': not found") from None
+        except FileNotFoundError as exc:
+            raise StorageError(f"storage '{self.display(rel)}': not found") from exc
         except Exception as exc:
-            raise StorageError(f"storage '{self.display(rel)}': cannot read ({_describe(exc)})") from None
+            raise StorageError(f"storage '{self.display(rel)}': cannot read ({_describe(exc)})") from exc
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
 
-    def read_text(self, rel: str) -> str:
-        return self.read_bytes(rel).decode("utf-8")
+    # Reading back what the project wrote: every read of a run's files (config.yaml, stage
+    # markers, metrics.json, meta.json, weights) comes through read_text / read_json /
+    # read_yaml / load_torch, which name the file and what to do when it is corrupt.
+
+    def _corrupt(self, rel: str, what: str, hint: Optional[str], exc: BaseException) -> CorruptFileError:
+        err = CorruptFileError(f"{self.display(rel)} is corrupt ({what}); {hint or REDO_HINT}")
+        err.__cause__ = exc
+        return err
+
+    def read_text(self, rel: str, *, hint: Optional[str] = None) -> str:
+        """UTF-8 text of ``rel``; CorruptFileError naming the file when it is not UTF-8."""
+        data = self.read_bytes(rel)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._corrupt(rel, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}", hint, exc) from exc
 
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_text(rel, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_text(rel))
+    def read_json(self, rel: str, *, expect: type | tuple[type, ...] = (dict, list), hint: Optional[str] = None) -> Any:
+        """The JSON value in ``rel``, of type ``expect``; CorruptFileError naming the file when it
+        is empty, truncated, not JSON or another type (StorageError when it cannot be read)."""
+        text = self.read_text(rel, hint=hint)
+        try:
+            value = json.loads(text)
+        except ValueError as exc:  # JSONDecodeError; an empty file is one too
+            why = "empty file" if not text.strip() else f"not JSON: {exc}"
+            raise self._corrupt(rel, why, hint, exc) from exc
+        if not isinstance(value, expect):
+            raise self._corrupt(rel, f"holds a {type(value).__name__}", hint, TypeError(type(value).__name__))
+        return value
+
+    def read_yaml(self, rel: str, *, hint: Optional[str] = None) -> dict[str, Any]:
+        """The YAML mapping in ``rel`` (e.g. a run's ``config.yaml``); CorruptFileError naming the
+        file when it is not UTF-8, not YAML, or not a mapping."""
+        import yaml
+
+        text = self.read_text(rel, hint=hint)
+        try:
+            value = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if getattr(mark, "line", None) is not None else ""
+            raise self._corrupt(rel, f"not valid YAML{where}", hint, exc) from exc
+        if not isinstance(value, dict):
+            why = "empty file" if value is None else f"holds a {type(value).__name__}, not a mapping"
+            raise self._corrupt(rel, why, hint, TypeError(why))
+        return value
 
     def save_torch(self, rel: str, obj: Any) -> None:
         import torch
@@ -198,17 +265,25 @@ class Storage:
         torch.save(obj, buf)
         self.write_bytes(rel, buf.getvalue())
 
-    def load_torch(self, rel: str, map_location: Any = "cpu") -> Any:
+    def load_torch(self, rel: str, map_location: Any = "cpu", *, hint: Optional[str] = None) -> Any:
+        """``torch.load(weights_only=True)`` of ``rel``; CorruptFileError naming the file when it is
+        truncated or not a torch file (StorageError when it cannot be read)."""
         import torch
 
-        return torch.load(io.BytesIO(self.read_bytes(rel)), map_location=map_location, weights_only=True)
+        data = self.read_bytes(rel)
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as exc:  # unpickling and zip errors come in many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            why = "empty file" if not data else f"not a torch file: {type(exc).__name__}: {first[:200]}"
+            raise self._corrupt(rel, why, hint, exc) from exc
 
     def listdir(self, rel: str = "") -> list[str]:
         """Names directly under ``rel`` (empty list when it does not exist)."""
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path(rel) if rel else self.root, allow_not_found=True))
         except Exception as exc:
-            raise StorageError(f"storage '{self.display(rel)}': {_describe(exc)}") from None
+            raise StorageError(f"storage '{self.display(rel)}': {_describe(exc)}") from exc
         return sorted(posixpath.basename(i.path) for i in infos)
 
     def delete_dir(self, rel: str) -> None:
@@ -217,7 +292,7 @@ class Storage:
             if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
                 self.fs.delete_dir(path)
         except Exception as exc:
-            raise StorageError(f"storage '{self.display(rel)}': cannot delete ({_describe(exc)})") from None
+            raise StorageError(f"storage '{self.display(rel)}': cannot delete ({_describe(exc)})") from exc
 
     def delete_file(self, rel: str) -> None:
         path = self.path(rel)
@@ -225,11 +300,15 @@ class Storage:
             if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
                 self.fs.delete_file(path)
         except Exception as exc:
-            raise StorageError(f"storage '{self.display(rel)}': cannot delete ({_describe(exc)})") from None
+            raise StorageError(f"storage '{self.display(rel)}': cannot delete ({_describe(exc)})") from exc
 
     def download_dir(self, rel: str, local_dir: str) -> None:
         """Copy a folder to the local disk (e.g. a checkpoint)."""
-        pafs.copy_files(self.path(rel), local_dir, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        try:
+            pafs.copy_files(self.path(rel), local_dir, source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        except Exception as exc:
+            raise StorageError(f"storage '{self.display(rel)}': cannot download ({_describe(exc)})") from exc
 
 
 def _json_default(obj: Any) -> Any:

@@ -23,7 +23,7 @@ def test_shipped_configs_load_and_round_trip(path):
 
 def test_overrides_are_typed_and_nested():
     cfg = load_config(overrides=["distill.T=2", "attack.eps_max=8/255", "models.extra_targets=[vgg16, mobilenet_v2]",
-                                 "data.splits.test=7", "scale.use_gpu=true"])
+                                 "data.splits.test=7", "data.images_per_identity=42", "scale.use_gpu=true"])
     assert cfg.distill.T == 2.0 and isinstance(cfg.distill.T, float)
     assert cfg.attack.eps_max == pytest.approx(8 / 255)
     assert cfg.models.extra_targets == ("vgg16", "mobilenet_v2")

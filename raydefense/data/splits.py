@@ -23,7 +23,8 @@ import numpy as np
 
 from raydefense.errors import ConfigError, DataError
 
-__all__ = ["SPLITS", "SplitPlan", "plan_splits", "PAPER_PER_IDENTITY"]
+__all__ = ["SPLITS", "SplitPlan", "plan_splits", "PAPER_PER_IDENTITY", "images_needed", "synthetic_split_problem",
+           "empty_split_problem"]
 
 SPLITS = ("gnr", "denoise", "val", "test")
 # Li & Wang (2019), section 5.1: images per class for each split.
@@ -57,6 +58,56 @@ class SplitPlan:
                 raise ConfigError(f"unknown split {name!r}; known splits: {', '.join(SPLITS)}")
             codes.append(SPLITS.index(name))
         return np.flatnonzero(np.isin(self.assignment, codes)).astype(np.int64)
+
+
+def images_needed(per_identity: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """Per split: ``(images an identity needs to give it one image, to give it its full count)``.
+
+    Follows :func:`plan_splits`' greedy fill (test, val, gnr, denoise; one image held back from
+    test and val for training). A split asked for 0 images maps to ``(0, 0)``.
+    """
+    want = {name: int(per_identity.get(name, 0)) for name in SPLITS}
+    reserve = 1 if want["gnr"] + want["denoise"] > 0 else 0
+    out, before = {}, 0
+    for name in _FILL_ORDER:
+        hold = reserve if name in ("test", "val") else 0
+        out[name] = (before + hold + 1, before + hold + want[name]) if want[name] else (0, 0)
+        before += want[name]
+    return out
+
+
+def _asked(per_identity: Mapping[str, int]) -> str:
+    return ", ".join(f"{name} {int(per_identity.get(name, 0))}" for name in SPLITS)
+
+
+def synthetic_split_problem(images_per_identity: int, per_identity: Mapping[str, int]) -> str | None:
+    """Why ``images_per_identity`` images of every identity cannot fill the splits, or None.
+
+    The synthetic dataset gives every identity the same number of images, so each split gets its
+    full count or the config is refused (no short and no empty split goes downstream).
+    """
+    for name, (_, full) in sorted(images_needed(per_identity).items(), key=lambda kv: _FILL_ORDER.index(kv[0])):
+        if full > images_per_identity:
+            total = sum(int(per_identity.get(n, 0)) for n in SPLITS)
+            return (f"{images_per_identity} images per identity leave split '{name}' short: the splits "
+                    f"(data.splits: {_asked(per_identity)}) need {total} per identity; raise it to {total} "
+                    f"or lower data.splits.*")
+    return None
+
+
+def empty_split_problem(plan: "SplitPlan", per_identity: Mapping[str, int], *, largest: int) -> str | None:
+    """Why ``plan`` cannot be used, or None: a split that ``per_identity`` asks for got no image.
+
+    ``largest`` is the image count of the largest identity (for the message). Splits may come
+    out short for some identities (their notes are :attr:`SplitPlan.shortfalls`), never empty.
+    """
+    needed = images_needed(per_identity)
+    for name in _FILL_ORDER:
+        if int(per_identity.get(name, 0)) > 0 and plan.per_split_counts.get(name, 0) == 0:
+            return (f"split '{name}' would be empty: an identity needs at least {needed[name][0]} images to give it "
+                    f"one (data.splits: {_asked(per_identity)}), and the largest identity has {largest}; "
+                    f"add images or lower data.splits.*")
+    return None
 
 
 def _have(n: int) -> str:

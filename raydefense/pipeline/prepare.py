@@ -70,12 +70,47 @@ def list_source(cfg: Config):
 
 
 def _plan(labels: np.ndarray, cfg: Config) -> Any:
+    """The split plan of ``labels``; DataError naming the split when one the config asks for
+    would be empty (splits may be short for small identities, with a printed note, never empty)."""
     from raydefense.data import SPLITS, plan_splits
+    from raydefense.data.splits import empty_split_problem
 
-    plan = plan_splits(labels, per_identity=asdict(cfg.data.splits), seed=cfg.seed)
-    if plan.per_split_counts.get("test", 0) == 0:
-        raise DataError(f"data '{cfg.data.source}': no identity has enough images for a test split")
+    want = asdict(cfg.data.splits)
+    plan = plan_splits(labels, per_identity=want, seed=cfg.seed)
+    largest = int(np.bincount(labels).max()) if len(labels) else 0
+    problem = empty_split_problem(plan, want, largest=largest)
+    if problem:
+        raise DataError(f"data '{cfg.data.source}': {problem}")
     return plan, SPLITS
+
+
+def _folder_records(cfg: Config):
+    """``(records, classes, listing)`` of an image-folder source after ``data.max_identities``."""
+    listing = list_source(cfg)
+    records = listing.records
+    classes = list(listing.classes)
+    if cfg.data.max_identities:
+        counts: dict[int, int] = {}
+        for r in records:
+            counts[r.label] = counts.get(r.label, 0) + 1
+        top = sorted(counts, key=lambda k: (-counts[k], k))[: cfg.data.max_identities]
+        remap = {old: new for new, old in enumerate(sorted(top))}
+        classes = [classes[old] for old in sorted(top)]
+        records = [type(r)(path=r.path, identity=r.identity, label=remap[r.label]) for r in records if r.label in remap]
+    if len(classes) < 2:
+        raise DataError(f"data '{cfg.data.source}': need at least 2 identities with >= "
+                        f"{cfg.data.min_images_per_identity} images, found {len(classes)}")
+    return records, classes, listing
+
+
+def check_source(cfg: Config) -> None:
+    """Check the data before anything starts (no Ray): an image folder is listed (names only)
+    and split on paper; DataError naming the folder, or the split that would be empty.
+    Synthetic data is checked when the config loads (``data.images_per_identity``)."""
+    if cfg.data.source == "synthetic":
+        return
+    records, _, _ = _folder_records(cfg)
+    _plan(np.array([r.label for r in records], dtype=np.int64), cfg)
 
 
 def run_prepare(ctx, *, gpu: bool = False) -> dict[str, Any]:
@@ -100,21 +135,8 @@ def run_prepare(ctx, *, gpu: bool = False) -> dict[str, Any]:
             batch_size=cfg.data.shard_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.scale.cpus_per_actor)
         meta.update(classes=[f"synthetic_{i:04d}" for i in range(n_id)], skipped_identities=[])
     else:
-        listing = list_source(cfg)
-        records = listing.records
-        classes = list(listing.classes)
-        if cfg.data.max_identities:
-            counts: dict[int, int] = {}
-            for r in records:
-                counts[r.label] = counts.get(r.label, 0) + 1
-            top = sorted(counts, key=lambda k: (-counts[k], k))[: cfg.data.max_identities]
-            remap = {old: new for new, old in enumerate(sorted(top))}
-            classes = [classes[old] for old in sorted(top)]
-            records = [type(r)(path=r.path, identity=r.identity, label=remap[r.label]) for r in records if r.label in remap]
-        if len(classes) < 2:
-            raise DataError(f"data '{cfg.data.source}': need at least 2 identities with >= "
-                            f"{cfg.data.min_images_per_identity} images, found {len(classes)}")
-        labels = np.array([r.label for r in records])
+        records, classes, listing = _folder_records(cfg)
+        labels = np.array([r.label for r in records], dtype=np.int64)
         plan, splits = _plan(labels, cfg)
         keep = np.flatnonzero(plan.assignment >= 0)
         items = [{"path": records[i].path, "label": int(labels[i]), "split": splits[plan.assignment[i]], "index": int(i)}

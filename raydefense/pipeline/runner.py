@@ -1,12 +1,13 @@
 """The stage runner: ``run_pipeline(cfg)`` is what ``jobs/full_pipeline.py`` calls."""
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Optional
 
 from raydefense.config import Config
-from raydefense.errors import ConfigError
-from raydefense.pipeline.run import RunContext, open_run
+from raydefense.errors import ClusterError, ConfigError, RayDefenseError
+from raydefense.pipeline.run import RunContext, check_run, commit_run, read_saved_config, saved_config
 from raydefense.pipeline.runtime import init_ray, use_gpu
 from raydefense.storage import Storage
 
@@ -39,19 +40,51 @@ def open_storage(cfg: Config) -> Storage:
     return Storage.open(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
 
 
+def start_ray(cfg: Config) -> dict[str, Any]:
+    """``init_ray`` with its failures (a bad object store size, a cluster that does not answer,
+    a timeout under load) as one ClusterError line; the cause is kept for ``--verbose`` readers."""
+    try:
+        return init_ray(cfg)
+    except RayDefenseError:
+        raise
+    except Exception as exc:  # ray.init raises ValueError, RuntimeError, ConnectionError, TimeoutError...
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        address = os.environ.get("RAY_ADDRESS")
+        where = (f"connecting to the cluster at RAY_ADDRESS={address}" if address else
+                 f"starting a local Ray (scale.object_store_memory_mb={cfg.scale.object_store_memory_mb}, "
+                 f"scale.num_cpus={cfg.scale.num_cpus})")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ClusterError(f"Ray did not start ({where}): {type(exc).__name__}: {first[:300]}") from exc
+
+
+def preflight(cfg: Config, *, echo: Callable[[str], None] = print) -> tuple[RunContext, dict[str, Any], bool]:
+    """Everything checked before a stage runs, cheapest first, writing nothing of the run:
+    the storage, the run's saved config and stage markers, the data, then Ray (started here)
+    and whether the cluster can hold every request of the run. Returns the run (its
+    ``config.yaml`` now written), the cluster's resources and whether training uses GPUs."""
+    from raydefense.pipeline.prepare import check_source
+    from raydefense.pipeline.resources import ensure_resources
+
+    ctx: RunContext = check_run(cfg, open_storage(cfg))
+    ctx.echo = echo
+    done = ctx.check_markers(STAGE_NAMES)
+    if "prepare" not in done:
+        check_source(cfg)  # a bad data path or too few images fails before Ray starts
+    resources = start_ray(cfg)
+    gpu = use_gpu(cfg)
+    ensure_resources(cfg, gpu=gpu, echo=echo)
+    commit_run(ctx)
+    return ctx, resources, gpu
+
+
 def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) every stage of the defense; returns metrics.json's content."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ConfigError(f"--stop-after '{stop_after}': unknown stage (known: {', '.join(STAGE_NAMES)})")
-    storage = open_storage(cfg)
-    ctx: RunContext = open_run(cfg, storage)
-    ctx.echo = echo
-    if cfg.data.source != "synthetic" and not ctx.is_done("prepare"):
-        from raydefense.pipeline.prepare import list_source
-
-        list_source(cfg)  # fail fast on a bad data path, before starting Ray
-    resources = init_ray(cfg)
-    gpu = use_gpu(cfg)
+    ctx, resources, gpu = preflight(cfg, echo=echo)
     echo(f"raydefense run '{cfg.name}' at {ctx.storage.display()} on Ray "
          f"({resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; training on {'GPU' if gpu else 'CPU'})")
     stages = _stages()
@@ -71,7 +104,7 @@ def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callabl
             return {}
     if cfg.models.extra_targets:
         return run_extra_targets(cfg, echo=echo)
-    return ctx.storage.read_json("report/metrics.json")
+    return ctx.storage.read_json("report/metrics.json", expect=dict, hint=_metrics_hint(cfg.name))
 
 
 def load_run_config(name: str, *, storage: str, overrides: tuple[str, ...] | list[str] = (),
@@ -81,18 +114,21 @@ def load_run_config(name: str, *, storage: str, overrides: tuple[str, ...] | lis
     What ``jobs/evaluate.py`` uses when no ``--config`` is given: the run is evaluated with its
     own ``eval.*`` settings unless ``--set eval...=`` says otherwise.
     """
-    import yaml
+    from raydefense.config import run_name_problem
 
-    from raydefense.config import from_dict
-
+    problem = run_name_problem(name)
+    if problem:
+        raise ConfigError(f"--name {name!r}: a run name {problem}")
     run = Storage.open(storage, endpoint_url=endpoint_url, region=region).child(name)
     if not run.exists("config.yaml"):
         raise ConfigError(f"run '{name}' not found at {run.display()} (no config.yaml)")
-    saved = yaml.safe_load(run.read_text("config.yaml"))
-    saved.setdefault("storage", {})["path"] = storage
+    saved = read_saved_config(run)
+    section = saved.get("storage")
+    saved["storage"] = dict(section) if isinstance(section, dict) else {}
+    saved["storage"]["path"] = storage
     if endpoint_url:
         saved["storage"]["endpoint_url"] = endpoint_url
-    return from_dict(saved).replace(list(overrides))
+    return saved_config(run, saved).replace(list(overrides))
 
 
 def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -102,32 +138,37 @@ def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[st
     ``storage.*``, which come from ``cfg`` (so a user can attack harder after the fact).
     A multi-model run's report gets Table 5 from its finished child runs.
     """
-    import yaml
-
-    from raydefense.config import from_dict
     from raydefense.pipeline.evaluate import run_evaluate
+    from raydefense.pipeline.resources import ensure_resources
 
     storage = open_storage(cfg)
     run = storage.child(cfg.name)
     if not run.exists("config.yaml"):
         raise ConfigError(f"run '{cfg.name}' not found at {run.display()} (no config.yaml)")
-    saved = yaml.safe_load(run.read_text("config.yaml"))
+    saved = read_saved_config(run)
     fresh = cfg.to_dict()
     for key in ("eval", "scale", "storage"):
         saved[key] = fresh[key]
-    run_cfg = from_dict(saved)
+    run_cfg = saved_config(run, saved)
     ctx = RunContext(cfg=run_cfg, storage=run, echo=echo)
-    missing = [s for s in STAGE_NAMES[:-1] if not ctx.is_done(s)]
+    done = ctx.check_markers(STAGE_NAMES)  # a corrupt marker fails before Ray starts
+    missing = [s for s in STAGE_NAMES[:-1] if s not in done]
     if missing:
         raise ConfigError(f"run '{cfg.name}' has unfinished stages ({', '.join(missing)}); "
                           f"finish it with jobs/full_pipeline.py --name {cfg.name}")
     for s in STAGE_NAMES[:-1]:
         ctx.timings[s] = float(ctx.marker(s).get("duration_s", 0.0))
-    init_ray(run_cfg)
+    start_ray(run_cfg)
+    gpu = use_gpu(run_cfg)
+    ensure_resources(run_cfg, gpu=gpu, echo=echo)
     t0 = time.perf_counter()
-    out = run_evaluate(ctx, gpu=use_gpu(run_cfg))
+    out = run_evaluate(ctx, gpu=gpu)
     ctx.mark_done("evaluate", duration_s=time.perf_counter() - t0, outputs=out)
-    return ctx.storage.read_json("report/metrics.json")
+    return ctx.storage.read_json("report/metrics.json", expect=dict, hint=_metrics_hint(cfg.name))
+
+
+def _metrics_hint(name: str) -> str:
+    return f"rewrite it with jobs/evaluate.py --name {name}"
 
 
 # --------------------------------------------------------------------------- multi-model runs (Table 5)
@@ -183,7 +224,7 @@ def run_extra_targets(cfg: Config, *, echo: Callable[[str], None] = print) -> di
         echo(f"Table 5: target '{model}' as run '{child_cfg.name}'")
         _share_prepared_data(parent, root.child(child_run_name(cfg.name, model)))
         run_pipeline(child_cfg, echo=lambda line, m=model: echo(f"  [{m}] {line}"))
-    metrics = parent.storage.read_json("report/metrics.json")
+    metrics = parent.storage.read_json("report/metrics.json", expect=dict, hint=_metrics_hint(cfg.name))
     metrics["table5"] = table5_rows(cfg, metrics, root)
     rewrite_report(parent.storage, metrics)
     from raydefense.report.compare import format_rows

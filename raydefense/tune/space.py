@@ -19,6 +19,7 @@ Nothing here starts Ray; only the Tune domain objects are built (``param_space``
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -141,9 +142,13 @@ def parse_knob(item: str, cfg: Config) -> Knob:
         else:
             values = (float(lo), float(hi))
     knob = Knob(name=key, key=key, kind=kind, values=values)
-    # Every value must make a valid config: a wrong key or type is a ConfigError naming the key.
+    # Every value must make a valid config: a wrong key or type is a ConfigError naming the
+    # --space argument and the key.
     for v in values:
-        apply_params(cfg, {knob.name: v}, [knob])
+        try:
+            apply_params(cfg, {knob.name: v}, [knob])
+        except ConfigError as exc:
+            raise ConfigError(f"--space '{item}': value {v!r} does not fit: {exc}") from exc
     return knob
 
 
@@ -196,15 +201,24 @@ def overrides_for(cfg: Config, params: Mapping[str, Any], knobs: Sequence[Knob])
         if knob is None:
             raise ConfigError(f"tune: parameter '{name}' is not in the search space ({', '.join(by_name)})")
         if knob.key == WIDTH_MULT:
-            widths = [max(1, int(round(w * float(value)))) for w in cfg.denoise.widths]
+            mult = _positive_number(value, WIDTH_MULT)
+            widths = [max(1, int(round(w * mult))) for w in cfg.denoise.widths]
             out.append(f"denoise.widths=[{', '.join(map(str, widths))}]")
         elif knob.key == "denoise.lr":
             # ReduceLROnPlateau decays to lr_min, which must stay <= lr (section 5.1: 1e-3 -> 1e-4).
-            out.append(f"denoise.lr={float(value)!r}")
-            out.append(f"denoise.lr_min={min(cfg.denoise.lr_min, float(value))!r}")
+            lr = _positive_number(value, "denoise.lr")
+            out.append(f"denoise.lr={lr!r}")
+            out.append(f"denoise.lr_min={min(cfg.denoise.lr_min, lr)!r}")
         else:
             out.append(f"{knob.key}={_yaml_value(value)}")
     return out
+
+
+def _positive_number(value: Any, key: str) -> float:
+    """``value`` as a finite float > 0; ConfigError naming ``key`` otherwise (e.g. a word)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"config key '{key}': expected a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def _yaml_value(value: Any) -> str:
