@@ -21,15 +21,14 @@ def init_ray(cfg: Config) -> dict[str, Any]:
 
     Returns the cluster's resources. On a small machine the local Ray gets a small object
     store and a couple of logical CPUs beyond the physical ones, so that Ray Data's read
-    tasks still run while a training worker holds the physical cores.
+    tasks still run while a training worker holds the physical cores. Inside a submitted job
+    the job's runtime environment (working_dir, pip, env_vars) is what every worker gets; see
+    ``_driver_runtime_env``.
     """
     import ray
 
     if not ray.is_initialized():
-        env = {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
-        # Test hooks (RAYDEFENSE_*) travel to every worker.
-        env.update({k: v for k, v in os.environ.items() if k.startswith("RAYDEFENSE_")})
-        runtime_env = {"env_vars": env}
+        runtime_env = _driver_runtime_env()
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=cfg.scale.worker_logs)
         elif _running_local_cluster():
@@ -47,6 +46,44 @@ def init_ray(cfg: Config) -> dict[str, Any]:
     ctx.enable_progress_bars = True
     ctx.print_on_execution_start = False
     return ray.cluster_resources()
+
+
+def _driver_runtime_env() -> dict[str, Any] | None:
+    """The ``runtime_env`` this driver passes to ``ray.init``: environment variables for every
+    worker (quiet DeprecationWarnings, and the ``RAYDEFENSE_*`` test hooks of this process).
+
+    Inside a job started by ``ray job submit`` (or a KubeRay RayJob), Ray merges a driver's
+    ``runtime_env`` into the job's own: field by field, env var by env var, and it refuses to
+    connect (``ValueError: Failed to merge the Job's runtime env ...``) when both name the same
+    field or variable (``ray/_private/worker.py`` ``init``, ``ray/runtime_env/runtime_env.py``
+    ``_merge_runtime_env``). So within a job this returns only the variables the job's runtime
+    env does not set (the job's value wins) and never a working_dir or pip: the job's
+    working_dir, pip and env_vars reach the workers unchanged. None when there is nothing to add.
+    """
+    env = {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    # Test hooks (RAYDEFENSE_*) travel to every worker.
+    env.update({k: v for k, v in os.environ.items() if k.startswith("RAYDEFENSE_")})
+    job_env_vars = _submitted_job_env_vars()
+    if job_env_vars is not None:
+        env = {k: v for k, v in env.items() if k not in job_env_vars}
+    return {"env_vars": env} if env else None
+
+
+def _submitted_job_env_vars() -> dict[str, str] | None:
+    """The env_vars of the job's runtime env when this driver runs as a submitted job's
+    entrypoint, else None. Ray's job supervisor hands the job's config to the entrypoint in
+    ``RAY_JOB_CONFIG_JSON_ENV_VAR``; ``ray.init`` reads it the same way (there is no public API
+    for it in Ray 2.60)."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+    from ray.job_config import JobConfig
+
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if raw is None:
+        return None
+    runtime_env = JobConfig.from_json(json.loads(raw)).runtime_env or {}
+    return dict(runtime_env.get("env_vars") or {})
 
 
 def _running_local_cluster() -> bool:
