@@ -29,10 +29,23 @@ def _module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
+def _module_dtype(module: nn.Module) -> torch.dtype | None:
+    """Floating dtype of the first floating parameter (or buffer) of ``module``; ``None`` if none."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
 def _check_budget(value: EpsLike, *, what: str, owner: str) -> float | Tensor:
-    """Validate an L-inf budget: a float in ``[0, 1]`` or a 1-D sequence/tensor of such (one per image)."""
-    if isinstance(value, bool):
+    """Validate an L-inf budget: a number in ``[0, 1]`` (Python, NumPy or a 0-d tensor of any real
+    dtype) or a 1-D sequence/tensor of such (one per image). Returns a float or a float64 tensor."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
         raise ValueError(f"{owner}: {what} must be a float or a 1-D sequence of floats, got {value!r}")
+    if not isinstance(value, (int, float)) and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()  # a 0-d tensor or a NumPy scalar is one budget for every image
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{owner}: {what} must be a real number, got {value!r}")
     if isinstance(value, (int, float)):
         value = float(value)
         if not math.isfinite(value) or value < 0:
@@ -61,6 +74,15 @@ def attack_loss(logits: Tensor, labels: Tensor, *, loss: str = "ce", targeted: b
       are targets, the true class is not known here): ``(z_t - max_{i != t} z_i) /
       (z_pi1 - (z_pi3 + z_pi4) / 2)``, needs K >= 4 (a margin variant of their targeted DLR).
     """
+    if labels.dtype != torch.long:
+        # cross_entropy and gather take int64 indices only; any integer dtype means the same classes.
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"attack loss: labels must be integer class indices, got dtype {labels.dtype}")
+        labels = labels.long()
+    k = logits.shape[1]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"attack loss: labels must be class indices in [0, {k - 1}] for a model with {k} classes, "
+                         f"got min {int(labels.min())}, max {int(labels.max())}")
     if loss == "ce":
         ce = F.cross_entropy(logits, labels, reduction="none")
         return -ce if targeted else ce
@@ -114,18 +136,42 @@ class Attack:
         self._check_inputs(images, labels)
         device = _module_device(self.model)
         device = images.device if device is None else device
+        # The attack computes in the model's dtype (a float32 model given float16 or float64
+        # images computes in float32) and returns the caller's dtype; labels of any integer dtype
+        # become int64, the only index dtype cross_entropy and gather take.
+        work = _module_dtype(self.model) or (images.dtype if images.dtype in (torch.float32, torch.float64)
+                                              else torch.float32)
         modes = [(m, m.training) for m in self.model.modules()]
         with torch.inference_mode(False), torch.enable_grad():
             # clone: a fresh autograd-capable tensor even if the caller made it under inference_mode
-            x = images.to(device).clone()
-            y = labels.to(device).clone()
+            x = images.to(device=device, dtype=work).clone()
+            y = labels.to(device=device, dtype=torch.long).clone()
             self.model.eval()
             try:
                 adv = self.forward(x, y)
             finally:
                 for module, training in modes:
                     module.training = training
-        return adv.detach().clamp(0, 1)
+        adv = adv.detach().clamp(0, 1)
+        if adv.dtype != images.dtype:
+            adv = self._to_caller_dtype(adv, images)
+        return adv
+
+    def _to_caller_dtype(self, adv: Tensor, images: Tensor) -> Tensor:
+        """``adv`` in ``images``' dtype, still inside the eps-ball and ``[0, 1]``, exactly.
+
+        Rounding to a coarser dtype (float16, bfloat16) can step out of the ball by half a unit
+        in the last place; such entries move one representable value towards the clean image.
+        """
+        out = adv.to(images.dtype)
+        ref = images.detach().to(out.device)
+        eps = self.budget(self.eps, ref.double())
+        for _ in range(2):  # one step suffices; the second only guards a change of binade
+            outside = (out.double() - ref.double()).abs() > eps
+            if not bool(outside.any()):
+                break
+            out = torch.where(outside, torch.nextafter(out, ref), out)
+        return out.clamp(0, 1)
 
     def _check_inputs(self, images: Tensor, labels: Tensor) -> None:
         name = type(self).__name__
@@ -143,8 +189,12 @@ class Attack:
             raise ValueError(f"{name}: labels must be a 1-D tensor with one entry per image ({images.shape[0]}), got {shape}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"{name}: labels must be integer class indices, got dtype {labels.dtype}")
-        if isinstance(self.eps, Tensor) and self.eps.shape[0] != images.shape[0]:
-            raise ValueError(f"{name}: per-image eps has {self.eps.shape[0]} values for a batch of {images.shape[0]} images")
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(f"{name}: labels must be class indices >= 0, got min {int(labels.min())}")
+        for what in ("eps", "alpha"):
+            value = getattr(self, what, None)
+            if isinstance(value, Tensor) and value.shape[0] != images.shape[0]:
+                raise ValueError(f"{name}: per-image {what} has {value.shape[0]} values for a batch of {images.shape[0]} images")
 
     # ------------------------------------------------------------------ helpers for subclasses
     def budget(self, value: float | Tensor, images: Tensor) -> Tensor:

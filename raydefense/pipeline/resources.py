@@ -14,7 +14,8 @@ A run makes these requests, one stage at a time (stages never overlap):
   DCN, distillation; and each Tune trial, which adds only a 0.01-CPU trial driver): a
   placement group of ``scale.num_workers`` bundles (the minimum of an elastic
   ``(num_workers, max_workers)`` group) of ``{CPU: scale.cpus_per_worker}`` plus
-  ``{GPU: scale.gpus_per_worker}`` when training on GPU (see ``training.make_trainer``);
+  ``{GPU: scale.gpus_per_worker}`` when training on GPU and ``scale.worker_resources``
+  (see ``training.make_trainer``);
 * each Ray Data actor pool (prepare, attack, GNR augmentation, KT denoising, evaluation,
   whole-model attacks, see ``runtime.actor_map``): ``scale.attack_actors`` actors of
   ``{CPU: scale.cpus_per_actor}`` plus one GPU each on GPU.
@@ -66,6 +67,9 @@ def requests_for(cfg: Config, *, gpu: bool) -> list[Request]:
     worker_keys = {"CPU": "scale.cpus_per_worker"}
     actor: dict[str, float] = {"CPU": float(s.cpus_per_actor)}
     actor_keys = {"CPU": "scale.cpus_per_actor"}
+    for name, amount in s.worker_resources.items():  # custom resources, e.g. a node type's label
+        worker[name] = float(amount)
+        worker_keys[name] = f"scale.worker_resources.{name}"
     if gpu:
         worker["GPU"] = float(s.gpus_per_worker)
         worker_keys["GPU"] = "scale.gpus_per_worker"
