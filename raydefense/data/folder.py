@@ -111,6 +111,12 @@ def _resolve(path: str, filesystem=None):
     if _is_uri(path):
         if filesystem is not None:
             return filesystem, path.split("://", 1)[1].rstrip("/")
+        if path.startswith("s3://"):
+            # The one S3 setup of the project: pyarrow's from_uri ignores AWS_ENDPOINT_URL(_S3).
+            from raydefense.storage import filesystem_for
+
+            fs, inner = filesystem_for(path)
+            return fs, inner.rstrip("/")
         try:
             fs, inner = pafs.FileSystem.from_uri(path)
         except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError

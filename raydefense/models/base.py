@@ -253,6 +253,12 @@ class Classifier(nn.Module):
         state = _unwrap_state_dict(state, source=source)
         state = {k: v for k, v in state.items() if not k.startswith(self.ignore_prefixes)} if self.ignore_prefixes else dict(state)
         own = self.net.state_dict()
+        # What torch's own load_state_dict(strict=True) accepts: BatchNorm's num_batches_tracked
+        # buffer may be absent (checkpoints from before PyTorch 0.4.1 or converted by hand);
+        # torch then keeps the module's current count, and so do we.
+        for key in _optional_buffers(self.net):
+            if key in own and key not in state:
+                state[key] = own[key]
         is_head = lambda k: k.startswith(self.head_prefixes) if self.head_prefixes else False  # noqa: E731
         own_backbone = {k for k in own if not is_head(k)}
         file_backbone = {k for k in state if not is_head(k)}
@@ -281,6 +287,16 @@ class Classifier(nn.Module):
             self.net.load_state_dict({k: state[k] for k in own_backbone}, strict=False)
             self.reset_head()
             logger.info("model '%s': loaded backbone from %s, classification head re-initialised", self.name, source)
+
+
+def _optional_buffers(net: nn.Module) -> set[str]:
+    """State-dict keys that torch's ``load_state_dict(strict=True)`` does not require: the
+    ``num_batches_tracked`` counter of every normalisation layer that tracks running stats."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return {f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+            for name, module in net.named_modules()
+            if isinstance(module, _NormBase) and module.track_running_stats}
 
 
 def _unwrap_state_dict(state: Mapping[str, Any], *, source: str) -> dict[str, Tensor]:
@@ -361,10 +377,10 @@ def _filesystem_for(uri: str, filesystem: Any):
     if filesystem is not None:
         return filesystem, uri.split("://", 1)[1]
     if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:  # pyarrow ignores these variables; pass them on as boto3 would honour them
-            scheme, _, host = endpoint.partition("://")
-            return pafs.S3FileSystem(endpoint_override=host or scheme, scheme=scheme if host else "https"), uri[len("s3://"):]
+        # The one S3 setup of the project (endpoint and region from the AWS variables, timeouts).
+        from raydefense.storage import filesystem_for
+
+        return filesystem_for(uri)
     return pafs.FileSystem.from_uri(uri)
 
 
