@@ -1,0 +1,169 @@
+"""Ray Serve: an exported model behind HTTP on loopback, real requests, good and bad.
+
+One small local Ray (2 CPUs, no dashboard) and one Serve application on a free loopback port
+for the whole module; both are shut down at the end. The model is the export of the cheap
+"finished run" of tests/test_export.py.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raydefense.data import render_identity_images
+from raydefense.export import export_defense
+from raydefense.serve import BadImage, decode_request, load_export
+from tests.test_export import CLASSES, REPO, RUN, SIZE, make_finished_run
+
+MAX_PIXELS = 1_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/octet-stream"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("runs"))
+    run = make_finished_run(root)
+    export_defense(root, RUN, defense="uddn_kt", formats=["torchscript"], echo=lambda _: None)
+    return run.path("export/uddn_kt")
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    import ray
+    from ray import serve
+
+    from raydefense.serve import build_app
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(exported, top_k=3, max_pixels=MAX_PIXELS, max_batch_size=4, batch_wait_timeout_s=0.05),
+              name="raydefense-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}/"
+    serve.shutdown()
+    if started:
+        ray.shutdown()
+
+
+def _expected(exported: str, image: np.ndarray) -> np.ndarray:
+    """The exported model's probabilities for a uint8 (S, S, 3) image (already at the input size)."""
+    model, _ = load_export(exported)
+    x = torch.from_numpy(np.array(image[None])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1)[0].numpy()
+
+
+def _face() -> np.ndarray:
+    return render_identity_images(1, [0], image_size=SIZE, seed=0, difficulty=1.0)[0]
+
+
+def test_served_predictions_equal_the_exported_model_and_bad_images_get_4xx(server, exported):
+    face = _face()
+    t0 = time.perf_counter()
+    status, answer = _post(server, _png(face))
+    latency = time.perf_counter() - t0
+    print(f"served request: {answer} in {1000 * latency:.1f} ms")
+    assert status == 200
+    probs = _expected(exported, face)
+    top = np.argsort(-probs)[:3]
+    assert [p["identity"] for p in answer["predictions"]] == [CLASSES[i] for i in top]
+    assert np.allclose([p["probability"] for p in answer["predictions"]], probs[top], atol=1e-5)
+    assert answer["defense"] == "uddn_kt" and answer["run"] == RUN
+
+    # Bad requests: 4xx with one line each, the server keeps serving.
+    corrupt = _png(face)[: 60]
+    gray = Image.fromarray(face).convert("L")
+    huge = Image.new("L", (2000, 1000), 128)  # 2 MP > the 1 MP limit; a few KB as PNG
+    buf = io.BytesIO()
+    huge.save(buf, format="PNG")
+    for body, code, text in ((b"this is not an image", 400, "cannot decode image"),
+                             (corrupt, 400, "cannot decode image"),
+                             (buf.getvalue(), 413, "2000 x 1000"),
+                             (b"", 400, "empty request body")):
+        status, reply = _post(server, body)
+        assert status == code and text in reply["error"] and "\n" not in reply["error"], (status, reply)
+
+    # Grayscale is converted to RGB as the training loader does (not rejected).
+    gbuf = io.BytesIO()
+    gray.save(gbuf, format="PNG")
+    status, reply = _post(server, gbuf.getvalue())
+    assert status == 200
+    gprobs = _expected(exported, np.asarray(gray.convert("RGB")))
+    assert np.isclose(reply["predictions"][0]["probability"], gprobs.max(), atol=1e-5)
+
+    # Still serving after the bad ones, and the same answer as before.
+    status, again = _post(server, _png(face))
+    assert status == 200 and again["predictions"] == answer["predictions"]
+
+
+def test_concurrent_requests_are_batched_by_serve(server, exported):
+    from concurrent.futures import ThreadPoolExecutor
+
+    faces = [render_identity_images(i, [1], image_size=SIZE, seed=0, difficulty=1.0)[0] for i in range(4)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda f: _post(server, _png(f)), faces * 2))
+    assert all(code == 200 for code, _ in replies)
+    assert max(r["batch_size"] for _, r in replies) > 1  # Serve put several requests in one forward pass
+    for face, (_, reply) in zip(faces * 2, replies):
+        probs = _expected(exported, face)
+        assert reply["predictions"][0]["identity"] == CLASSES[int(np.argmax(probs))]
+
+
+def test_get_returns_the_card(server):
+    with urllib.request.urlopen(server, timeout=30) as resp:
+        card = json.loads(resp.read())
+    assert card["classes"] == CLASSES and "config" not in card and card["input"]["shape"][-1] == SIZE
+
+
+def test_decode_request_rules():
+    """The request rules without a server: crop/resize to the input size, limits from the header."""
+    big = np.zeros((64, 96, 3), dtype=np.uint8)
+    big[:, 16:80] = 200  # the centre square is the bright part
+    out = decode_request(_png(big), image_size=SIZE)
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8 and out.min() >= 190
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="GIF")
+    with pytest.raises(BadImage) as err:
+        decode_request(buf.getvalue(), image_size=SIZE)
+    assert err.value.status == 415
+    with pytest.raises(BadImage) as err:
+        decode_request(_png(big), image_size=SIZE, max_bytes=10)
+    assert err.value.status == 413
+
+
+def test_serve_job_refuses_a_folder_that_is_not_an_export(tmp_path):
+    res = subprocess.run([sys.executable, "jobs/serve.py", "--model", str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert res.returncode == 2 and "not a finished export" in res.stderr and res.stderr.strip().count("\n") == 0
