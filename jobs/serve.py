@@ -4,8 +4,8 @@
 PATH_OR_S3_URI is an export folder (<storage>/<run>/export/<defense>/ from jobs/export.py).
 Then `curl --data-binary @face.png http://127.0.0.1:8000/` answers with the top identities.
 """
+from raydefense.__main__ import serve_main
 from raydefense.cli import run_main
-from raydefense.serve import main
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(serve_main)

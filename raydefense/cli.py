@@ -18,7 +18,7 @@ from raydefense.config import Config, load_config, run_name_problem
 from raydefense.errors import ConfigError, RayDefenseError
 
 # configs/ beside jobs/ in a checkout (also what `ray job submit --working-dir .` ships).
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"  # package data (a link to configs/ in a checkout)
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
