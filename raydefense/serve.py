@@ -35,7 +35,7 @@ import asyncio
 import hashlib
 import io
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from ray import serve
