@@ -161,6 +161,12 @@ def test_decode_request_rules():
     with pytest.raises(BadImage) as err:
         decode_request(_png(big), image_size=SIZE, max_bytes=10)
     assert err.value.status == 413
+    # The default pixel limit, read from the header: a 30 MP bitmap in a ~30 KB file is refused undecoded.
+    buf = io.BytesIO()
+    Image.new("L", (6000, 5000), 0).save(buf, format="PNG")
+    with pytest.raises(BadImage) as err:
+        decode_request(buf.getvalue(), image_size=SIZE)
+    assert err.value.status == 413 and "30000000 pixels" in err.value.reason
 
 
 def test_serve_job_refuses_a_folder_that_is_not_an_export(tmp_path):
