@@ -19,7 +19,9 @@ __all__ = ["SmallCNN", "SmallCNNClassifier", "small_cnn"]
 _HALF = (0.5, 0.5, 0.5)  # inputs normalised to [-1, 1]
 
 
-def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+def _conv_bn_relu(c_in: int, c_out: int, stride: int, batch_norm: bool = True) -> nn.Sequential:
+    if not batch_norm:  # a per-sample network (no cross-sample statistics), e.g. for exact DDP checks
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
@@ -30,12 +32,14 @@ class SmallCNN(nn.Module):
         num_classes: output classes.
         width: channels of the first stage (w).
         dropout: dropout before the linear layer.
+        batch_norm: False drops the BatchNorm layers (convolutions get biases instead).
     """
 
-    def __init__(self, num_classes: int, *, width: int = 32, dropout: float = 0.1) -> None:
+    def __init__(self, num_classes: int, *, width: int = 32, dropout: float = 0.1, batch_norm: bool = True) -> None:
         super().__init__()
+        bn = batch_norm
         self.features = nn.Sequential(
-            _conv_bn_relu(3, width, 1), _conv_bn_relu(width, 2 * width, 2), _conv_bn_relu(2 * width, 4 * width, 2)
+            _conv_bn_relu(3, width, 1, bn), _conv_bn_relu(width, 2 * width, 2, bn), _conv_bn_relu(2 * width, 4 * width, 2, bn)
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * width, num_classes))
@@ -54,9 +58,9 @@ class SmallCNNClassifier(Classifier):
 
     head_prefixes = ("classifier.",)
 
-    def __init__(self, *, num_classes: int, width: int = 32, dropout: float = 0.1) -> None:
+    def __init__(self, *, num_classes: int, width: int = 32, dropout: float = 0.1, batch_norm: bool = True) -> None:
         super().__init__(
-            SmallCNN(num_classes, width=width, dropout=dropout),
+            SmallCNN(num_classes, width=width, dropout=dropout, batch_norm=batch_norm),
             name="small_cnn",
             num_classes=num_classes,
             feature_dim=4 * width,
@@ -76,7 +80,8 @@ class SmallCNNClassifier(Classifier):
 
 @register_model("small_cnn")
 def small_cnn(
-    *, num_classes: int, pretrained: Any = None, filesystem: Any = None, width: int = 32, dropout: float = 0.1
+    *, num_classes: int, pretrained: Any = None, filesystem: Any = None, width: int = 32, dropout: float = 0.1,
+    batch_norm: bool = True,
 ) -> SmallCNNClassifier:
     """Build the small test CNN.
 
@@ -86,9 +91,10 @@ def small_cnn(
         filesystem: ``pyarrow.fs.FileSystem`` for URIs.
         width: first-stage channels; 32 gives about 94 k parameters, 8 about 6 k.
         dropout: dropout before the linear layer.
+        batch_norm: False builds it without BatchNorm (a per-sample network).
     """
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"small_cnn: width must be a positive int, got {width!r}")
-    model = SmallCNNClassifier(num_classes=num_classes, width=width, dropout=dropout)
+    model = SmallCNNClassifier(num_classes=num_classes, width=width, dropout=dropout, batch_norm=batch_norm)
     model.load_pretrained(pretrained, filesystem=filesystem)
     return model

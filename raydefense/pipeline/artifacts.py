@@ -16,7 +16,7 @@ def build_network(spec: dict[str, Any]) -> nn.Module:
     if kind == "classifier":
         from raydefense.models import create_model
 
-        return create_model(spec["arch"], num_classes=int(spec["num_classes"]))
+        return create_model(spec["arch"], num_classes=int(spec["num_classes"]), **spec.get("options", {}))
     if kind == "denoiser":
         from raydefense.denoise import DAE, UDDN
 

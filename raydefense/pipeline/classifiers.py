@@ -26,27 +26,33 @@ from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 LOSSES = ("ce", "kt", "dcn", "temp_ce", "soft")
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and a random shift of up to 1/16 of the side (reflect padding)."""
+def augment(x: torch.Tensor, step: T.Step) -> torch.Tensor:
+    """Random horizontal flip (per image) and a random shift of up to 1/16 of the side (per
+    batch, reflect padding); the draws are the global batch's, so they do not depend on how
+    many workers share it."""
     b, _, h, w = x.shape
-    flip = torch.rand(b, generator=generator) < 0.5
-    x = torch.where(flip.view(b, 1, 1, 1).to(x.device), x.flip(3), x)
+    flip = step.rand(device=x.device) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     pad = max(1, h // 16)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    dx, dy = step.shared_randint(0, 2 * pad + 1, 2)
     return padded[:, :, dy:dy + h, dx:dx + w]
 
 
 @torch.no_grad()
-def accuracy(model, shard, *, batch_size: int, device: torch.device, image_col: str = "image") -> float:
+def accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.device, image_col: str = "image") -> float:
+    """Accuracy over the whole dataset: each worker scores its share, the counts are summed."""
+    model = unwrap(model)
+    was_training = model.training
     model.eval()
     correct = total = 0.0
-    for batch in shard.batches(batch_size=batch_size, device=device, shuffle=False, seed=0):
+    for batch in data.eval_batches(batch_size=batch_size, device=device):
         logits = model(T.to_float_images(batch[image_col]))
         correct += (logits.argmax(1) == batch["label"]).sum().item()
         total += len(batch["label"])
+    model.train(was_training)
     correct, total = T.allreduce_sum([correct, total], device)
-    return correct / max(total, 1.0)
+    return correct / total if total else float("nan")
 
 
 def classifier_loop(config: dict[str, Any]) -> None:
@@ -65,10 +71,10 @@ def classifier_loop(config: dict[str, Any]) -> None:
     T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 17)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 17)  # DCN's random projections
     torch.manual_seed(cfg.seed + rank)
 
-    model = create_model(config["arch"], num_classes=config["num_classes"])
+    model = create_model(config["arch"], num_classes=config["num_classes"], **config.get("arch_options", {}))
     if config.get("init"):
         init = load_artifact(storage, config["init"], frozen=False)
         model.load_state_dict(init.state_dict())
@@ -77,22 +83,22 @@ def classifier_loop(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     opt = T.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
-    start, _ = T.restore({"model": model, "opt": opt, "sched": sched})
+    progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=tc.epochs)
 
-    train_shard = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb)
+    train_data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=config.get("task", "train"))
     # Every dataset named val* is evaluated each epoch and reported as <name>_acc: "val" holds
     # clean images; a Tune trial adds e.g. "val_white" (denoised white-box images).
-    vals = {name: T.EpochData(ray.train.get_dataset_shard(name), cache_mb=cfg.scale.cache_mb)
+    vals = {name: T.EpochData(ray.train.get_dataset_shard(name), cache_mb=cfg.scale.cache_mb, name=name)
             for name in config["val_sets"]}
     temp = float(config.get("T", 1.0))
     metrics: dict[str, float] = {}
-    for epoch in range(start, tc.epochs):
+    for epoch in progress.epoch_range():
         model.train()
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
-        for batch in train_shard.batches(batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch):
-            x = augment(T.to_float_images(batch["image"]), gen)
-            y = batch["label"]
+        for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + epoch):
+            x = augment(T.to_float_images(step["image"]), step)
+            y = step["label"]
             with T.autocast(cfg, device):
                 logits = model(x)
                 if loss_kind == "ce":
@@ -112,25 +118,25 @@ def classifier_loop(config: dict[str, Any]) -> None:
                 else:
                     raise ValueError(f"unknown classifier loss '{loss_kind}' (known: {', '.join(LOSSES)})")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * step.loss_weight).backward()
             opt.step()
             loss_sum += loss.item() * len(y)
             seen += len(y)
         sched.step()
         loss_sum, seen = T.allreduce_sum([loss_sum, seen], device)
         metrics = {"train_loss": loss_sum / max(seen, 1.0)}
-        for name, shard in vals.items():
-            metrics[f"{name}_acc"] = accuracy(model, shard, batch_size=tc.batch_size * 2, device=device)
+        for name, data in vals.items():
+            metrics[f"{name}_acc"] = accuracy(model, data, batch_size=tc.batch_size * 2, device=device)
         metrics["epoch_s"] = timer.lap()
-        T.report_epoch(epoch, metrics, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"],
-                       final=epoch == tc.epochs - 1)
+        progress.report(epoch, metrics)
 
+    if not metrics:  # resumed after the last epoch: measure once more (every worker takes part)
+        metrics = {f"{n}_acc": accuracy(model, d, batch_size=tc.batch_size * 2, device=device) for n, d in vals.items()}
     if rank == 0:
-        if not metrics:  # resumed after the last epoch: measure once more
-            metrics = {f"{n}_acc": accuracy(model, s, batch_size=tc.batch_size * 2, device=device) for n, s in vals.items()}
-        spec = {"kind": "classifier", "arch": config["arch"], "num_classes": config["num_classes"]}
+        spec = {"kind": "classifier", "arch": config["arch"], "num_classes": config["num_classes"],
+                **({"options": config["arch_options"]} if config.get("arch_options") else {})}
         # start_epoch > 0 records that this training resumed from a checkpoint.
-        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics={**metrics, "start_epoch": start})
+        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
 
 
 def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: TrainConfig,
@@ -155,7 +161,8 @@ def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: Trai
         "storage": ctx.storage, "artifact": task, "val_sets": ["val", *(extra_val or {})], **extra,
     }
     ctx.echo(f"  {task}: training {arch} ({loss}) for {train.epochs} epochs on Ray Train")
-    metrics = T.fit(ctx, task, classifier_loop, loop_config, {"train": train_ds, "val": val_ds, **(extra_val or {})}, gpu=gpu)
+    metrics = T.fit(ctx, task, classifier_loop, loop_config, {"train": train_ds, "val": val_ds, **(extra_val or {})}, gpu=gpu,
+                    epochs=train.epochs)
     if "val_acc" in metrics:
         ctx.echo(f"  {task}: val accuracy {metrics['val_acc']:.3f}")
     return metrics

@@ -17,7 +17,7 @@ import torch
 
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
-from raydefense.pipeline.artifacts import load_artifact, save_artifact
+from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 
 DENOISERS = {
     # task: (architecture, loss)
@@ -28,17 +28,23 @@ DENOISERS = {
 
 
 @torch.no_grad()
-def denoised_accuracy(denoiser, classifier, shard, *, batch_size: int, device) -> tuple[float, float]:
-    """Classifier accuracy on denoised adversarial and denoised clean validation images."""
+def denoised_accuracy(denoiser, classifier, data: T.EpochData, *, batch_size: int, device) -> tuple[float, float]:
+    """Classifier accuracy on denoised adversarial and denoised clean validation images, over
+    the whole validation set (each worker scores its share; the counts are summed)."""
+    denoiser = unwrap(denoiser)
+    was_training = denoiser.training
     denoiser.eval()
     adv_ok = clean_ok = total = 0.0
-    for batch in shard.batches(batch_size=batch_size, device=device, shuffle=False, seed=0):
+    for batch in data.eval_batches(batch_size=batch_size, device=device):
         y = batch["label"]
         adv_ok += (classifier(denoiser(T.to_float_images(batch["adv"]))).argmax(1) == y).sum().item()
         clean_ok += (classifier(denoiser(T.to_float_images(batch["clean"]))).argmax(1) == y).sum().item()
         total += len(y)
+    denoiser.train(was_training)
     adv_ok, clean_ok, total = T.allreduce_sum([adv_ok, clean_ok, total], device)
-    return adv_ok / max(total, 1), clean_ok / max(total, 1)
+    if not total:
+        return float("nan"), float("nan")
+    return adv_ok / total, clean_ok / total
 
 
 def denoiser_loop(config: dict[str, Any]) -> None:
@@ -55,7 +61,6 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     device = T.worker_device()
     rank, _ = T.world()
     torch.manual_seed(cfg.seed + 202 + rank)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 303 + rank)
     storage = config["storage"]
     target = load_artifact(storage, config.get("classifier", "target"), device)
     spec = {"kind": "denoiser", "arch": config["arch"], "widths": list(d.widths)}
@@ -63,26 +68,26 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=d.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=d.plateau_patience,
                                                        min_lr=d.lr_min, threshold=1e-3)
-    start, _ = T.restore({"model": model, "opt": opt, "sched": sched})
-    shard = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb)
-    val = T.EpochData(ray.train.get_dataset_shard("val"), cache_mb=cfg.scale.cache_mb)
+    progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=d.epochs)
+    data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=config.get("artifact") or "train")
+    val = T.EpochData(ray.train.get_dataset_shard("val"), cache_mb=cfg.scale.cache_mb, name="val")
     loss_kind = config["loss"]
     metrics: dict[str, float] = {}
-    for epoch in range(start, d.epochs):
+    for epoch in progress.epoch_range():
         model.train()
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
-        for batch in shard.batches(batch_size=d.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch):
-            x = T.to_float_images(batch["clean"])
-            x_adv = T.to_float_images(batch["adv"])
+        for step in data.steps(batch_size=d.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + 7 + epoch):
+            x = T.to_float_images(step["clean"])
+            x_adv = T.to_float_images(step["adv"])
             if d.include_clean:
                 # A fifth of the inputs are clean images, so the denoiser learns to leave them alone.
-                keep_clean = (torch.rand(len(x), generator=gen) < 0.2).to(device).view(-1, 1, 1, 1)
+                keep_clean = (step.rand(device=device) < 0.2).view(-1, 1, 1, 1)
                 x_adv = torch.where(keep_clean, x, x_adv)
             with T.autocast(cfg, device):
                 loss = guided_loss(loss_kind, target, model(x_adv), x)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * step.loss_weight).backward()
             opt.step()
             loss_sum += loss.item() * len(x)
             seen += len(x)
@@ -92,10 +97,10 @@ def denoiser_loop(config: dict[str, Any]) -> None:
         white, clean = denoised_accuracy(model, target, val, batch_size=d.batch_size * 2, device=device)
         metrics = {"train_loss": train_loss, "val_white_acc": white, "val_clean_acc": clean,
                    "lr": opt.param_groups[0]["lr"], "epoch_s": timer.lap()}
-        T.report_epoch(epoch, metrics, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"],
-                       final=epoch == d.epochs - 1)
+        progress.report(epoch, metrics)
     if rank == 0 and config.get("artifact"):
-        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics=metrics)
+        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"],
+                      metrics={**metrics, **progress.summary()})
 
 
 def training_pairs(ctx):
@@ -119,7 +124,7 @@ def train_denoiser(ctx, task: str, *, gpu: bool) -> dict[str, Any]:
     loop_config = {"cfg": ctx.cfg.to_dict(), "storage": ctx.storage, "arch": arch, "loss": loss, "artifact": task}
     ctx.echo(f"  {task}: training {arch.upper()} with the {loss}-guided loss for {ctx.cfg.denoise.epochs} epochs on Ray Train")
     datasets = {"train": training_pairs(ctx), "val": read_adv(ctx, "val_white", ["clean", "adv", "label"])}
-    metrics = T.fit(ctx, task, denoiser_loop, loop_config, datasets, gpu=gpu)
+    metrics = T.fit(ctx, task, denoiser_loop, loop_config, datasets, gpu=gpu, epochs=ctx.cfg.denoise.epochs)
     if metrics:
         ctx.echo(f"  {task}: target accuracy on denoised validation images: adversarial {metrics['val_white_acc']:.3f}, "
                  f"clean {metrics['val_clean_acc']:.3f}")

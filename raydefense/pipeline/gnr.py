@@ -49,36 +49,37 @@ def gnr_loop(config: dict[str, Any]) -> None:
     opt_g = torch.optim.Adam(gen.parameters(), lr=g.lr, betas=(0.0, 0.9))
     opt_c = torch.optim.Adam(critic.parameters(), lr=g.lr, betas=(0.0, 0.9))
     objects = {"gen": gen, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
-    start, _ = T.restore(objects)
-    shard = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb)
+    progress = T.Progress(cfg, objects, config=config["cfg"], epochs=g.epochs)
+    data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name="gnr")
     metrics: dict[str, float] = {}
-    for epoch in range(start, g.epochs):
+    for epoch in progress.epoch_range():
         gen.train(); critic.train()
         timer = T.EpochTimer()
         w_sum = gp_sum = g_sum = steps = g_steps = 0.0
-        for i, batch in enumerate(shard.batches(batch_size=g.batch_size, device=device, shuffle=True, seed=cfg.seed + epoch)):
-            real = T.to_float_images(batch["adv"]) - T.to_float_images(batch["clean"])
-            z = torch.randn(len(real), g.z_dim, device=device)
+        for i, step in enumerate(data.steps(batch_size=g.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + 11 + epoch)):
+            real = T.to_float_images(step["adv"]) - T.to_float_images(step["clean"])
+            z = step.randn(g.z_dim, device=device)
             with torch.no_grad():
                 fake = gen(z)
             loss_c, stats = critic_loss(critic, real, fake, gp_weight=g.gp_weight)
             opt_c.zero_grad(set_to_none=True)
-            loss_c.backward()
+            (loss_c * step.loss_weight).backward()
             opt_c.step()
             w_sum += float(stats["wasserstein"]); gp_sum += float(stats["gradient_penalty"]); steps += 1
             if (i + 1) % g.n_critic == 0:
-                z = torch.randn(len(real), g.z_dim, device=device)
+                z = step.randn(g.z_dim, device=device)
                 loss_g = generator_loss(critic, gen(z))
                 opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
+                (loss_g * step.loss_weight).backward()
                 opt_g.step()
                 g_sum += loss_g.item(); g_steps += 1
         w_sum, gp_sum, g_sum, steps, g_steps = T.allreduce_sum([w_sum, gp_sum, g_sum, steps, g_steps], device)
         metrics = {"wasserstein": w_sum / max(steps, 1), "gp": gp_sum / max(steps, 1),
                    "g_loss": g_sum / max(g_steps, 1), "epoch_s": timer.lap()}
-        T.report_epoch(epoch, metrics, objects, config=config["cfg"], final=epoch == g.epochs - 1)
+        progress.report(epoch, metrics)
     if rank == 0:
-        save_artifact(config["storage"], "gnr_generator", gen, spec, config=config["cfg"], metrics=metrics)
+        save_artifact(config["storage"], "gnr_generator", gen, spec, config=config["cfg"],
+                      metrics={**metrics, **progress.summary()})
 
 
 class AugmentActor:
@@ -122,7 +123,8 @@ def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
     if not ctx.storage.exists("models/gnr_generator.pt"):
         ctx.echo(f"  gnr: training the WGAN-GP for {cfg.gnr.epochs} epochs on Ray Train")
         loop_config = {"cfg": cfg.to_dict(), "storage": ctx.storage}
-        metrics = T.fit(ctx, "gnr", gnr_loop, loop_config, {"train": read_adv(ctx, "train", ["clean", "adv"])}, gpu=gpu)
+        metrics = T.fit(ctx, "gnr", gnr_loop, loop_config, {"train": read_adv(ctx, "train", ["clean", "adv"])}, gpu=gpu,
+                        epochs=cfg.gnr.epochs)
         if metrics:
             ctx.echo(f"  gnr: Wasserstein estimate {metrics.get('wasserstein', float('nan')):.4f}, GP {metrics.get('gp', float('nan')):.4f}")
     n_real = count_rows(ctx, adv_rel("train"))

@@ -10,9 +10,13 @@ storage path and name makes Ray Train hand the latest checkpoint back through
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -23,52 +27,227 @@ from raydefense.pipeline.runtime import user_errors
 
 
 def scaling_config(cfg: Config, *, gpu: bool):
-    """Workers per training stage; elastic ``(min, max)`` when ``scale.max_workers`` is set."""
+    """Workers per training stage; elastic ``(min, max)`` when ``scale.max_workers`` is set.
+
+    Elastic training only acts together with ``FailureConfig(max_failures)`` (Ray's
+    elastic-training guide): a lost worker fails the group, which restarts with as many
+    workers as fit; every ``scale.resize_interval_s`` Ray Train looks for room to grow.
+    """
     import ray.train
 
     s = cfg.scale
-    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker, **s.worker_resources}
     if gpu:
         resources["GPU"] = s.gpus_per_worker
     workers: Any = (s.num_workers, s.max_workers) if s.max_workers > s.num_workers else s.num_workers
-    return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources)
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
+                                   elastic_resize_monitor_interval_s=s.resize_interval_s)
 
 
 def make_trainer(cfg: Config, storage, name: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
                  datasets: dict[str, Any], *, gpu: bool, callbacks: Sequence[Any] = ()):
-    """The TorchTrainer of one training task: ``datasets['train']`` split over the workers, the
-    others whole on each; checkpoints under ``<storage>/train/<name>`` (same place, same name:
-    Ray Train resumes from the latest one)."""
+    """The TorchTrainer of one training task; checkpoints under ``<storage>/train/<name>``
+    (same place, same name: Ray Train resumes from the latest one).
+
+    Every worker gets every dataset whole and takes its part itself (:class:`EpochData`):
+    Ray Data's ``streaming_split(equal=True)``, what ``DataConfig`` uses, drops the rows that
+    do not divide evenly, and its shards are fixed for the whole run; here each epoch is one
+    seeded permutation of all rows shared by every worker, split into global batches, as
+    PyTorch's ``DistributedSampler`` does but without padding with repeated rows.
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     for ds in datasets.values():
         # Training reads are short and repeated per worker: their progress bars are noise.
         ds.context.enable_progress_bars = False
+        # Every worker must see a streamed dataset in the same order (EpochData).
+        ds.context.execution_options.preserve_order = True
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         scaling_config=scaling_config(cfg, gpu=gpu),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage.path("train"),
             storage_filesystem=storage.fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
             callbacks=list(callbacks),
         ),
     )
 
 
 def fit(ctx, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
-        datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
-    """Run one training task on Ray Train; returns the last reported metrics."""
-    trainer = make_trainer(ctx.cfg, ctx.storage, task, loop, loop_config, datasets, gpu=gpu)
-    with user_errors():
-        result = trainer.fit()
-    return dict(result.metrics or {})
+        datasets: dict[str, Any], *, gpu: bool, epochs: Optional[int] = None) -> dict[str, Any]:
+    """Run one training task on Ray Train; returns the last reported metrics.
+
+    While it runs, the driver prints one line per epoch (task, epoch/total, losses, validation
+    metrics, seconds) and writes the same scalars as TensorBoard events to
+    ``<run>/tensorboard/<task>/`` (see :class:`EpochLog`).
+
+    ``trainer.fit()`` runs in a helper thread: on the main thread Ray Train installs a SIGINT
+    handler of its own that it never removes (one Ctrl-C "gracefully aborts" the fit and the
+    next stage goes on; three exit 0). From a thread it installs none, so Ctrl-C raises
+    KeyboardInterrupt here at once, the driver exits, and Ray ends the job's actors.
+
+    Raises:
+        TrainingError: the worker group failed more than ``scale.max_failures`` times (the
+            checkpoints stay: a rerun with the same --name resumes from the latest one).
+        RayDefenseError: a user error raised inside a worker, as itself.
+    """
+    with EpochLog(ctx, task, epochs=epochs) as log:
+        trainer = make_trainer(ctx.cfg, ctx.storage, task, loop, loop_config, datasets, gpu=gpu,
+                               callbacks=[log.callback()])
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["result"] = trainer.fit()
+            except BaseException as exc:  # handed to the main thread below, unchanged
+                box["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"fit-{task}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            log.poll()
+        log.poll()
+    if "error" in box:
+        with user_errors():
+            _raise_training_error(ctx, task, box["error"])
+    return dict(box["result"].metrics or {})
+
+
+def _epoch_records_callback(path: str):
+    """A Ray Train callback that appends each epoch's rank-0 metrics to a local JSONL file.
+
+    Callbacks run in the TrainController actor, which Ray Train places on the driver's node
+    (``label_selector`` = the driver's node id), so a local file reaches the driver on any
+    cluster; under ``ray job submit`` the driver's stdout is the job's log.
+    """
+    from ray.train import UserCallback
+
+    class EpochRecords(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics:
+                with open(path, "a") as f:
+                    f.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
+
+    return EpochRecords()
+
+
+class EpochLog:
+    """Follows one fit from the driver: a console line per epoch and TensorBoard scalars.
+
+    Event files are written with tensorboardX (installed with ``ray[tune]``) into a local
+    folder and copied to ``<run>/tensorboard/<task>/`` on the run's storage (local or S3) when
+    the fit ends, also when it fails. Tags: ``<task>/<metric>`` per epoch (train_loss,
+    val_acc, val_white_acc, wasserstein, epoch_s, ...); the step is the epoch.
+    """
+
+    _ORDER = ("train_loss", "wasserstein", "gp", "g_loss")
+
+    def __init__(self, ctx, task: str, *, epochs: Optional[int]):
+        self.ctx, self.task, self.epochs = ctx, task, epochs
+        self.dir = tempfile.mkdtemp(prefix=f"raydefense-{task}-")
+        self.path = os.path.join(self.dir, "epochs.jsonl")
+        self.offset = 0
+        self.writer = None
+
+    def __enter__(self) -> "EpochLog":
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(logdir=os.path.join(self.dir, "tb"), flush_secs=5)
+        except ImportError:  # tensorboardX comes with ray[tune]; without it, console lines only
+            self.writer = None
+        return self
+
+    def callback(self):
+        return _epoch_records_callback(self.path)
+
+    def poll(self) -> None:
+        """Print and log the epochs reported since the last poll."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            text = f.read()
+        complete, _, _ = text.rpartition("\n")
+        if not complete:
+            return
+        self.offset += len(complete) + 1
+        for line in complete.splitlines():
+            record = json.loads(line)
+            self.ctx.echo(self.format(record))
+            if self.writer is not None:
+                step = int(record.get("epoch", 0))
+                for key, value in record.items():
+                    if key not in ("epoch", "param_digest"):
+                        self.writer.add_scalar(f"{self.task}/{key}", value, step)
+
+    def format(self, record: dict[str, float]) -> str:
+        epoch = int(record.get("epoch", 0)) + 1
+        total = f"/{self.epochs}" if self.epochs else ""
+        keys = [k for k in self._ORDER if k in record]
+        keys += sorted(k for k in record if k.endswith("_acc"))
+        parts = [f"{k} {record[k]:.4f}" for k in keys]
+        return f"  {self.task}: epoch {epoch}{total}  " + "  ".join(parts) + f"  ({record.get('epoch_s', 0.0):.1f} s)"
+
+    def __exit__(self, *exc: Any) -> None:
+        import shutil
+
+        try:
+            if self.writer is not None:
+                self.writer.close()
+                tb = os.path.join(self.dir, "tb")
+                for name in sorted(os.listdir(tb)) if os.path.isdir(tb) else []:
+                    with open(os.path.join(tb, name), "rb") as f:
+                        self.ctx.storage.write_bytes(f"tensorboard/{self.task}/{name}", f.read())
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _raise_training_error(ctx, task: str, exc: BaseException) -> None:
+    """Re-raise a fit's failure: user errors as themselves (via ``user_errors``), a failed
+    worker group as one TrainingError line, anything else unchanged."""
+    from raydefense.errors import RayDefenseError, TrainingError
+    from raydefense.pipeline.runtime import find_user_error
+
+    if isinstance(exc, RayDefenseError) or find_user_error(exc) is not None:
+        raise exc
+    try:
+        from ray.train import TrainingFailedError
+    except ImportError:  # pragma: no cover
+        TrainingFailedError = ()  # type: ignore[assignment]
+    if isinstance(exc, TrainingFailedError):
+        retries = ctx.cfg.scale.max_failures
+        raise TrainingError(
+            f"training '{task}' failed after {retries} automatic restart{'s' if retries != 1 else ''} "
+            f"(scale.max_failures): {_root_cause(exc)}; run again with the same --name to resume from "
+            f"its last checkpoint") from exc
+    raise exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """One line for the innermost cause Ray recorded (a worker's error, a lost actor...)."""
+    seen: set[int] = set()
+    cur: Optional[BaseException] = exc
+    last = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        last = cur
+        failures = getattr(cur, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            cur = next(iter(failures.values()))
+            continue
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    text = str(last).strip().splitlines()
+    head = next((t.strip() for t in text if t.strip()), "")
+    return f"{type(last).__name__}: {head}"[:300] if head else type(last).__name__
 
 
 # ----------------------------------------------------------------------------- in-loop helpers
@@ -81,10 +260,14 @@ def worker_device() -> torch.device:
 
 
 def world() -> tuple[int, int]:
+    """(rank, world size) of this Ray Train worker; (0, 1) outside a training."""
     import ray.train
 
-    c = ray.train.get_context()
-    return c.get_world_rank(), c.get_world_size()
+    try:
+        c = ray.train.get_context()
+        return c.get_world_rank(), c.get_world_size()
+    except (RuntimeError, AttributeError, ValueError):  # not inside a Ray Train worker
+        return 0, 1
 
 
 def setup_worker(cfg: Config) -> None:
@@ -131,31 +314,70 @@ def restore(objects: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     return int(blob["epoch"]) + 1, blob.get("extra", {})
 
 
-_LAST_CHECKPOINT: dict[str, float] = {}
+class Progress:
+    """One training task's epochs on one worker: resumption from the latest checkpoint, the
+    per-epoch history, and when to checkpoint.
 
+    ``objects`` (name -> module/optimizer/scheduler) are loaded from the latest Ray Train
+    checkpoint when there is one (an automatic restart after a lost worker, or a rerun).
+    Rank 0 attaches a checkpoint to an epoch's report at the first epoch this process runs,
+    at the last epoch, and otherwise when ``scale.checkpoint_interval_s`` seconds or
+    ``scale.checkpoint_every_epochs`` epochs have passed since the last one: a lost worker
+    costs at most one such interval of work.
 
-def report_epoch(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *,
-                 config: dict[str, Any], final: bool = True, extra: Optional[dict[str, Any]] = None) -> None:
-    """Report an epoch's metrics (every worker must call this); rank 0 attaches a checkpoint at
-    the first epoch this process runs, at the ``final`` one, and otherwise at most every
-    ``scale.checkpoint_interval_s`` seconds.
-
-    Fault injection for tests: ``RAYDEFENSE_CRASH_AFTER=<task>:<epoch>`` makes the task fail
-    right after that epoch's checkpoint, as a preempted node would.
+    The history (one entry per finished epoch: ``epoch``, ``attempt``, ``workers``, the
+    metrics) travels inside the checkpoints, so epochs that ran after the last checkpoint and
+    are redone after a restart appear once; ``attempt`` counts the starts of this task from a
+    checkpoint (1 = never restarted).
     """
-    import ray.train
 
-    rank, _ = world()
-    now = time.monotonic()
-    interval = float(config.get("scale", {}).get("checkpoint_interval_s", 0.0))
-    last = _LAST_CHECKPOINT.get("t")
-    due = final or last is None or now - last >= interval
-    if due and rank == 0:
-        _LAST_CHECKPOINT["t"] = now
-    _report(epoch, metrics, objects, config=config, extra=extra, rank=rank if due else -1)
-    crash = os.environ.get("RAYDEFENSE_CRASH_AFTER", "")
-    if crash and crash == f"{ray.train.get_context().get_experiment_name()}:{epoch}":
-        raise RuntimeError(f"injected failure after epoch {epoch} (RAYDEFENSE_CRASH_AFTER={crash})")
+    def __init__(self, cfg: Config, objects: dict[str, Any], *, config: dict[str, Any], epochs: int):
+        self.objects, self.config, self.epochs = objects, config, epochs
+        self.interval_s = cfg.scale.checkpoint_interval_s
+        self.every_epochs = cfg.scale.checkpoint_every_epochs
+        self.start, extra = restore(objects)
+        self.history: list[dict[str, Any]] = list(extra.get("history", []))
+        self.attempt = 1 + max((int(h.get("attempt", 1)) for h in self.history), default=0) if self.start else 1
+        self._last_time: Optional[float] = None
+        self._last_epoch = self.start - 1
+
+    def epoch_range(self) -> range:
+        return range(self.start, self.epochs)
+
+    @property
+    def restarts(self) -> int:
+        return self.attempt - 1
+
+    def report(self, epoch: int, metrics: dict[str, float], *, extra: Optional[dict[str, Any]] = None) -> None:
+        """Report an epoch's metrics; every worker must call this once per epoch."""
+        rank, workers = world()
+        now = time.monotonic()
+        due = (epoch == self.epochs - 1 or self._last_time is None or now - self._last_time >= self.interval_s
+               or (self.every_epochs > 0 and epoch - self._last_epoch >= self.every_epochs))
+        self.history.append({"epoch": epoch, "attempt": self.attempt, "workers": workers,
+                             **{k: float(v) for k, v in metrics.items()}})
+        if due:
+            self._last_time, self._last_epoch = now, epoch
+        # A digest of the parameters, for checking that data-parallel workers stay identical.
+        metrics = {**metrics, "param_digest": param_digest(self.objects)}
+        _report(epoch, metrics, self.objects, config=self.config,
+                extra={**(extra or {}), "history": self.history}, rank=rank if due else -1)
+
+    def summary(self) -> dict[str, Any]:
+        """What a model artifact records about its training."""
+        return {"start_epoch": self.start, "restarts": self.restarts, "history": self.history}
+
+
+def param_digest(objects: dict[str, Any]) -> float:
+    """sum(p) + sum(p^2) over the parameters of every module in ``objects``: equal on all
+    workers exactly when DDP kept them in step (the same ops in the same order)."""
+    total = 0.0
+    for obj in objects.values():
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                d = p.detach().double()
+                total += float(d.sum()) + float((d * d).sum())
+    return total
 
 
 def _report(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *, config: dict[str, Any],
@@ -175,52 +397,201 @@ def _report(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *, c
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-class EpochData:
-    """Torch batches from a Ray Data shard, epoch after epoch.
+# ----------------------------------------------------------------------------- data on the workers
 
-    Every pass over a Ray Data iterator starts a streaming execution (seconds of overhead),
-    which dominates small trainings. A shard whose tensors fit in ``cache_mb`` is therefore
-    streamed once and kept in this worker's memory (uint8 images are compact: 10k images of
-    80x80 take 190 MB), and later epochs shuffle it with a seeded permutation. Larger shards
-    stream every epoch with a local shuffle buffer.
+
+@dataclass
+class Step:
+    """One optimizer step on one worker: this worker's rows of a global batch.
+
+    Every worker walks the same global batches (``global_size`` rows, split over
+    ``world_size`` workers by position: worker r takes positions r, r + W, ...). Random
+    draws that belong to rows (flips, which inputs stay clean, generator noise) are made for
+    the whole global batch from a generator seeded by (seed, step) that is the same on every
+    worker, then sliced: W workers with batch B / W see the same randomness as one with B.
     """
 
-    def __init__(self, shard, *, cache_mb: float = 2048.0):
-        self.shard = shard
+    data: dict[str, torch.Tensor]
+    rows: torch.Tensor  # positions of this worker's rows in the global batch, (b,) int64
+    global_size: int
+    world_size: int
+    seed: int
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.data[key]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def loss_weight(self) -> float:
+        """Multiply this worker's mean loss by this: DDP's average of the workers' gradients is
+        then the gradient of the global batch's mean loss, also when the workers' row counts
+        differ by one (b * W / G)."""
+        return len(self.rows) * self.world_size / self.global_size
+
+    @functools.cached_property
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def rand(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """U[0, 1) draws of shape ``(b, *shape)`` for this worker's rows."""
+        return torch.rand((self.global_size, *shape), generator=self.generator)[self.rows].to(device)
+
+    def randn(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """N(0, 1) draws of shape ``(b, *shape)`` for this worker's rows."""
+        return torch.randn((self.global_size, *shape), generator=self.generator)[self.rows].to(device)
+
+    def shared_randint(self, low: int, high: int, n: int) -> list[int]:
+        """``n`` integers in [low, high), the same on every worker (per-batch choices)."""
+        return torch.randint(low, high, (n,), generator=self.generator).tolist()
+
+
+def global_batches(n: int, global_batch: int, world_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` bounds of the global batches over ``n`` rows.
+
+    A last batch too small to give every worker two rows (batch norm in train mode fails on
+    one; a worker with none would stall DDP) is merged into the one before it, so each epoch
+    sees every row exactly once.
+    """
+    bounds = [(i, min(i + global_batch, n)) for i in range(0, n, global_batch)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2 * world_size:
+        last = bounds.pop()
+        bounds[-1] = (bounds[-1][0], last[1])
+    return bounds
+
+
+def _row_keys(cols: dict[str, torch.Tensor], chunk: int = 512) -> torch.Tensor:
+    """A 64-bit content hash per row over every column: sorting by it gives one order of the
+    rows whatever order Ray Data's blocks arrived in (identical rows share a key, and their
+    order does not matter)."""
+    n = len(next(iter(cols.values())))
+    keys = torch.zeros(n, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0x5EED)
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    for name in sorted(cols):
+        v = cols[name].reshape(n, -1).contiguous()
+        if v.is_floating_point():
+            v = v.view(as_int[v.element_size()])
+        w = torch.randint(1, 2**31 - 1, (v.shape[1],), generator=gen, dtype=torch.int64)
+        col = torch.cat([(v[i:i + chunk].to(torch.int64) * w).sum(1) for i in range(0, n, chunk)]) if n else keys
+        keys = keys * 1_000_003 + col  # int64 arithmetic wraps: a hash, not a number
+    return keys
+
+
+class EpochData:
+    """A whole dataset on every training worker, cut into global batches each epoch.
+
+    Every pass over a Ray Data iterator starts a streaming execution (seconds of overhead),
+    which dominates small trainings. A dataset whose tensors fit in ``cache_mb`` is therefore
+    streamed once, kept in this worker's memory (10k uint8 images of 80x80 take 190 MB) and
+    sorted by content, so every worker holds the same rows in the same order; each epoch
+    permutes them with a seed shared by all workers, cuts global batches of
+    ``batch_size * world_size`` rows and gives each worker its part (:class:`Step`). Each
+    row is seen exactly once per epoch across the workers; no row is dropped or repeated.
+
+    A larger dataset streams every epoch on every worker in the same order (``make_trainer``
+    sets ``preserve_order``) with the same seeded local shuffle, and each worker keeps its
+    positions of each global batch: the same guarantees at W times the reading.
+
+    Raises:
+        DataError: a training set with fewer than ``2 * world_size`` rows.
+    """
+
+    def __init__(self, dataset, *, cache_mb: float = 2048.0, name: str = "train",
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        self.dataset = dataset
+        self.name = name
         self.cache_bytes = cache_mb * 1024 * 1024
         self.cache: Optional[dict[str, torch.Tensor]] = None
         self.streaming = cache_mb <= 0
+        here = world() if rank is None or world_size is None else (rank, world_size)
+        self.rank, self.world_size = here
 
     def _fill(self) -> None:
+        if self.cache is not None or self.streaming:
+            return
         cols: dict[str, list[torch.Tensor]] = {}
         size = 0
-        for batch in self.shard.iter_torch_batches(batch_size=512, drop_last=False):
+        for batch in self.dataset.iter_torch_batches(batch_size=512, drop_last=False):
             for k, v in batch.items():
                 cols.setdefault(k, []).append(v)
                 size += v.element_size() * v.nelement()
             if size > self.cache_bytes:
                 self.streaming = True
                 return
-        self.cache = {k: torch.cat(v) for k, v in cols.items()} if cols else {}
+        cache = {k: torch.cat(v) for k, v in cols.items()}
+        if cache:
+            order = torch.sort(_row_keys(cache), stable=True).indices
+            cache = {k: v[order] for k, v in cache.items()}
+        self.cache = cache
 
     def __len__(self) -> int:
+        self._fill()
+        if self.streaming:
+            return self.dataset.count() if hasattr(self.dataset, "count") else 0
         return 0 if not self.cache else len(next(iter(self.cache.values())))
 
-    def batches(self, *, batch_size: int, device: torch.device, shuffle: bool, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        if self.cache is None and not self.streaming:
-            self._fill()
+    def steps(self, *, batch_size: int, device: torch.device, shuffle: bool, seed: int) -> Iterator[Step]:
+        """This worker's part of each global batch of one epoch; ``batch_size`` is per worker."""
+        from raydefense.errors import DataError
+
+        self._fill()
+        g, w = batch_size * self.world_size, self.world_size
         if self.streaming:
-            kwargs: dict[str, Any] = {"batch_size": batch_size, "device": device, "drop_last": False}
-            if shuffle:
-                kwargs["local_shuffle_buffer_size"] = max(4 * batch_size, 256)
-                kwargs["local_shuffle_seed"] = seed
-            yield from self.shard.iter_torch_batches(**kwargs)
+            yield from self._streaming_steps(g, device=device, shuffle=shuffle, seed=seed)
             return
         n = len(self)
+        if n < 2 * w:
+            raise DataError(f"training set '{self.name}' has {n} rows: {w} training worker(s) need at least "
+                            f"{2 * w} (two per worker per step); lower scale.num_workers or add data")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            yield {k: v[idx].to(device, non_blocking=True) for k, v in self.cache.items()}
+        for i, (a, b) in enumerate(global_batches(n, g, w)):
+            rows = torch.arange(self.rank, b - a, w)
+            idx = order[a:b][rows]
+            yield Step({k: v[idx].to(device, non_blocking=True) for k, v in self.cache.items()}, rows=rows,
+                       global_size=b - a, world_size=w, seed=seed * 100_003 + i)
+
+    def _streaming_steps(self, g: int, *, device: torch.device, shuffle: bool, seed: int) -> Iterator[Step]:
+        kwargs: dict[str, Any] = {"batch_size": g, "drop_last": False}
+        if shuffle:
+            kwargs["local_shuffle_buffer_size"] = max(4 * g, 256)
+            kwargs["local_shuffle_seed"] = seed
+        w, pending, i = self.world_size, None, 0
+        for batch in self.dataset.iter_torch_batches(**kwargs):
+            n = len(next(iter(batch.values())))
+            if pending is not None and n < 2 * w:  # merge a too-small tail into the batch before
+                batch = {k: torch.cat([pending[k], v]) for k, v in batch.items()}
+                pending = None
+            if pending is not None:
+                yield self._step(pending, device, seed * 100_003 + i)
+                i += 1
+            pending = batch
+        if pending is not None:
+            yield self._step(pending, device, seed * 100_003 + i)
+
+    def _step(self, batch: dict[str, torch.Tensor], device: torch.device, seed: int) -> Step:
+        n = len(next(iter(batch.values())))
+        rows = torch.arange(self.rank, n, self.world_size)
+        return Step({k: v[rows].to(device) for k, v in batch.items()}, rows=rows, global_size=n,
+                    world_size=self.world_size, seed=seed)
+
+    def eval_batches(self, *, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        """This worker's share of the rows (positions r, r + W, ...), for metrics that are
+        summed over workers with :func:`allreduce_sum`. Use the unwrapped model here: DDP's
+        forward syncs buffers with the other workers, whose batch counts may differ."""
+        self._fill()
+        if self.streaming:
+            for batch in self.dataset.iter_torch_batches(batch_size=batch_size * self.world_size, drop_last=False):
+                n = len(next(iter(batch.values())))
+                rows = torch.arange(self.rank, n, self.world_size)
+                if len(rows):
+                    yield {k: v[rows].to(device) for k, v in batch.items()}
+            return
+        idx = torch.arange(self.rank, len(self), self.world_size)
+        for i in range(0, len(idx), batch_size):
+            part = idx[i:i + batch_size]
+            yield {k: v[part].to(device, non_blocking=True) for k, v in self.cache.items()}
 
 
 def to_float_images(t: torch.Tensor) -> torch.Tensor:

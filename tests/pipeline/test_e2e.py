@@ -1,17 +1,15 @@
-"""End-to-end: the smoke preset through every stage on a real local Ray, locally and on S3.
+"""End-to-end: the smoke preset through every stage on a real local Ray.
 
-These run the real job script in a subprocess (as a user would), each with its own local
-Ray. They are the slowest tests of the suite (minutes on 2 cores).
+This runs the real job script in a subprocess (as a user would), with its own local Ray.
+S3 storage, several nodes, a killed training worker and a killed driver are covered by
+tests/distributed/test_multinode_pipeline.py; Ctrl-C by tests/pipeline/test_interrupt.py.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -82,69 +80,3 @@ def test_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     again = run_job("--config", "configs/smoke.yaml", "--storage", str(tmp_path), "--name", "e2e")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier, skipping") == 8
-
-
-def test_smoke_on_s3(tmp_path, s3_server, s3_bucket):
-    from raydefense.storage import boto3_client
-
-    res = run_job("--config", "configs/smoke.yaml", "--storage", f"s3://{s3_bucket}/runs", "--name", "s3run", *LEAN,
-                  env={"AWS_ENDPOINT_URL": s3_server})
-    assert res.returncode == 0, res.stderr[-3000:]
-    s3 = boto3_client(endpoint_url=s3_server)
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket, Prefix="runs/s3run/"):
-        keys += [o["Key"] for o in page.get("Contents", [])]
-    assert any(k.startswith("runs/s3run/train/target/checkpoint_") and k.endswith("state.pt") for k in keys)
-    assert any(k.startswith("runs/s3run/data/clean/") and k.endswith(".parquet") for k in keys)
-    assert any(k.startswith("runs/s3run/data/adv/set=test_black/") and k.endswith(".parquet") for k in keys)
-    assert "runs/s3run/report/report.md" in keys and "runs/s3run/report/metrics.json" in keys
-    m = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/s3run/report/metrics.json")["Body"].read())
-    _check_metrics(m, defenses=("none", "uddn", "uddn_kt", "jpeg"))
-    # Credentials never reach the logs or the report.
-    report = s3.get_object(Bucket=s3_bucket, Key="runs/s3run/report/report.md")["Body"].read().decode()
-    for text in (res.stdout, res.stderr, report, json.dumps(m)):
-        assert "testing" not in text.replace("s3run", "")
-
-
-def test_killed_run_resumes_without_redoing_finished_stages(tmp_path):
-    """Kill the job (SIGKILL, whole process group) once its first training stage finished,
-    then run it again: prepare and models are skipped, the rest runs."""
-    args = [sys.executable, "jobs/full_pipeline.py", "--config", "configs/smoke.yaml", "--storage", str(tmp_path),
-            "--name", "kill", *LEAN]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = tmp_path / "kill" / "stages" / "models.json"
-    deadline = time.time() + 600
-    try:
-        while not marker.exists():
-            assert proc.poll() is None, "the job ended before its models stage finished"
-            assert time.time() < deadline, "models stage did not finish in time"
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finished_at = json.loads(marker.read_text())["finished_at"]
-    target_mtime = (tmp_path / "kill" / "models" / "target.pt").stat().st_mtime
-    res = run_job("--config", "configs/smoke.yaml", "--storage", str(tmp_path), "--name", "kill", *LEAN,
-                  "--stop-after", "attack")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "prepare: finished earlier, skipping" in res.stdout
-    assert "models: finished earlier, skipping" in res.stdout
-    assert "[3/8] attack: done" in res.stdout
-    assert json.loads(marker.read_text())["finished_at"] == finished_at
-    assert (tmp_path / "kill" / "models" / "target.pt").stat().st_mtime == target_mtime
-
-
-def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
-    """A training that fails after epoch 0 (injected, like a preempted node) resumes at epoch 1."""
-    base = ["--config", "configs/smoke.yaml", "--storage", str(tmp_path), "--name", "crash", *LEAN,
-            "--stop-after", "models"]
-    res = run_job(*base, env={"RAYDEFENSE_CRASH_AFTER": "target:0"})
-    assert res.returncode != 0
-    assert not (tmp_path / "crash" / "stages" / "models.json").exists()
-    assert list((tmp_path / "crash" / "train" / "target").glob("checkpoint_*/state.pt"))
-    res = run_job(*base)
-    assert res.returncode == 0, res.stderr[-3000:]
-    import torch
-
-    blob = torch.load(tmp_path / "crash" / "models" / "target.pt", weights_only=True)
-    assert blob["metrics"]["start_epoch"] == 1

@@ -10,7 +10,7 @@ from raydefense.errors import ConfigError, DataError
 from raydefense.pipeline.attack import attack_plan, per_image_eps
 from raydefense.pipeline.run import open_run
 from raydefense.pipeline.runtime import find_user_error, images_to_tensor, tensor_to_images
-from raydefense.pipeline.training import EpochData, scaling_config
+from raydefense.pipeline.training import scaling_config
 from raydefense.storage import Storage
 from tests.conftest import REPO
 
@@ -21,45 +21,6 @@ def test_scaling_config_fixed_and_elastic():
     elastic = scaling_config(load_config(overrides=["scale.num_workers=2", "scale.max_workers=6",
                                                     "scale.gpus_per_worker=1"]), gpu=True)
     assert elastic.num_workers == (2, 6) and elastic.use_gpu and elastic.resources_per_worker["GPU"] == 1.0
-
-
-class FakeShard:
-    """Stands in for a Ray Data DataIterator: counts how often it is streamed."""
-
-    def __init__(self, n: int):
-        self.rows = {"x": torch.arange(n), "image": torch.zeros(n, 4, 4, 3, dtype=torch.uint8)}
-        self.passes = 0
-
-    def iter_torch_batches(self, *, batch_size, device=None, drop_last=False, **_):
-        self.passes += 1
-        n = len(self.rows["x"])
-        for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size] for k, v in self.rows.items()}
-
-
-def test_epoch_data_streams_once_and_shuffles_every_epoch():
-    shard = FakeShard(50)
-    data = EpochData(shard, cache_mb=10)
-    seen = []
-    for epoch in range(3):
-        xs = torch.cat([b["x"] for b in data.batches(batch_size=8, device=torch.device("cpu"), shuffle=True, seed=epoch)])
-        assert sorted(xs.tolist()) == list(range(50))  # every row once per epoch
-        seen.append(xs.tolist())
-    assert shard.passes == 1
-    assert seen[0] != seen[1]  # a new order every epoch
-    again = torch.cat([b["x"] for b in data.batches(batch_size=8, device=torch.device("cpu"), shuffle=True, seed=0)])
-    assert again.tolist() == seen[0]  # the order is a function of the seed
-    ordered = torch.cat([b["x"] for b in data.batches(batch_size=7, device=torch.device("cpu"), shuffle=False, seed=0)])
-    assert ordered.tolist() == list(range(50))
-
-
-def test_epoch_data_streams_every_epoch_when_too_big():
-    shard = FakeShard(50)
-    data = EpochData(shard, cache_mb=1e-4)
-    for epoch in range(2):
-        n = sum(len(b["x"]) for b in data.batches(batch_size=8, device=torch.device("cpu"), shuffle=False, seed=epoch))
-        assert n == 50
-    assert shard.passes == 3  # the aborted caching pass, then one per epoch
 
 
 def test_per_image_eps_is_deterministic_and_in_range():

@@ -1,0 +1,64 @@
+"""Ctrl-C means stop: SIGINT to the job's process group (what a terminal sends) during a
+training, and during a stage after a training finished (Ray Train's own SIGINT handler used
+to stay installed there and swallow it), ends the run within seconds with one line and exit
+code 130, leaving no stage marked finished that did not finish."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.pipeline.test_e2e import LEAN
+
+pytestmark = pytest.mark.slow
+MESSAGE = "interrupted; run again with the same --name to resume"
+
+
+def _interrupt_when(tmp_path, name: str, ready, *, extra=()) -> tuple[int, str, float]:
+    args = [sys.executable, "jobs/full_pipeline.py", "--config", "configs/smoke.yaml", "--storage", str(tmp_path),
+            "--name", name, *LEAN, *extra]
+    log = tmp_path / f"{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600
+        try:
+            while not ready(log.read_text()):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "the run never reached the point to interrupt"
+                time.sleep(0.2)
+            t0 = time.time()
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=60)
+            took = time.time() - t0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return rc, log.read_text(), took
+
+
+def test_ctrl_c_during_a_training_stops_the_run(tmp_path):
+    target_dir = tmp_path / "during" / "train" / "target"
+    rc, out, took = _interrupt_when(tmp_path, "during", lambda _: target_dir.exists(),
+                                    extra=["--set", "models.target_train.epochs=400"])
+    assert rc == 130, out[-3000:]
+    assert out.strip().splitlines()[-1] == MESSAGE
+    assert "Traceback" not in out
+    assert took < 30
+    assert not (tmp_path / "during" / "stages" / "models.json").exists()
+    assert not (tmp_path / "during" / "models" / "target.pt").exists()
+
+
+def test_ctrl_c_after_a_training_stops_the_run(tmp_path):
+    rc, out, took = _interrupt_when(tmp_path, "after", lambda text: "[3/8] attack" in text)
+    assert rc == 130, out[-3000:]
+    assert out.strip().splitlines()[-1] == MESSAGE
+    assert "Traceback" not in out and "Gracefully aborting" not in out
+    assert took < 30
+    stages = tmp_path / "after" / "stages"
+    assert (stages / "models.json").exists() and not (stages / "attack.json").exists()
