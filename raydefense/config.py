@@ -507,7 +507,8 @@ class _Override:
     """A ``--set`` value: the YAML reading of the text and the text itself.
 
     String keys take the text verbatim (``--set name=exp #2`` is the name ``exp #2``, and
-    ``--set name=2024`` the name ``2024``); every other key takes the YAML value.
+    ``--set name=2024`` the name ``2024``) unless it is one YAML-quoted string
+    (``--set "name='a b'"``); every other key takes the YAML value.
     """
 
     parsed: Any
@@ -526,7 +527,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to the annotated type, or raise ConfigError naming the key."""
     if isinstance(value, _Override):
         if _is_str_type(tp) and not (value.parsed is None and type(None) in typing.get_args(tp)):
-            return _coerce(value.raw, tp, key)
+            text = value.raw.strip()
+            quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and isinstance(value.parsed, str)
+            # A YAML-quoted value ('exp #2') is the string inside the quotes; anything else is the text.
+            return _coerce(value.parsed if quoted else value.raw, tp, key)
         value = value.parsed
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
