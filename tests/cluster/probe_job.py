@@ -40,7 +40,7 @@ def main() -> None:
 
     init_ray(load_config("configs/smoke.yaml"))
     remote_probe = ray.remote(num_cpus=0.5)(probe)
-    workers = {r["pid"]: r for r in ray.get([remote_probe.remote() for _ in range(4)])}
+    workers = {r["pid"]: r for r in ray.get([remote_probe.remote() for _ in range(2)])}
     print("PROBE " + json.dumps({"driver": probe(), "workers": list(workers.values())}), flush=True)
 
 

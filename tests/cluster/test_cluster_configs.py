@@ -225,6 +225,11 @@ def test_schema_check_is_not_vacuous(rayjob_schema):
         {"key": "nvidia.com/gpu"}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad_toleration, rayjob_schema)
+    bad_quantity = copy.deepcopy(job)
+    bad_quantity["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "resources"]["limits"]["nvidia.com/gpu"] = "one"
+    with pytest.raises(jsonschema.ValidationError, match="'one' does not match"):
+        jsonschema.validate(bad_quantity, rayjob_schema)
     both = copy.deepcopy(job)
     both["spec"]["clusterSelector"] = {"ray.io/cluster": "raydefense"}
     assert "exactly one of rayClusterSpec and clusterSelector" in _kuberay_rules(both)
