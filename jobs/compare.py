@@ -18,10 +18,18 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--storage", help="where the runs live (default: storage.path of configs/default.yaml)")
     p.add_argument("--out", default="comparison", help="folder name under <storage>/comparisons/ (default: comparison)")
     args = p.parse_args(list(argv))
-    from raydefense.config import load_config
+    from raydefense.config import load_config, run_name_problem
+    from raydefense.errors import ConfigError
     from raydefense.report.compare import compare_runs, format_rows
     from raydefense.storage import Storage
 
+    for flag, names in (("--runs", args.runs), ("--out", [args.out])):
+        for name in names:
+            problem = run_name_problem(name)
+            if problem:
+                raise ConfigError(f"{flag} {name!r}: a run name {problem}")
+    if args.storage is not None and not args.storage.strip():
+        raise ConfigError("--storage: must not be empty (leave the flag out for the default)")
     storage_uri = args.storage or load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None).storage.path
     result = compare_runs(Storage.open(storage_uri), args.runs, out=args.out)
     print(format_rows(result["rows"]))

@@ -37,7 +37,6 @@ import os
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-import yaml
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
@@ -213,7 +212,9 @@ def stage_config(cfg: Config, storage: Storage) -> Config:
     run = storage.child(cfg.name)
     if not run.exists("config.yaml"):
         return cfg
-    saved = yaml.safe_load(run.read_text("config.yaml")) or {}
+    from raydefense.pipeline.run import read_saved_config  # the one guarded reader of a run's config.yaml
+
+    saved = read_saved_config(run)
     data = cfg.to_dict()
     for section in _TRIAL_ONLY_SECTIONS:
         if section in saved:
