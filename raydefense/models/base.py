@@ -176,8 +176,16 @@ class Classifier(nn.Module):
     # ----------------------------------------------------------------- public API
     def preprocess(self, x: Tensor) -> Tensor:
         """``[0, 1]`` images ``(B, 3, H, W)`` -> resized (if needed) and normalised network input."""
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"model '{self.name}' expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"model '{self.name}' expects images of shape (B, 3, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"model '{self.name}' expects float images in [0, 1], got dtype {x.dtype} "
+                             f"(for uint8 images pass x.float() / 255)")
+        # Any float dtype is computed in the model's own (the normalisation buffers follow
+        # .double() / .half()); the cast is differentiable, so attacks see through it.
+        if x.dtype != self.normalize.mean.dtype:
+            x = x.to(self.normalize.mean.dtype)
         return self.normalize(resize_to_min_size(x, self.min_size))
 
     def features(self, x: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""create_model(..., pretrained=sd) accepts what torch's load_state_dict(strict=True) accepts
-(issue 10, item 13): BatchNorm's num_batches_tracked buffers may be absent; real weights may not."""
+"""Model entry points accept what their checks admit (issue 10, items 12-13): any float image
+dtype; state dicts without BatchNorm's num_batches_tracked (as torch accepts); never real missing weights."""
 from __future__ import annotations
 
 import pytest
@@ -58,3 +58,27 @@ def test_unexpected_key_is_still_refused(small):
     sd["net.extra.weight"] = torch.zeros(3)
     with pytest.raises(ModelError, match="unexpected keys"):
         create_model("small_cnn", num_classes=K, pretrained=sd)
+
+
+# ----------------------------------------------------------------------------- image dtypes (item 12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_forward_takes_any_float_image_dtype(small, dtype):
+    small.eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref = small(x)
+    got = small(x.to(dtype))
+    assert got.dtype == torch.float32  # the model's dtype
+    tol = 5e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    assert torch.allclose(got, ref, atol=tol, rtol=tol)
+    # Gradients reach the caller's images through the cast (what attacks need).
+    xi = x.to(dtype).requires_grad_(True)
+    small.features(xi).sum().backward()
+    assert xi.grad is not None and xi.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool])
+def test_integer_images_are_refused_with_a_hint(small, dtype):
+    with pytest.raises(ValueError, match="float images in \\[0, 1\\].*255"):
+        small(torch.zeros(1, 3, 32, 32, dtype=dtype))
