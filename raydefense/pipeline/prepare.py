@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from raydefense.config import Config
-from raydefense.errors import DataError
+from raydefense.errors import ConfigError, DataError
 from raydefense.pipeline.runtime import user_errors
 from raydefense.storage import Storage
 
@@ -103,10 +103,25 @@ def _folder_records(cfg: Config):
     return records, classes, listing
 
 
+def required_splits(cfg: Config) -> dict[str, str]:
+    """Splits a pipeline run reads downstream, each with what it feeds (a split asked for 0 images
+    would reach those stages empty)."""
+    need = {"val": "the validation set of every training and the UDDN's white-box validation set"}
+    if cfg.gnr.enabled:
+        need["gnr"] = "the real adversarial noise the GNR trains on"
+        need["denoise"] = "the clean images the GNR's noise turns into the denoiser's training set"
+    return need
+
+
 def check_source(cfg: Config) -> None:
-    """Check the data before anything starts (no Ray): an image folder is listed (names only)
-    and split on paper; DataError naming the folder, or the split that would be empty.
-    Synthetic data is checked when the config loads (``data.images_per_identity``)."""
+    """Check the data before anything starts (no Ray): every split a run reads downstream is
+    asked for (ConfigError naming ``data.splits.<split>``); an image folder is listed (names
+    only) and split on paper (DataError naming the folder, or the split that would be empty).
+    Synthetic identities are checked against the splits when the config loads."""
+    for split, feeds in required_splits(cfg).items():
+        if getattr(cfg.data.splits, split) < 1:
+            raise ConfigError(f"config key 'data.splits.{split}': must be >= 1 for a pipeline run ({feeds} "
+                              f"come from it)")
     if cfg.data.source == "synthetic":
         return
     records, _, _ = _folder_records(cfg)

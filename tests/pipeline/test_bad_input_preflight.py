@@ -214,3 +214,21 @@ def test_resource_shortfall_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="'scale.cpus_per_worker'"):
         runner.run_pipeline(cfg, echo=lambda _: None)
     assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override, split", [
+    ("data.splits={gnr: 3, denoise: 4, val: 0, test: 3}", "val"),
+    ("data.splits={gnr: 0, denoise: 7, val: 2, test: 3}", "gnr"),
+    ("data.splits={gnr: 7, denoise: 0, val: 2, test: 3}", "denoise"),
+])
+def test_a_split_the_stages_read_cannot_be_asked_empty(tmp_path, no_ray, override, split):
+    cfg = cfg_with(override, name="r", **{"storage.path": str(tmp_path)})
+    with pytest.raises(ConfigError, match=f"'data.splits.{split}': must be >= 1 for a pipeline run"):
+        runner.run_pipeline(cfg, echo=lambda _: None)
+    assert not (tmp_path / "r").exists() and not no_ray
+
+
+def test_without_gnr_the_denoise_split_may_be_empty():
+    from raydefense.pipeline.prepare import check_source
+
+    check_source(cfg_with("gnr.enabled=false", "data.splits={gnr: 7, denoise: 0, val: 2, test: 3}"))
