@@ -42,7 +42,7 @@ def open_storage(cfg: Config) -> Storage:
 
 def start_ray(cfg: Config) -> dict[str, Any]:
     """``init_ray`` with its failures (a bad object store size, a cluster that does not answer,
-    a timeout under load) as one ClusterError line; the cause is kept for ``--verbose`` readers."""
+    a timeout under load) as one ClusterError line; the exception stays as its ``__cause__``."""
     try:
         return init_ray(cfg)
     except RayDefenseError:
