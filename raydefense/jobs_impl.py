@@ -6,6 +6,22 @@ from typing import Sequence
 from raydefense.cli import common_parser, config_from_args, quiet_logs
 
 
+def _check_output_file(flag: str, path: str) -> None:
+    """A local file a job writes at its end: its folder must exist and be writable now, so a
+    typo fails at once and not after the work is done."""
+    import os
+
+    from raydefense.errors import ConfigError
+
+    folder = os.path.dirname(os.path.abspath(path)) if path.strip() else ""
+    if not path.strip() or os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r}: must name a file")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {path!r}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{flag} {path!r}: folder {folder} is not writable")
+
+
 def full_pipeline_main(argv: Sequence[str]) -> int:
     p = common_parser("Run (or resume) the whole Li & Wang defense on Ray: prepare, models, attack, "
                       "gnr, denoise, distill, baselines, evaluate.")
@@ -50,6 +66,8 @@ def tune_defense_main(argv: Sequence[str]) -> int:
     if args.max_concurrent:
         args.overrides.append(f"tune.max_concurrent={args.max_concurrent}")
     cfg = config_from_args(args)
+    if args.best_config is not None:
+        _check_output_file("--best-config", args.best_config)
     from raydefense.tune.search import format_summary, run_search
 
     best = run_search(cfg, search=args.search, space=args.space, max_concurrent=args.max_concurrent,

@@ -232,3 +232,13 @@ def test_without_gnr_the_denoise_split_may_be_empty():
     from raydefense.pipeline.prepare import check_source
 
     check_source(cfg_with("gnr.enabled=false", "data.splits={gnr: 7, denoise: 0, val: 2, test: 3}"))
+
+
+@pytest.mark.parametrize("path, match", [("/nonexistent-dir/best.yaml", "does not exist"), ("", "must name a file")])
+def test_best_config_path_checked_before_the_search(tmp_path, path, match, monkeypatch):
+    import raydefense.tune.search as search
+    from raydefense.jobs_impl import tune_defense_main
+
+    monkeypatch.setattr(search, "run_search", lambda *a, **k: pytest.fail("the search started"))
+    with pytest.raises(ConfigError, match=f"--best-config.*{match}"):
+        tune_defense_main(["--config", SMOKE, "--storage", str(tmp_path), "--best-config", path])
