@@ -139,8 +139,8 @@ def test_saved_config_that_is_not_a_mapping_for_evaluate(tmp_path):
     assert_one_line_error(res, "config.yaml", "holds a str")
 
 
-@pytest.mark.parametrize("content", ["", "{\"stage\": \"prep", "[]", json.dumps({"stage": "other", "duration_s": 1})],
-                         ids=["empty", "truncated", "list", "wrong-stage"])
+# Two shapes end to end; tests/test_storage.py and test_bad_input_preflight.py cover the others in-process.
+@pytest.mark.parametrize("content", ["", json.dumps({"stage": "other", "duration_s": 1})], ids=["empty", "wrong-stage"])
 def test_corrupt_stage_marker_fails_before_ray(tmp_path, content):
     run = _make_run(tmp_path)
     (run / "stages" / "prepare.json").write_text(content)
@@ -152,11 +152,7 @@ def test_corrupt_stage_marker_fails_before_ray(tmp_path, content):
 # ----------------------------------------------------------------------------- tune
 
 
-@pytest.mark.parametrize("space, culprit", [
-    ("denoise.lr=choice(fast)", "denoise.lr=choice(fast)"),
-    ("denoise.width_mult=choice(big, 2)", "denoise.width_mult"),
-    ("distill.T=uniform(1, inf)", "distill.T"),
-])
+@pytest.mark.parametrize("space, culprit", [("denoise.lr=choice(fast)", "denoise.lr=choice(fast)")])
 def test_tune_space_with_a_word_for_a_number(tmp_path, space, culprit):
     res = run_script("jobs/tune_defense.py", *SMOKE, "--storage", str(tmp_path), "--space", space)
     assert_one_line_error(res, "--space", culprit)

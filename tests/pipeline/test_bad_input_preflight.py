@@ -242,3 +242,21 @@ def test_best_config_path_checked_before_the_search(tmp_path, path, match, monke
     monkeypatch.setattr(search, "run_search", lambda *a, **k: pytest.fail("the search started"))
     with pytest.raises(ConfigError, match=f"--best-config.*{match}"):
         tune_defense_main(["--config", SMOKE, "--storage", str(tmp_path), "--best-config", path])
+
+
+@pytest.mark.parametrize("space, culprit", [
+    ("denoise.lr=choice(fast)", "'denoise.lr'"),
+    ("denoise.width_mult=choice(big, 2)", "'denoise.width_mult'"),
+    ("distill.T=uniform(1, inf)", "'distill.T'"),
+    ("distill.lam=choice(nan)", "'distill.lam'"),
+    ("distill.student.lr=loguniform(1e-4, x)", "two numbers"),
+    ("denoise.guidance=choice(1, 2)", "'denoise.guidance'"),
+    ("distill.student.batch_size=int(1, 2.5)", "whole-number"),
+])
+def test_space_values_that_do_not_fit_name_the_argument(space, culprit):
+    from raydefense.tune.space import parse_knob
+
+    with pytest.raises(ConfigError) as info:
+        parse_knob(space, cfg_with())
+    msg = str(info.value)
+    assert msg.startswith(f"--space '{space}'") and culprit in msg and "\n" not in msg
