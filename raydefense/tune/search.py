@@ -378,7 +378,9 @@ def _new_tuner(cfg: Config, trainable, *, knobs: Sequence[Knob], sdir: Storage, 
             name="experiment",
             storage_path=sdir.path(),
             storage_filesystem=sdir.fs,
-            failure_config=tune.FailureConfig(max_failures=0),
+            # A failed trial (its actor or node lost) restarts and replays its recorded epochs;
+            # each inner TorchTrainer also retries its own worker group (training.make_trainer).
+            failure_config=tune.FailureConfig(max_failures=cfg.scale.max_failures),
             verbose=0,
             callbacks=[_Progress(echo)],
         ),
