@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from raydefense.config import Config
-from raydefense.pipeline.runtime import user_errors
 
 
 def scaling_config(cfg: Config, *, gpu: bool):
@@ -116,8 +115,7 @@ def fit(ctx, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any
             log.poll()
         log.poll()
     if "error" in box:
-        with user_errors():
-            _raise_training_error(ctx, task, box["error"])
+        _raise_training_error(ctx, task, box["error"])
     return dict(box["result"].metrics or {})
 
 
@@ -212,13 +210,16 @@ class EpochLog:
 
 
 def _raise_training_error(ctx, task: str, exc: BaseException) -> None:
-    """Re-raise a fit's failure: user errors as themselves (via ``user_errors``), a failed
-    worker group as one TrainingError line, anything else unchanged."""
+    """Re-raise a fit's failure: a user error raised in a worker as itself, a failed worker
+    group as one TrainingError line, anything else unchanged."""
     from raydefense.errors import RayDefenseError, TrainingError
     from raydefense.pipeline.runtime import find_user_error
 
-    if isinstance(exc, RayDefenseError) or find_user_error(exc) is not None:
+    if isinstance(exc, RayDefenseError):
         raise exc
+    found = find_user_error(exc)
+    if found is not None:
+        raise found from exc
     try:
         from ray.train import TrainingFailedError
     except ImportError:  # pragma: no cover

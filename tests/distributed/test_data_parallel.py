@@ -142,7 +142,7 @@ def test_two_workers_with_half_the_batch_track_one_worker(ray_local, tmp_path, b
     """Global batch 8 either way: 1 worker x 8 or 2 workers x 4, same seed. Without batch norm
     (and without dropout) the two runs are the same computation up to float summation order:
     their loss curves agree within 1e-3. With batch norm each worker normalises over its own
-    4 images (no SyncBatchNorm, see training.py), so the curves only track: within 25%."""
+    4 images (no SyncBatchNorm, see training.py), so the curves only track: within 35%."""
     from raydefense.pipeline.classifiers import classifier_loop
 
     storage = Storage.open(str(tmp_path))
@@ -158,7 +158,7 @@ def test_two_workers_with_half_the_batch_track_one_worker(ray_local, tmp_path, b
     print(f"batch_norm={batch_norm}: 1 worker x 8: {one.round(5).tolist()}; 2 workers x 4: {two.round(5).tolist()}")
     assert one[-1] < one[0] and two[-1] < two[0]  # both learn
     if batch_norm:
-        assert np.all(np.abs(one - two) <= 0.25 * np.maximum(one, two)), (one, two)
+        assert np.all(np.abs(one - two) <= 0.35 * np.maximum(one, two)), (one, two)
     else:
         assert np.allclose(one, two, rtol=0, atol=1e-3), (one, two)
 

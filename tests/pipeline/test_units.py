@@ -77,3 +77,31 @@ def test_a_run_refuses_a_changed_config_but_not_a_rescale(tmp_path):
     open_run(cfg.replace(["scale.num_workers=3", "eval.adaptive=false"]), storage)
     with pytest.raises(ConfigError, match="distill.T"):
         open_run(cfg.replace(["distill.T=7"]), storage)
+
+
+def test_a_worker_group_that_keeps_failing_is_one_line():
+    """Retries exhausted (scale.max_failures): one line naming the task, the cause and the
+    way out, instead of Ray's long WorkerGroupError traceback."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+
+    from raydefense.errors import TrainingError
+    from raydefense.pipeline.training import _raise_training_error
+
+    ctx = SimpleNamespace(cfg=load_config(overrides=["scale.max_failures=2"]))
+    died = ActorDiedError()
+    exc = WorkerGroupError("worker 1 died\n  Traceback ...\n  (many lines)", {1: died})
+    with pytest.raises(TrainingError) as info:
+        _raise_training_error(ctx, "teacher", exc)
+    msg = str(info.value)
+    assert "\n" not in msg and "training 'teacher'" in msg and "2 automatic restarts" in msg
+    assert "ActorDiedError" in msg and "same --name to resume" in msg
+    assert info.value.__cause__ is exc and info.value.exit_code == 1
+    # A user error inside a worker stays itself; anything else is not rewritten.
+    inner = DataError("image '/d/x.png' cannot be decoded")
+    with pytest.raises(DataError):
+        _raise_training_error(ctx, "target", WorkerGroupError("w0", {0: inner}))
+    with pytest.raises(KeyError):
+        _raise_training_error(ctx, "target", KeyError("bug"))
