@@ -105,12 +105,18 @@ def use_gpu(cfg: Config) -> bool:
 def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_size: int):
     """``ds.map_batches`` on an actor pool of ``cls`` sized by ``scale.attack_actors``: one GPU per
     actor when ``gpu``, else ``scale.cpus_per_actor`` CPUs, which the actor uses as torch threads
-    (``cls`` takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``)."""
+    (``cls`` takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``).
+
+    Fault tolerance is Ray's own: an actor that dies (its process killed, its node lost) is
+    restarted and its unfinished batches are retried on the pool (``max_restarts=-1``,
+    ``max_task_retries=-1``, Ray Data's defaults for actor pools, stated here so that they
+    stay); an exception raised by ``cls`` itself is a user error and is not retried."""
     import ray
 
     return ds.map_batches(cls, fn_constructor_kwargs={**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)},
                           batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-                          num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None)
+                          num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None,
+                          max_restarts=-1, max_task_retries=-1)
 
 
 def device_for(gpu: bool) -> torch.device:
