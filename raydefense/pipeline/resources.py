@@ -20,6 +20,10 @@ A run makes these requests, one stage at a time (stages never overlap):
   whole-model attacks, see ``runtime.actor_map``): ``scale.attack_actors`` actors of
   ``{CPU: scale.cpus_per_actor}`` plus one GPU each on GPU.
 
+A Tune trial (``jobs/tune_defense.py``) also holds a small driver actor
+(``TRIAL_DRIVER_CPU``) while its workers or its actor pool run, so with ``tune=True`` each
+group must fit together with it.
+
 A bundle must fit on one node, so the check counts, node by node, how many bundles each node
 holds (``floor(min over resources of node / bundle)``); the sum must reach the count. This is
 exact for identical bundles. Resources other requests already hold are not subtracted: the
@@ -39,6 +43,10 @@ __all__ = ["Request", "requests_for", "shortfall", "check_resources", "find_shor
            "ensure_resources", "cluster_nodes"]
 
 Node = Mapping[str, float]
+
+# The CPU a Tune trial's driver actor holds (raydefense.tune.search.TRIAL_DRIVER_CPU; not
+# imported from there, which would import Ray Tune into every run).
+TRIAL_DRIVER_CPU = 0.01
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,20 @@ def _fits(node: Node, bundle: Mapping[str, float]) -> int:
     return 0 if n == math.inf else int(n)
 
 
+def _place_with_driver(req: Request, nodes: Sequence[Node], driver: Mapping[str, float]) -> bool:
+    """Whether ``req``'s bundles and one ``driver`` bundle fit at once: bundles first-fit, node by
+    node (identical bundles, so the leftovers are as concentrated as they can be), then the driver
+    on any node's leftover."""
+    left = [dict(n) for n in nodes]
+    todo = req.count
+    for node in left:
+        k = min(todo, _fits(node, req.bundle))
+        for res, amount in req.bundle.items():
+            node[res] = node.get(res, 0.0) - k * amount
+        todo -= k
+    return todo == 0 and any(_fits(node, driver) for node in left)
+
+
 def _describe_cluster(nodes: Sequence[Node]) -> str:
     cpu = sum(n.get("CPU", 0.0) for n in nodes)
     gpu = sum(n.get("GPU", 0.0) for n in nodes)
@@ -128,7 +150,7 @@ def shortfall(req: Request, nodes: Sequence[Node]) -> Optional[str]:
     return None
 
 
-def check_resources(cfg: Config, nodes: Sequence[Node] | Node, *, gpu: bool) -> None:
+def check_resources(cfg: Config, nodes: Sequence[Node] | Node, *, gpu: bool, tune: bool = False) -> None:
     """Raise ConfigError (one line: the config key and what the cluster has) when a request of
     the run can never be placed.
 
@@ -137,18 +159,30 @@ def check_resources(cfg: Config, nodes: Sequence[Node] | Node, *, gpu: bool) -> 
         nodes: each alive node's total resources, or the cluster's totals
             (``ray.cluster_resources()``, treated as one node).
         gpu: whether training and actors run on GPU.
+        tune: also check that each group fits beside a Tune trial's driver.
     """
-    problems = find_shortfalls(cfg, nodes, gpu=gpu)
+    problems = find_shortfalls(cfg, nodes, gpu=gpu, tune=tune)
     if problems:
         raise ConfigError(problems[0])
 
 
-def find_shortfalls(cfg: Config, nodes: Sequence[Node] | Node, *, gpu: bool) -> list[str]:
+def find_shortfalls(cfg: Config, nodes: Sequence[Node] | Node, *, gpu: bool, tune: bool = False) -> list[str]:
+    """One line per request of ``cfg`` that can never be placed on ``nodes`` (empty: all fit)."""
     node_list = [nodes] if isinstance(nodes, Mapping) else list(nodes)
-    return [p for p in (shortfall(r, node_list) for r in requests_for(cfg, gpu=gpu)) if p]
+    problems = []
+    for req in requests_for(cfg, gpu=gpu):
+        problem = shortfall(req, node_list)
+        if problem is None and tune and not _place_with_driver(req, node_list, {"CPU": TRIAL_DRIVER_CPU}):
+            wants = ", ".join(_amount(r, a) for r, a in req.bundle.items())
+            problem = (f"config key '{req.keys.get('CPU', req.count_key)}': a Tune trial holds a "
+                       f"{TRIAL_DRIVER_CPU:g}-CPU driver beside its {req.count} {req.what}(s) of {wants}, and the "
+                       f"cluster holds the {req.what}s but not the driver (cluster: {_describe_cluster(node_list)})")
+        if problem:
+            problems.append(problem)
+    return problems
 
 
-def wait_for_resources(cfg: Config, get_nodes: Callable[[], Sequence[Node]], *, gpu: bool,
+def wait_for_resources(cfg: Config, get_nodes: Callable[[], Sequence[Node]], *, gpu: bool, tune: bool = False,
                        echo: Callable[[str], None] = print, poll_s: float = 5.0,
                        clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
     """Like :func:`check_resources`, but on a shortfall wait up to ``scale.resource_wait_s``
@@ -157,7 +191,7 @@ def wait_for_resources(cfg: Config, get_nodes: Callable[[], Sequence[Node]], *, 
     Prints one ``waiting for resources: ...`` line when it starts waiting; raises the
     shortfall's ConfigError (with how long it waited) when the time is up.
     """
-    problems = find_shortfalls(cfg, get_nodes(), gpu=gpu)
+    problems = find_shortfalls(cfg, get_nodes(), gpu=gpu, tune=tune)
     if not problems:
         return
     limit = cfg.scale.resource_wait_s
@@ -167,7 +201,7 @@ def wait_for_resources(cfg: Config, get_nodes: Callable[[], Sequence[Node]], *, 
     deadline = clock() + limit
     while clock() < deadline:
         sleep(max(0.0, min(poll_s, deadline - clock())))
-        problems = find_shortfalls(cfg, get_nodes(), gpu=gpu)
+        problems = find_shortfalls(cfg, get_nodes(), gpu=gpu, tune=tune)
         if not problems:
             echo("resources available; going on")
             return
@@ -182,6 +216,6 @@ def cluster_nodes() -> list[dict[str, float]]:
     return nodes or [dict(ray.cluster_resources())]
 
 
-def ensure_resources(cfg: Config, *, gpu: bool, echo: Callable[[str], None] = print) -> None:
+def ensure_resources(cfg: Config, *, gpu: bool, tune: bool = False, echo: Callable[[str], None] = print) -> None:
     """:func:`wait_for_resources` against the connected Ray cluster (call after ``init_ray``)."""
-    wait_for_resources(cfg, cluster_nodes, gpu=gpu, echo=echo)
+    wait_for_resources(cfg, cluster_nodes, gpu=gpu, tune=tune, echo=echo)

@@ -60,11 +60,13 @@ def start_ray(cfg: Config) -> dict[str, Any]:
         raise ClusterError(f"Ray did not start ({where}): {type(exc).__name__}: {first[:300]}") from exc
 
 
-def preflight(cfg: Config, *, echo: Callable[[str], None] = print) -> tuple[RunContext, dict[str, Any], bool]:
+def preflight(cfg: Config, *, echo: Callable[[str], None] = print,
+              tune: bool = False) -> tuple[RunContext, dict[str, Any], bool]:
     """Everything checked before a stage runs, cheapest first, writing nothing of the run:
     the storage, the run's saved config and stage markers, the data, then Ray (started here)
     and whether the cluster can hold every request of the run. Returns the run (its
-    ``config.yaml`` now written), the cluster's resources and whether training uses GPUs."""
+    ``config.yaml`` now written), the cluster's resources and whether training uses GPUs.
+    ``tune``: the run feeds a Tune search, whose trials also hold a driver actor."""
     from raydefense.pipeline.prepare import check_source
     from raydefense.pipeline.resources import ensure_resources
 
@@ -75,16 +77,18 @@ def preflight(cfg: Config, *, echo: Callable[[str], None] = print) -> tuple[RunC
         check_source(cfg)  # a bad data path or too few images fails before Ray starts
     resources = start_ray(cfg)
     gpu = use_gpu(cfg)
-    ensure_resources(cfg, gpu=gpu, echo=echo)
+    ensure_resources(cfg, gpu=gpu, tune=tune, echo=echo)
     commit_run(ctx)
     return ctx, resources, gpu
 
 
-def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every stage of the defense; returns metrics.json's content."""
+def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callable[[str], None] = print,
+                 tune: bool = False) -> dict[str, Any]:
+    """Run (or resume) every stage of the defense; returns metrics.json's content (``{}`` with
+    ``stop_after``). ``tune``: the stages feed a Tune search (resources are checked for its trials)."""
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ConfigError(f"--stop-after '{stop_after}': unknown stage (known: {', '.join(STAGE_NAMES)})")
-    ctx, resources, gpu = preflight(cfg, echo=echo)
+    ctx, resources, gpu = preflight(cfg, echo=echo, tune=tune)
     echo(f"raydefense run '{cfg.name}' at {ctx.storage.display()} on Ray "
          f"({resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; training on {'GPU' if gpu else 'CPU'})")
     stages = _stages()

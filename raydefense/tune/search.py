@@ -50,7 +50,7 @@ from raydefense.tune.trial import DefenseTrial, TrialSpec
 # Resources of the trial function itself: it only drives the inner Ray Train runs, whose
 # workers reserve their own CPUs/GPUs. Ray cannot schedule an actor with no resources at
 # all, so it takes a sliver of a CPU (the Ray Train docs use the same trick).
-TRIAL_DRIVER_CPU = 0.01
+from raydefense.pipeline.resources import TRIAL_DRIVER_CPU  # noqa: E402  the one value, checked before a search
 # Sections of the run's config that stages prepare..gnr do not read: a search may change them.
 _TRIAL_ONLY_SECTIONS = ("denoise", "distill", "baselines")
 
@@ -288,7 +288,8 @@ def run_search(cfg: Config, *, search: str = "search", space: Iterable[str] = ()
 
     storage = _open_storage(cfg)
     base_cfg = stage_config(cfg, storage)
-    run_pipeline(base_cfg, stop_after="gnr", echo=lambda line: None if line.startswith("stopping after") else echo(line))
+    run_pipeline(base_cfg, stop_after="gnr", tune=True,
+                 echo=lambda line: None if line.startswith("stopping after") else echo(line))
     run = storage.child(cfg.name)
     sdir = run.child("tune", search)
 

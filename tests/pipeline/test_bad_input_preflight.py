@@ -260,3 +260,13 @@ def test_space_values_that_do_not_fit_name_the_argument(space, culprit):
         parse_knob(space, cfg_with())
     msg = str(info.value)
     assert msg.startswith(f"--space '{space}'") and culprit in msg and "\n" not in msg
+
+
+def test_a_tune_trial_needs_room_for_its_driver():
+    """A 4-CPU worker fills a 4-CPU cluster: a plain run fits, a Tune trial (0.01-CPU driver) never would."""
+    cfg = cfg_with("scale.cpus_per_worker=4")
+    R.check_resources(cfg, LOCAL, gpu=False)
+    with pytest.raises(ConfigError, match="'scale.cpus_per_worker': a Tune trial holds a 0.01-CPU driver"):
+        R.check_resources(cfg, LOCAL, gpu=False, tune=True)
+    R.check_resources(cfg, [LOCAL, {"CPU": 1.0}], gpu=False, tune=True)  # the driver fits on another node
+    R.check_resources(cfg_with("scale.cpus_per_worker=3"), LOCAL, gpu=False, tune=True)
