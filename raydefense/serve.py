@@ -121,7 +121,9 @@ def decode_request(body: bytes, *, image_size: int, align: bool = False, aligner
     try:
         with Image.open(io.BytesIO(body)) as probe:  # reads the header only
             fmt, (w, h) = probe.format, probe.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # its message names a BytesIO object, not the problem
+        raise BadImage(400, "cannot decode image: not an image file (send PNG or JPEG bytes)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise BadImage(400, f"cannot decode image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if fmt not in ACCEPTED_FORMATS:
         raise BadImage(415, f"unsupported image format {fmt}: send {', '.join(ACCEPTED_FORMATS)}")

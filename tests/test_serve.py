@@ -153,6 +153,9 @@ def test_decode_request_rules():
     big[:, 16:80] = 200  # the centre square is the bright part
     out = decode_request(_png(big), image_size=SIZE)
     assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8 and out.min() >= 190
+    with pytest.raises(BadImage) as err:
+        decode_request(b"\x00garbage", image_size=SIZE)
+    assert err.value.status == 400 and err.value.reason.startswith("cannot decode image: not an image file")
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="GIF")
     with pytest.raises(BadImage) as err:
