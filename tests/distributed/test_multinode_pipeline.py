@@ -1,7 +1,10 @@
-"""The smoke pipeline on three real Ray nodes (``ray.cluster_utils.Cluster``) with S3 storage
-(moto's server on loopback): two training workers on different nodes, Ray Data actors on
-several nodes, a training worker SIGKILLed mid-training (the stage restarts from its last
-checkpoint by itself), then the driver SIGKILLed and the run resumed with the same --name.
+"""The whole smoke pipeline (every stage, every baseline) on three real Ray nodes
+(``ray.cluster_utils.Cluster``) with S3 storage (moto's server on loopback): two training
+workers on different nodes, Ray Data actors on several nodes, a training worker SIGKILLed
+mid-training (the stage restarts from its last checkpoint by itself), then the driver
+SIGKILLed and the run resumed with the same --name, then run once more (nothing redone).
+This is the suite's end-to-end test: report, figures, checkpoints, shards and weights are
+checked on S3. (A single local node runs the same job in tests/cluster/test_clean_node.py.)
 
 The nodes know no S3 endpoint (AWS_ENDPOINT_URL is removed from their environment, as on
 another machine): what reaches them travels inside the pickled Storage.
@@ -24,7 +27,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-LEAN = ["--set", "baselines.enabled=[jpeg]", "--set", "denoise.baselines=[]", "--set", "eval.adaptive=false"]
+DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
+SETS = ("clean", "white_box", "black_box")
 TWO_NODES = ["--set", "scale.num_workers=2", "--set", "scale.cpus_per_worker=1", "--set",
              "scale.worker_resources={train_slot: 1}", "--set", "scale.attack_actors=2", "--set",
              "scale.cpus_per_actor=1", "--set", "scale.checkpoint_interval_s=1000", "--set",
@@ -74,7 +78,7 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
         return "Contents" in s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"runs/mn/{key}")
 
     args = [sys.executable, "jobs/full_pipeline.py", "--config", "configs/smoke.yaml", "--storage",
-            f"s3://{s3_bucket}/runs", "--name", "mn", *LEAN, *TWO_NODES]
+            f"s3://{s3_bucket}/runs", "--name", "mn", *TWO_NODES]
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "AWS_ENDPOINT_URL": s3_server}
     train_nodes: set[int] = set()
     map_nodes: set[int] = set()
@@ -108,6 +112,10 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
         rc = proc.wait(timeout=900)
         out = "".join(out_lines)
         assert rc == 0, out[-4000:]
+        # Once more: everything is finished, nothing is redone.
+        again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert again.stdout.count("finished earlier, skipping") == 8
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -126,6 +134,47 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
         if blob["metrics"]["restarts"] >= 1:
             restarted.append(task)
     assert restarted, "no training shows the automatic restart"
-    m = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/mn/report/metrics.json")["Body"].read())
-    assert set(m["accuracy"]) == {"none", "uddn", "uddn_kt", "jpeg"}
+    first = (tmp_path / "first.log").read_text()
+    assert "  target: epoch 1/200" in first and "  target: epoch 200/200" in first  # one line per epoch
+    _check_run_on_s3(s3, s3_bucket, "runs/mn", out)
+
+
+def _check_run_on_s3(s3, bucket: str, prefix: str, stdout: str) -> None:
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+        keys += [o["Key"][len(prefix) + 1:] for o in page.get("Contents", [])]
+    m = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/report/metrics.json")["Body"].read())
+    assert set(m["accuracy"]) == set(DEFENSES)
+    for d in DEFENSES:
+        for s in SETS:
+            a = m["accuracy"][d][s]
+            det = m["accuracy_detail"][d][s]
+            assert 0.0 <= a <= 1.0 and det["n"] > 0 and det["ci95"][0] <= a <= det["ci95"][1]
+        eps = [e for e, _ in m["by_epsilon"][d]]
+        assert eps == sorted(eps) and all(0 <= a <= 1 for _, a in m["by_epsilon"][d])
+    assert m["l1"]["none"]["clean"] == pytest.approx(0.0, abs=1e-7) and m["l1"]["none"]["white_box"] > 0
+    for d in m["adaptive"]:  # attacks on the whole defended model
+        assert 0 <= m["accuracy"][d]["adaptive_pgd"] <= 1
     assert m["config"]["scale"]["num_workers"] == 2
+    assert all(m["timings_s"][st] >= 0 for st in ("prepare", "models", "attack", "gnr", "denoise", "distill",
+                                                  "baselines", "evaluate"))
+    report = s3.get_object(Bucket=bucket, Key=f"{prefix}/report/report.md")["Body"].read().decode()
+    for heading in ("Table 1", "Tables 2 and 3", "Attacks on the whole defended model", "Timings"):
+        assert heading in report
+    from PIL import Image
+
+    for png in ("figure6_denoising.png", "figure7_accuracy_vs_eps.png", "adaptive_pgd.png"):
+        body = s3.get_object(Bucket=bucket, Key=f"{prefix}/report/{png}")["Body"].read()
+        with Image.open(io.BytesIO(body)) as im:
+            assert im.size[0] > 200 and im.size[1] > 100
+    assert any(k.startswith("train/target/checkpoint_") and k.endswith("state.pt") for k in keys)
+    assert any(k.startswith("data/clean/") and k.endswith(".parquet") for k in keys)
+    assert any(k.startswith("data/adv/set=test_black/") and k.endswith(".parquet") for k in keys)
+    for name in ("target", "surrogate", "uddn", "dae", "pixel_guided", "teacher", "student", "dcn", "distillation",
+                 "gnr_generator"):
+        assert f"models/{name}.pt" in keys, name
+        assert any(k.startswith(f"tensorboard/{name if name != 'gnr_generator' else 'gnr'}/") for k in keys), name
+    assert "UDDN + knowledge transfer vs no defense" in stdout
+    # Credentials never reach the logs or the report.
+    for text in (stdout, report, json.dumps(m)):
+        assert "testing" not in text

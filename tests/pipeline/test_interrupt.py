@@ -13,7 +13,9 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.pipeline.test_e2e import LEAN
+
+# The smoke preset without the slow baselines: these runs are stopped early anyway.
+LEAN = ["--set", "baselines.enabled=[jpeg]", "--set", "denoise.baselines=[]", "--set", "eval.adaptive=false"]
 
 pytestmark = pytest.mark.slow
 MESSAGE = "interrupted; run again with the same --name to resume"
