@@ -19,8 +19,9 @@ SMOKE = ("--config", "configs/smoke.yaml")
 
 
 def run_script(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full = {**os.environ, **(env or {})}  # a None value removes the variable
     return subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={k: v for k, v in full.items() if v is not None})
 
 
 def job(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -162,17 +163,30 @@ def test_tune_space_with_a_word_for_a_number(tmp_path, space, culprit):
 # ----------------------------------------------------------------------------- Ray (a few seconds each)
 
 
-def test_worker_larger_than_the_cluster_fails_at_once(tmp_path):
+@pytest.fixture()
+def own_local_ray(tmp_path_factory):
+    """Env for a job that starts its own local Ray: a fresh RAY_TMPDIR, so that a cluster some
+    other process started with `ray start` on this machine (its address file lives in the
+    default temp dir) is not joined. Short path: Ray's socket paths must stay under 107 chars."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="rd-")
+    yield {"RAY_TMPDIR": tmp, "RAY_ADDRESS": None}
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_worker_larger_than_the_cluster_fails_at_once(tmp_path, own_local_ray):
     """Item 2: a training worker of 16 CPUs on a local Ray of a few CPUs: one line, exit 2, no wait."""
     res = job(*SMOKE, "--storage", str(tmp_path), "--name", "big", "--set", "scale.cpus_per_worker=16",
-              timeout=180)
+              env=own_local_ray, timeout=180)
     assert_one_line_error(res, "scale.cpus_per_worker", "16 CPU", "cluster:")
     assert not (tmp_path / "big" / "config.yaml").exists()
 
 
-def test_ray_init_refusing_its_settings_is_one_line(tmp_path):
+def test_ray_init_refusing_its_settings_is_one_line(tmp_path, own_local_ray):
     """Item 6: an object store larger than the machine makes ray.init raise; one line names the key."""
     res = job(*SMOKE, "--storage", str(tmp_path), "--name", "mem",
-              "--set", "scale.object_store_memory_mb=10000000", timeout=180)
+              "--set", "scale.object_store_memory_mb=10000000", env=own_local_ray, timeout=180)
     assert_one_line_error(res, "Ray did not start", "scale.object_store_memory_mb=10000000")
     assert not (tmp_path / "mem" / "config.yaml").exists()
