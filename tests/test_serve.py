@@ -66,7 +66,9 @@ def server(exported):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False, log_to_driver=False)
+        # address="local": our own small Ray, even where a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(exported, top_k=3, max_pixels=MAX_PIXELS, max_batch_size=4, batch_wait_timeout_s=0.05),
