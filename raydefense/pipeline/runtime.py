@@ -87,10 +87,22 @@ def _submitted_job_env_vars() -> dict[str, str] | None:
 
 
 def _running_local_cluster() -> bool:
-    """Whether ``ray start`` left a cluster address on this machine for ``address='auto'``."""
+    """Whether a ``ray start`` cluster runs on this machine for ``address='auto'``: its address
+    file exists and its GCS answers. A cluster stopped by killing its processes (not by
+    ``ray stop``) leaves the file behind; joining that address would fail, so a stale file
+    means "no cluster" and a local Ray is started."""
+    import socket
+
     from ray._common.utils import get_ray_address_file
 
-    return os.path.exists(get_ray_address_file(None))
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            host, _, port = f.read().strip().rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def use_gpu(cfg: Config) -> bool:

@@ -105,3 +105,27 @@ def test_a_worker_group_that_keeps_failing_is_one_line():
         _raise_training_error(ctx, "target", WorkerGroupError("w0", {0: inner}))
     with pytest.raises(KeyError):
         _raise_training_error(ctx, "target", KeyError("bug"))
+
+
+def test_a_stale_ray_address_file_is_no_cluster(tmp_path, monkeypatch):
+    """A `ray start` cluster killed without `ray stop` leaves its address file: the job must
+    then start its own Ray instead of trying to join a dead address."""
+    import socket
+
+    import ray._common.utils as ray_utils
+
+    from raydefense.pipeline.runtime import _running_local_cluster
+
+    path = tmp_path / "ray_current_cluster"
+    monkeypatch.setattr(ray_utils, "get_ray_address_file", lambda temp_dir: str(path))
+    assert not _running_local_cluster()  # no file
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        path.write_text(f"127.0.0.1:{port}")
+        assert _running_local_cluster()  # a live GCS port
+    path.write_text(f"127.0.0.1:{port}")
+    assert not _running_local_cluster()  # the same address, nobody listening
+    path.write_text("garbage")
+    assert not _running_local_cluster()
