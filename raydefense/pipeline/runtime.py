@@ -60,13 +60,31 @@ def _driver_runtime_env() -> dict[str, Any] | None:
     env does not set (the job's value wins) and never a working_dir or pip: the job's
     working_dir, pip and env_vars reach the workers unchanged. None when there is nothing to add.
     """
-    env = {"PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env = {"PYTHONWARNINGS": "ignore::DeprecationWarning", **_ray_data_env()}
     # Test hooks (RAYDEFENSE_*) travel to every worker.
     env.update({k: v for k, v in os.environ.items() if k.startswith("RAYDEFENSE_")})
     job_env_vars = _submitted_job_env_vars()
     if job_env_vars is not None:
         env = {k: v for k, v in env.items() if k not in job_env_vars}
     return {"env_vars": env} if env else None
+
+
+# Ray Data 2.60 reads Parquet footers through a pool of 32 FooterReader actors per read, made
+# and killed anew for every read_parquet execution (ray/data/_internal/datasource_v2/formats/
+# parquet/footer_file_indexer.py). Every training worker reads its datasets, so one 2-worker fit
+# started over a hundred Python processes; on a small node that worker storm took minutes and
+# starved the stage (raylet: "N PYTHON worker processes have been started ... Nx the maximum
+# expected startup concurrency"). Our runs read tens of files, not thousands: a pool of two
+# is plenty. Ray's own knob; a value set by the user or the job wins.
+_RAY_DATA_DEFAULTS = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
+
+
+def _ray_data_env() -> dict[str, str]:
+    """Ray Data settings for this driver and every worker (see ``_RAY_DATA_DEFAULTS``)."""
+    env = {k: os.environ.get(k, v) for k, v in _RAY_DATA_DEFAULTS.items()}
+    for k, v in env.items():
+        os.environ.setdefault(k, v)  # reads listed from this process
+    return env
 
 
 def _submitted_job_env_vars() -> dict[str, str] | None:
