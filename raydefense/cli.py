@@ -17,13 +17,13 @@ from typing import Callable, Optional, Sequence
 from raydefense.config import Config, load_config, run_name_problem
 from raydefense.errors import ConfigError, RayDefenseError
 
-# configs/ beside jobs/ in a checkout (also what `ray job submit --working-dir .` ships).
+# The presets ship inside the package (raydefense/configs, a link to configs/ in a checkout).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"  # package data (a link to configs/ in a checkout)
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--config", help=f"YAML config (default: the preset {DEFAULT_CONFIG})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.T=2 (repeatable)")
     p.add_argument("--data", help="image folder in the LFW layout (local path or s3:// URI); default: synthetic")
