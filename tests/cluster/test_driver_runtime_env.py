@@ -13,7 +13,8 @@ from raydefense.pipeline.runtime import _driver_runtime_env
 JOB_ENV = {
     "working_dir": "gcs://_ray_pkg_0123456789abcdef.zip",
     "pip": {"packages": ["kornia==0.9.0"], "pip_check": False},
-    "env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "default", "RAYDEFENSE_SHARED": "job"},
+    "env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "default", "RAYDEFENSE_SHARED": "job",
+                 "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "4"},
 }
 
 
@@ -24,6 +25,7 @@ def hooks(monkeypatch):
     monkeypatch.setenv("RAYDEFENSE_SHARED", "job")  # in the job's env_vars too (as under ray job submit)
     monkeypatch.setenv("RAYDEFENSE_HOOK", "1")  # only in this process's environment
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
     return monkeypatch
 
 
@@ -34,8 +36,13 @@ def _as_submitted_job(monkeypatch, runtime_env: dict) -> None:
 
 def test_local_driver_sends_warnings_filter_and_hooks(hooks):
     env = _driver_runtime_env()
-    assert env == {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAYDEFENSE_SHARED": "job",
-                                "RAYDEFENSE_HOOK": "1"}}
+    assert env == {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
+                                "RAYDEFENSE_SHARED": "job", "RAYDEFENSE_HOOK": "1"}}
+
+
+def test_a_user_setting_of_ray_data_knobs_wins(hooks):
+    hooks.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "8")
+    assert _driver_runtime_env()["env_vars"]["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "8"
 
 
 def test_old_behaviour_conflicts_with_the_job(hooks):
