@@ -28,7 +28,7 @@ N_CLASSES, SIZE = 4, 32
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
+    ray.init(address="local", num_cpus=4, object_store_memory=256 * 1024 * 1024, include_dashboard=False,
              runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
     yield ray
     ray.shutdown()
