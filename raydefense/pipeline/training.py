@@ -326,8 +326,8 @@ class Progress:
     ``scale.checkpoint_every_epochs`` epochs have passed since the last one: a lost worker
     costs at most one such interval of work.
 
-    The history (one entry per finished epoch: ``epoch``, ``attempt``, ``workers``, the
-    metrics) travels inside the checkpoints, so epochs that ran after the last checkpoint and
+    The history (one entry per finished epoch: ``epoch``, ``attempt``, ``workers``, ``time``
+    (Unix seconds), the metrics) travels inside the checkpoints, so epochs that ran after the last checkpoint and
     are redone after a restart appear once; ``attempt`` counts the starts of this task from a
     checkpoint (1 = never restarted).
     """
@@ -355,7 +355,7 @@ class Progress:
         now = time.monotonic()
         due = (epoch == self.epochs - 1 or self._last_time is None or now - self._last_time >= self.interval_s
                or (self.every_epochs > 0 and epoch - self._last_epoch >= self.every_epochs))
-        self.history.append({"epoch": epoch, "attempt": self.attempt, "workers": workers,
+        self.history.append({"epoch": epoch, "attempt": self.attempt, "workers": workers, "time": time.time(),
                              **{k: float(v) for k, v in metrics.items()}})
         if due:
             self._last_time, self._last_epoch = now, epoch
