@@ -22,24 +22,9 @@ from raydefense.errors import ConfigError
 
 def evaluate_main(argv: Sequence[str]) -> int:
     """``raydefense evaluate``: as ``jobs/evaluate.py``, the run's own saved settings unless --config/--set."""
-    from raydefense.cli import common_parser, config_from_args, quiet_logs
+    from raydefense import jobs_impl
 
-    p = common_parser("Evaluate a finished run again: Tables 1-3, Figures 6-7, attacks on the whole defended "
-                      "model; rewrites <storage>/<name>/report/.")
-    p.prog = "raydefense evaluate"
-    args = p.parse_args(list(argv))
-    quiet_logs()
-    from raydefense.pipeline.runner import evaluate_run, load_run_config
-
-    if args.config:
-        cfg = config_from_args(args)
-    else:
-        if not args.name:
-            p.error("--name RUN is required (the run to evaluate)")
-        storage = args.storage or config_from_args(args).storage.path
-        cfg = load_run_config(args.name, storage=storage, overrides=args.overrides)
-    evaluate_run(cfg)
-    return 0
+    return jobs_impl.evaluate_main(argv, prog="raydefense evaluate")
 
 
 def compare_main(argv: Sequence[str]) -> int:

@@ -35,14 +35,23 @@ def full_pipeline_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def evaluate_main(argv: Sequence[str]) -> int:
-    p = common_parser("Evaluate a finished run again: Tables 1-3, Figures 6-7, attacks on the whole "
-                      "defended model; rewrites <storage>/<name>/report/.")
+def evaluate_main(argv: Sequence[str], *, prog: str | None = None) -> int:
+    """Evaluate a finished run again with its own saved settings, unless --config; --set overrides."""
+    p = common_parser("Evaluate a finished run again: Tables 1-3, Figures 6-7, attacks on the whole defended "
+                      "model; rewrites <storage>/<name>/report/.")
+    if prog:
+        p.prog = prog
     args = p.parse_args(list(argv))
     quiet_logs()
-    cfg = config_from_args(args)
-    from raydefense.pipeline.runner import evaluate_run
+    from raydefense.pipeline.runner import evaluate_run, load_run_config
 
+    if args.config:
+        cfg = config_from_args(args)
+    else:
+        if not args.name:
+            p.error("--name RUN is required (the run to evaluate)")
+        storage = args.storage or config_from_args(args).storage.path
+        cfg = load_run_config(args.name, storage=storage, overrides=args.overrides)
     evaluate_run(cfg)
     return 0
 
