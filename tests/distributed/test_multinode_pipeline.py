@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.distributed.test_faults import _processes
 
 pytestmark = pytest.mark.slow
 
@@ -44,17 +45,6 @@ def _raylet_of(p: psutil.Process) -> int | None:
     except psutil.Error:
         return None
     return None
-
-
-def _workers(marker: str) -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if marker in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
 
 
 def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_path, s3_server, s3_bucket):
@@ -90,9 +80,9 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
         while not exists("stages/models.json"):
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "models stage did not finish in time"
-            train = _workers("RayTrainWorker")
+            train = _processes("RayTrainWorker")
             train_nodes |= {n for n in map(_raylet_of, train) if n}
-            map_nodes |= {n for n in map(_raylet_of, _workers("MapWorker")) if n}
+            map_nodes |= {n for n in map(_raylet_of, _processes("MapWorker")) if n}
             # Kill once the target's first checkpoint is committed: its callback's epoch line for
             # the epoch after it has reached the driver's console.
             if killed_worker is None and train and "  target: epoch 3/" in (tmp_path / "first.log").read_text():
@@ -109,8 +99,8 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
         out_lines = []
         for line in proc.stdout:
             out_lines.append(line)
-            map_nodes |= {n for n in map(_raylet_of, _workers("MapWorker")) if n}
-            train_nodes |= {n for n in map(_raylet_of, _workers("RayTrainWorker")) if n}
+            map_nodes |= {n for n in map(_raylet_of, _processes("MapWorker")) if n}
+            train_nodes |= {n for n in map(_raylet_of, _processes("RayTrainWorker")) if n}
         rc = proc.wait(timeout=900)
         out = "".join(out_lines)
         assert rc == 0, out[-4000:]
