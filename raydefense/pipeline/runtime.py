@@ -50,7 +50,9 @@ def init_ray(cfg: Config) -> dict[str, Any]:
 
 def _driver_runtime_env() -> dict[str, Any] | None:
     """The ``runtime_env`` this driver passes to ``ray.init``: environment variables for every
-    worker (quiet DeprecationWarnings, and the ``RAYDEFENSE_*`` test hooks of this process).
+    worker: quiet DeprecationWarnings and Ray Data's knobs (``_RAY_DATA_DEFAULTS``). Nothing
+    else of this process's environment is forwarded (tests inject faults by killing processes
+    or with trainer callbacks, never through variables read in product code).
 
     Inside a job started by ``ray job submit`` (or a KubeRay RayJob), Ray merges a driver's
     ``runtime_env`` into the job's own: field by field, env var by env var, and it refuses to
@@ -61,8 +63,6 @@ def _driver_runtime_env() -> dict[str, Any] | None:
     working_dir, pip and env_vars reach the workers unchanged. None when there is nothing to add.
     """
     env = {"PYTHONWARNINGS": "ignore::DeprecationWarning", **_ray_data_env()}
-    # Test hooks (RAYDEFENSE_*) travel to every worker.
-    env.update({k: v for k, v in os.environ.items() if k.startswith("RAYDEFENSE_")})
     job_env_vars = _submitted_job_env_vars()
     if job_env_vars is not None:
         env = {k: v for k, v in env.items() if k not in job_env_vars}

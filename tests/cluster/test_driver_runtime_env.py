@@ -13,8 +13,7 @@ from raydefense.pipeline.runtime import _driver_runtime_env
 JOB_ENV = {
     "working_dir": "gcs://_ray_pkg_0123456789abcdef.zip",
     "pip": {"packages": ["kornia==0.9.0"], "pip_check": False},
-    "env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "default", "RAYDEFENSE_SHARED": "job",
-                 "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "4"},
+    "env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "default", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "4"},
 }
 
 
@@ -22,8 +21,7 @@ JOB_ENV = {
 def hooks(monkeypatch):
     for k in [k for k in __import__("os").environ if k.startswith("RAYDEFENSE_")]:
         monkeypatch.delenv(k)
-    monkeypatch.setenv("RAYDEFENSE_SHARED", "job")  # in the job's env_vars too (as under ray job submit)
-    monkeypatch.setenv("RAYDEFENSE_HOOK", "1")  # only in this process's environment
+    monkeypatch.setenv("RAYDEFENSE_HOOK", "1")  # this process's environment is not forwarded
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
     monkeypatch.delenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", raising=False)
     return monkeypatch
@@ -34,10 +32,9 @@ def _as_submitted_job(monkeypatch, runtime_env: dict) -> None:
     monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": runtime_env, "metadata": {}}))
 
 
-def test_local_driver_sends_warnings_filter_and_hooks(hooks):
+def test_local_driver_sends_warnings_filter_and_ray_data_knobs_only(hooks):
     env = _driver_runtime_env()
-    assert env == {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
-                                "RAYDEFENSE_SHARED": "job", "RAYDEFENSE_HOOK": "1"}}
+    assert env == {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}}
 
 
 def test_a_user_setting_of_ray_data_knobs_wins(hooks):
@@ -47,25 +44,26 @@ def test_a_user_setting_of_ray_data_knobs_wins(hooks):
 
 def test_old_behaviour_conflicts_with_the_job(hooks):
     """What init_ray used to pass: Ray's merge refuses it (ray.init raised ValueError) as soon as
-    the job sets PYTHONWARNINGS or a forwarded RAYDEFENSE_* variable."""
-    old = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", "RAYDEFENSE_SHARED": "job",
-                        "RAYDEFENSE_HOOK": "1"}}
+    the job sets PYTHONWARNINGS."""
+    old = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     assert _merge_runtime_env(JOB_ENV, old) is None
 
 
 def test_inside_a_job_the_job_runtime_env_wins(hooks):
     _as_submitted_job(hooks, JOB_ENV)
     ours = _driver_runtime_env()
-    assert ours == {"env_vars": {"RAYDEFENSE_HOOK": "1"}}
-    merged = _merge_runtime_env(JOB_ENV, ours)  # what ray.init does with it
+    assert ours is None  # the job sets every variable we would: nothing to add, nothing to merge
+
+
+def test_inside_a_job_the_driver_adds_only_what_the_job_lacks(hooks):
+    job = {**JOB_ENV, "env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "PYTHONWARNINGS": "default"}}
+    _as_submitted_job(hooks, job)
+    ours = _driver_runtime_env()
+    assert ours == {"env_vars": {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}}
+    merged = _merge_runtime_env(job, ours)  # what ray.init does with it
     assert merged is not None
     assert merged["working_dir"] == JOB_ENV["working_dir"] and merged["pip"] == JOB_ENV["pip"]
-    assert merged["env_vars"] == {**JOB_ENV["env_vars"], "RAYDEFENSE_HOOK": "1"}
-
-
-def test_inside_a_job_with_nothing_to_add(hooks):
-    _as_submitted_job(hooks, {**JOB_ENV, "env_vars": {**JOB_ENV["env_vars"], "RAYDEFENSE_HOOK": "1"}})
-    assert _driver_runtime_env() is None
+    assert merged["env_vars"] == {**job["env_vars"], "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 
 
 def test_inside_a_job_without_env_vars(hooks):
