@@ -10,5 +10,6 @@ from raydefense.attacks.fgsm import FGSM
 from raydefense.attacks.ifgsm import IFGSM
 from raydefense.attacks.pgd import PGD
 from raydefense.attacks.apgd import APGD
+from raydefense.attacks.square import Square  # noqa: F401  registers 'square' (Andriushchenko et al., ECCV 2020)
 
 __all__ = ["Attack", "FGSM", "IFGSM", "PGD", "APGD", "create_attack", "list_attacks", "register_attack", "attack_loss"]

@@ -339,7 +339,7 @@ def test_output_on_model_device_and_input_dtype():
 
 # ------------------------------------------------------------------ registry
 def test_registry_names():
-    assert list_attacks() == ["apgd", "apgd_dlr", "fgsm", "ifgsm", "ifgsm2", "ifgsm4", "ifgsm8", "pgd"]
+    assert list_attacks() == ["apgd", "apgd_dlr", "fgsm", "ifgsm", "ifgsm2", "ifgsm4", "ifgsm8", "pgd", "square"]
     model = Linear()
     assert create_attack("apgd", model, eps=2 / 255).loss == "ce"
     assert create_attack("apgd_dlr", model, eps=2 / 255).loss == "dlr"
