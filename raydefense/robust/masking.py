@@ -36,6 +36,7 @@ defenses that failed any check.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -92,7 +93,10 @@ class Accuracy:
         elif isinstance(value, (tuple, list)):
             if len(value) != 2:
                 raise ValueError(f"Accuracy.of: a pair must be (correct, n), got {value!r}")
-            return cls(int(value[0]), int(value[1]))
+            try:  # operator.index: any integer type (NumPy too), but not 2.7 images
+                return cls(operator.index(value[0]), operator.index(value[1]))
+            except TypeError as exc:
+                raise ValueError(f"Accuracy.of: a pair must be two integers (correct, n), got {value!r}") from exc
         if n is None:
             raise ValueError(f"Accuracy.of: a fraction ({value!r}) needs n")
         n = int(n)

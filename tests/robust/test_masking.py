@@ -4,6 +4,7 @@ real attacks, that the checks flag deliberately masked models (saturated logits,
 and pass an undefended one."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ def test_accuracy_record_and_conversions():
     assert Accuracy.of((30, 40)) == a == Accuracy.of(0.75, 40) == Accuracy.of({"accuracy": 0.75, "n": 40, "ci95": [0, 1]})
     assert Accuracy.of(a) is a
     assert "75.0%" in str(a) and "n=40" in str(a)
+    assert Accuracy.of((np.int64(3), np.int32(4))) == Accuracy(3, 4)
+    with pytest.raises(ValueError, match="two integers"):
+        Accuracy.of((2.7, 10))
     with pytest.raises(ValueError, match="whole number"):
         Accuracy.of(0.3, 7)
     with pytest.raises(ValueError, match="needs n"):
