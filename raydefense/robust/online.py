@@ -83,7 +83,7 @@ def online_pgd(
     Args:
         model: maps ``[0, 1]`` images ``(B, C, H, W)`` to logits ``(B, K)``: the classifier for
             ``pgd_at``, or UDDN + target / UDDN + student for ``uddn_kt_adv``.
-        images: ``(B, C, H, W)`` float in ``[0, 1]``.
+        images: ``(B, C, H, W)`` float in ``[0, 1]``, on the model's device (a training batch).
         labels: ``(B,)`` integer classes; needed for ``loss='ce'``, ignored for ``'kl'``.
         eps: L-inf budget in ``[0, 1]`` units, a float or one value per image (``(B,)``).
         steps: PGD iterations (default 10; Madry et al. trained CIFAR-10 with 7).
@@ -102,7 +102,10 @@ def online_pgd(
 
     Raises:
         ValueError: a bad argument or input (named).
+        TypeError: ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"online_pgd: model must be an nn.Module, got {type(model).__name__}")
     _check_images(images)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"online_pgd: steps must be an int >= 0, got {steps!r}")

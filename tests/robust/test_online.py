@@ -142,6 +142,8 @@ def test_bad_arguments(kwargs, match):
 
 def test_bad_inputs():
     x, y = batch()
+    with pytest.raises(TypeError, match="nn.Module"):
+        online_pgd(lambda z: z, x, y, eps=0.1)
     with pytest.raises(ValueError, match="needs labels"):
         online_pgd(net(), x, eps=0.1)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
