@@ -393,20 +393,27 @@ def paired_comparisons(correct: Mapping[str, Any], cluster_ids: Any = None, *, b
         A list of :class:`PairedResult` in the order baseline, then defense (insertion order).
 
     Raises:
-        ValueError: as :func:`paired_test`, naming the defense whose flags have the wrong length.
+        ValueError: (one line) a defense's flags not 1-D boolean, or of another length than the
+            first defense's (both named); ``cluster_ids`` of another length; ``n_boot`` < 100.
     """
+    fn = "paired_comparisons"
+    if not correct:
+        return []
+    flags = {name: _flags(v, f"correct[{name!r}]", fn) for name, v in correct.items()}
+    first = next(iter(flags))
+    for name, v in flags.items():
+        if v.size != flags[first].size:
+            raise ValueError(f"{fn}: defense {name!r} has {v.size} rows, {first!r} has {flags[first].size}")
+    if cluster_ids is not None:
+        _clusters(cluster_ids, flags[first].size, fn, f"defense {first!r}")
     out = []
     for base in baselines:
-        if base not in correct:
+        if base not in flags:
             continue
-        for name, flags in correct.items():
-            if name == base:
-                continue
-            try:
-                out.append(paired_test(flags, correct[base], cluster_ids, n_boot=n_boot, seed=seed,
+        for name, v in flags.items():
+            if name != base:
+                out.append(paired_test(v, flags[base], cluster_ids, n_boot=n_boot, seed=seed,
                                        defense=name, vs=base, test_set=test_set))
-            except ValueError as e:
-                raise ValueError(f"paired_comparisons: defense {name!r} vs {base!r}: {e}") from None
     return out
 
 
