@@ -385,11 +385,13 @@ def paired_comparisons(correct: Mapping[str, Any], cluster_ids: Any = None, *, b
             (e.g. ``df[f"adv_ok_{d}"]`` of one test set in pipeline/evaluate.py).
         cluster_ids: shape (n_rows,) image ids of those rows (``df["index"]``), or None.
         baselines: names compared against; a baseline not in ``correct`` is skipped, a defense
-            is never compared with itself.
+            is never compared with itself, and a pair is compared once (no defense against
+            UDDN + KT appears as UDDN + KT against no defense only).
         test_set, n_boot, seed: as in :func:`paired_test` (one seed for all pairs).
 
     Returns:
-        A list of :class:`PairedResult` in the order baseline, then defense (insertion order).
+        A list of :class:`PairedResult` in the order baseline, then defense (insertion order of
+        ``correct``); ``difference`` is always defense - baseline.
 
     Raises:
         ValueError: (one line) a defense's flags not 1-D boolean, or of another length than the
@@ -405,12 +407,13 @@ def paired_comparisons(correct: Mapping[str, Any], cluster_ids: Any = None, *, b
             raise ValueError(f"{fn}: defense {name!r} has {v.size} rows, {first!r} has {flags[first].size}")
     if cluster_ids is not None:
         _clusters(cluster_ids, flags[first].size, fn, f"defense {first!r}")
-    out = []
+    out, done = [], set()
     for base in baselines:
         if base not in flags:
             continue
         for name, v in flags.items():
-            if name != base:
+            if name != base and frozenset((name, base)) not in done:
+                done.add(frozenset((name, base)))
                 out.append(paired_test(v, flags[base], cluster_ids, n_boot=n_boot, seed=seed,
                                        defense=name, vs=base, test_set=test_set))
     return out
