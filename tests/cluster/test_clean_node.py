@@ -71,16 +71,31 @@ def test_bare_venv_cannot_import_raydefense(head):
     assert r.returncode == 0, r.stderr
 
 
-def test_job_runtime_env_reaches_driver_and_workers(head, tmp_path):
-    """Driver and Ray workers import raydefense from the uploaded working dir, run in the pip
-    environment of cluster/runtime_env.yaml, and see the job's env_vars, including a
-    PYTHONWARNINGS that init_ray also sets (the job's value wins; Ray refused to connect before)."""
+@pytest.fixture(scope="module")
+def clean_job(head, tmp_path_factory):
+    """ONE `ray job submit` (each submission pays for a job driver and its Ray connection): the
+    entrypoint first runs tests/cluster/probe_job.py, then the shrunk smoke pipeline, in the
+    runtime env of cluster/runtime_env.yaml plus two variables: PYTHONWARNINGS (which init_ray
+    also sets: the job's value must win; Ray refused to connect before) and a marker."""
+    tmp = tmp_path_factory.mktemp("clean")
     env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
     env["env_vars"].update(PYTHONWARNINGS="default", RAYDEFENSE_PROBE_JOB="from-job")
-    rt = tmp_path / "runtime_env.yaml"
+    rt = tmp / "runtime_env.yaml"
     rt.write_text(yaml.safe_dump(env))
-    _, logs, took = _submit(head, rt, "python", "tests/cluster/probe_job.py")
-    print(f"probe job: {took:.0f} s (includes building the job's pip environment)")
+    storage = tmp / "storage"
+    sets = [a for s in SHRINK for a in ("--set", s)]
+    # Ray joins the entrypoint's words and runs them with a shell, so "&&" chains the two programs.
+    _, logs, took = _submit(head, rt, "python", "tests/cluster/probe_job.py", "&&",
+                            "python", "jobs/full_pipeline.py", "--config", "configs/smoke.yaml",
+                            "--storage", str(storage), "--name", "clean", *sets)
+    print(f"probe + smoke pipeline job: {took:.0f} s (includes building the job's pip environment)")
+    return logs, storage
+
+
+def test_job_runtime_env_reaches_driver_and_workers(head, clean_job):
+    """Driver and Ray workers import raydefense from the uploaded working dir, run in the pip
+    environment of cluster/runtime_env.yaml, and see the job's env_vars."""
+    logs, _ = clean_job
     (line,) = [x for x in logs.splitlines() if x.startswith("PROBE ")]
     seen = json.loads(line[len("PROBE "):])
     assert len(seen["workers"]) >= 1
@@ -94,13 +109,8 @@ def test_job_runtime_env_reaches_driver_and_workers(head, tmp_path):
         assert not who["sys_prefix"].startswith(str(head.venv))
 
 
-def test_smoke_pipeline_succeeds_on_a_clean_node(head, tmp_path):
-    storage = tmp_path / "storage"
-    sets = [a for s in SHRINK for a in ("--set", s)]
-    _, logs, took = _submit(head, REPO / "cluster" / "runtime_env.yaml",
-                            "python", "jobs/full_pipeline.py", "--config", "configs/smoke.yaml",
-                            "--storage", str(storage), "--name", "clean", *sets)
-    print(f"smoke pipeline job: {took:.0f} s")
+def test_smoke_pipeline_succeeds_on_a_clean_node(head, clean_job):
+    _, storage = clean_job
     report = storage / "clean" / "report"
     metrics = json.loads((report / "metrics.json").read_text())
     assert (report / "report.md").is_file()

@@ -30,10 +30,11 @@ pytestmark = pytest.mark.slow
 
 DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
 SETS = ("clean", "white_box", "black_box")
+TARGET_EPOCHS = 30  # enough epochs that the kill after epoch 3 lands mid-training
 TWO_NODES = ["--set", "scale.num_workers=2", "--set", "scale.cpus_per_worker=1", "--set",
              "scale.worker_resources={train_slot: 1}", "--set", "scale.attack_actors=2", "--set",
              "scale.cpus_per_actor=1", "--set", "scale.checkpoint_interval_s=1000", "--set",
-             "scale.checkpoint_every_epochs=10", "--set", "models.target_train.epochs=60"]
+             "scale.checkpoint_every_epochs=10", "--set", f"models.target_train.epochs={TARGET_EPOCHS}"]
 
 
 def _raylet_of(p: psutil.Process) -> int | None:
@@ -127,7 +128,7 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
             restarted.append(task)
     assert restarted, "no training shows the automatic restart"
     first = (tmp_path / "first.log").read_text()
-    assert "  target: epoch 1/60" in first and "  target: epoch 60/60" in first  # one line per epoch
+    assert f"  target: epoch 1/{TARGET_EPOCHS}" in first and f"  target: epoch {TARGET_EPOCHS}/{TARGET_EPOCHS}" in first
     _check_run_on_s3(s3, s3_bucket, "runs/mn", out)
 
 

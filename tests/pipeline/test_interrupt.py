@@ -57,7 +57,10 @@ def test_ctrl_c_during_a_training_stops_the_run(tmp_path):
 
 
 def test_ctrl_c_after_a_training_stops_the_run(tmp_path):
-    rc, out, took = _interrupt_when(tmp_path, "after", lambda text: "[3/8] attack" in text)
+    # One or two epochs per classifier: the point is the stage after a finished Ray Train fit.
+    rc, out, took = _interrupt_when(tmp_path, "after", lambda text: "[3/8] attack" in text,
+                                    extra=["--set", "models.target_train.epochs=2",
+                                           "--set", "models.surrogate_train.epochs=1"])
     assert rc == 130, out[-3000:]
     assert out.strip().splitlines()[-1] == MESSAGE
     assert "Traceback" not in out and "Gracefully aborting" not in out

@@ -262,7 +262,9 @@ SEARCH = ["--config", "configs/smoke.yaml", "--name", "tiny", "--num-samples", "
           "--set", "distill.teacher.epochs=1", "--set", "distill.student.epochs=1",
           # ASHA's first rung at the last epoch: no trial is stopped early, so the kill below always
           # lands in the second trial (early stopping itself is checked on the searcher above).
-          "--set", "tune.grace_period=3"]
+          "--set", "tune.grace_period=3",
+          # Every trial trains data-parallel: two Ray Train workers per fit (gloo on CPU).
+          "--set", "scale.num_workers=2", "--set", "scale.cpus_per_worker=1"]
 
 
 @pytest.mark.slow
@@ -313,7 +315,9 @@ def test_search_completes_resumes_after_a_kill_and_optuna_records_it(tmp_path):
     for tid in (first, second):
         hist = json.loads((sdir / "trials" / tid / "history.json").read_text())
         assert [(h["phase"], h["phase_epoch"]) for h in hist] == [("uddn", 0), ("teacher", 0), ("student", 0)]
-        assert (models / tid / "student.pt").is_file()
+        for phase in ("uddn", "teacher", "student"):  # each phase trained on two workers
+            blob = Storage.open(str(models / tid)).load_torch(f"{phase}.pt")
+            assert {h["workers"] for h in blob["metrics"]["history"]} == {2}, (tid, phase)
 
     best = json.loads((sdir / "best.json").read_text())
     assert best["counts"] == {"completed": 2, "stopped_early": 0, "error": 0}
