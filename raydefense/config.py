@@ -28,8 +28,15 @@ from raydefense.errors import ConfigError
 ATTACK_METHODS = ("fgsm", "ifgsm2", "ifgsm4", "ifgsm8")
 GUIDANCE = ("logits", "features", "pixel")
 DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
+# Metrics every Tune trial reports each epoch (raydefense.tune.trial), and the config's other
+# spellings of them. Kept here, not in raydefense.tune, so that config imports nothing above it.
+TUNE_REPORTED = ("val_white_acc", "val_clean_acc", "train_loss")
+TUNE_METRIC_ALIASES = {"val_white_box_acc": "val_white_acc", "val_clean_box_acc": "val_clean_acc"}
 
 
+# The preset a job uses without --config; shipped inside the package (raydefense/configs, a
+# link to configs/ in a checkout). Here, not in cli.py, so that export and serve need no cli.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 # Seeds feed numpy (needs 0 <= seed < 2**32) and torch (seed * 1000 + rank must stay < 2**63).
 MAX_SEED = 2**31 - 1
 # object_store_memory_mb above this (16 TiB) is a unit mistake (bytes or 1e8 typed for MB).
@@ -428,10 +435,8 @@ class TuneConfig:
         _check(self.num_samples >= 1, f"{prefix}.num_samples", "must be >= 1")
         _check(self.max_concurrent >= 0, f"{prefix}.max_concurrent", "must be >= 0 (0 = fill the cluster)")
         _check(self.mode in ("max", "min"), f"{prefix}.mode", "must be 'max' or 'min'")
-        from raydefense.tune.space import METRIC_ALIASES, REPORTED
-
-        _check(self.metric in REPORTED or self.metric in METRIC_ALIASES, f"{prefix}.metric",
-               f"unknown metric '{self.metric}' (known: {', '.join(REPORTED)})")
+        _check(self.metric in TUNE_REPORTED or self.metric in TUNE_METRIC_ALIASES, f"{prefix}.metric",
+               f"unknown metric '{self.metric}' (known: {', '.join(TUNE_REPORTED)})")
         _check_seed(self.seed, f"{prefix}.seed")
         _check(0 <= self.clean_floor <= 1, f"{prefix}.clean_floor", "must be in [0, 1]")
         _check(self.grace_period >= 1, f"{prefix}.grace_period", "must be >= 1")
@@ -573,7 +578,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 number = float(value)
-            except OverflowError:  # an int too large for a float
+            except OverflowError:  # an int too large for a float; the cause adds nothing to the message
                 raise ConfigError(f"config key '{key}': {value} is too large") from None
         elif isinstance(value, str):
             number = _eval_fraction(value, key)
@@ -602,7 +607,7 @@ def _eval_fraction(text: str, key: str) -> Optional[float]:
         return float(text)
     except ValueError:
         return None
-    except ZeroDivisionError:
+    except ZeroDivisionError:  # the cause ('float division by zero') adds nothing to the message
         raise ConfigError(f"config key '{key}': '{text}' divides by zero") from None
 
 
@@ -713,7 +718,3 @@ def _set_dotted_creating(data: dict[str, Any], key: str, value: Any) -> None:
             raise ConfigError(f"config key '{part}' is not a section, cannot set '{key}'")
         node = child
     node[parts[-1]] = value
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(cfg.to_yaml())

@@ -7,7 +7,7 @@
     card.json    the model card, written LAST: its presence is the proof of a finished export
 
 The exported function is exactly the one the report evaluated. It is assembled by
-:func:`raydefense.pipeline.adaptive.build_defended_models`, the same assembly the
+:func:`raydefense.pipeline.defended.build_defended_models`, the same assembly the
 whole-model attacks use (``DefendedModel(classifier, Sequential(denoiser, clamp to [0, 1]))``,
 which on every input equals the tables' :class:`~raydefense.pipeline.evaluate.DefenseBank`),
 traced with ``torch.jit.trace`` at the run's image size (the batch dimension stays free), and
@@ -108,10 +108,8 @@ def _open_run(storage: Storage | str, run: str) -> Storage:
 def _read_json(run: Storage, rel: str, what: str) -> Any:
     if not run.exists(rel):
         raise StorageError(f"run '{run.display()}': no {rel} ({what})")
-    try:
-        return run.read_json(rel)
-    except json.JSONDecodeError:
-        raise CorruptFileError(f"{run.display(rel)} is not valid JSON; re-run the stage that writes it") from None
+    # read_json raises CorruptFileError naming the file (and keeping the parser's error as cause).
+    return run.read_json(rel, hint="re-run the stage that writes it")
 
 
 def _check_images(run: Storage, image_size: int, n: int) -> tuple[torch.Tensor, str]:
@@ -215,7 +213,7 @@ def export_defense(storage: Storage | str, run: str, *, defense: str = "uddn_kt"
         ModelError: the exported model differs from the evaluated one by more than ``TOLERANCE``.
     """
     from raydefense.config import from_dict
-    from raydefense.pipeline.evaluate import DEFENSES
+    from raydefense.pipeline.defended import DEFENSES
 
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in EXPORT_FORMATS]
@@ -254,7 +252,7 @@ def export_defense(storage: Storage | str, run: str, *, defense: str = "uddn_kt"
 def _export(run_st: Storage, run: str, cfg, metrics: dict[str, Any], meta: dict[str, Any], *, defense: str,
             pre: Optional[str], clf: str, formats: tuple[str, ...], onnx_skipped: Optional[str],
             echo: Callable[[str], None]) -> dict[str, Any]:
-    from raydefense.pipeline.adaptive import build_defended_models
+    from raydefense.pipeline.defended import build_defended_models
 
     evaluated = metrics["accuracy"]
     size = int(meta.get("image_size", cfg.data.image_size))
@@ -396,7 +394,7 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     storage = args.storage
     if storage is None:
-        from raydefense.cli import DEFAULT_CONFIG
+        from raydefense.config import DEFAULT_CONFIG
         from raydefense.config import load_config
 
         storage = load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None).storage.path

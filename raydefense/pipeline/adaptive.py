@@ -45,9 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.attack import adv_rel
-from raydefense.pipeline.evaluate import available_defenses
+from raydefense.pipeline.defended import available_defenses, build_defended_models
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion
 
@@ -73,35 +72,6 @@ def row_budget(clean: torch.Tensor, adv: torch.Tensor, eps: np.ndarray) -> torch
     """Per-row L-inf budget ``(B,)``: the pre-generated eps, widened to the stored image's distance."""
     dist = (adv - clean).abs().flatten(1).amax(dim=1)
     return torch.maximum(torch.as_tensor(eps, dtype=clean.dtype, device=clean.device), dist).clamp(0, 1)
-
-
-class UnitClamp(nn.Module):
-    """Clamp to [0, 1]: a denoiser's output is clamped before the classifier, as in the tables."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(0, 1)
-
-
-def build_defended_models(storage, defenses: dict[str, tuple[Optional[str], str]], *, jpeg_quality: int,
-                          device) -> dict[str, nn.Module]:
-    """``name -> DefendedModel(classifier, preprocess)``: the exact function the tables evaluate
-    (denoiser output clamped to [0, 1]), with JPEG in BPDA mode (real codec forward)."""
-    from raydefense.defenses import JPEG, DefendedModel
-
-    parts: dict[str, nn.Module] = {}
-    models: dict[str, nn.Module] = {}
-    for name, (pre, clf) in defenses.items():
-        if clf not in parts:
-            parts[clf] = load_artifact(storage, clf, device)
-        prep = None
-        if pre == "jpeg":
-            prep = JPEG(quality=jpeg_quality, mode="bpda")
-        elif pre:
-            if pre not in parts:
-                parts[pre] = load_artifact(storage, pre, device)
-            prep = nn.Sequential(parts[pre], UnitClamp())
-        models[name] = DefendedModel(parts[clf], prep).eval()
-    return models
 
 
 @torch.no_grad()

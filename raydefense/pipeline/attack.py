@@ -16,7 +16,7 @@ Sets (``<run>/data/adv/set=<set>/``, one Parquet partition each), columns ``clea
 from __future__ import annotations
 
 import zlib
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -1,20 +1,5 @@
-"""Stage 7, evaluate: every trained defense over the test sets, on Ray Data actors.
-
-A defense is a preprocessing step (none, a denoiser, JPEG) in front of a classifier (the
-target, the KT student, or a baseline's classifier):
-
-=============  ==============  ==========
-defense        preprocess      classifier
-=============  ==============  ==========
-none           -               target
-dae            DAE             target
-pixel_guided   pixel UDDN      target
-uddn           UDDN            target
-uddn_kt        UDDN            student
-jpeg           real JPEG       target
-dcn            -               dcn
-distillation   -               distillation
-=============  ==============  ==========
+"""Stage 7, evaluate: every trained defense (:mod:`raydefense.pipeline.defended`) over the
+test sets, on Ray Data actors.
 
 One streaming pass of :class:`EvalActor` over the white- and black-box test rows gives
 Tables 1-3 (per-row correctness, L1 distance to the clean image) and Figure 7 (FGSM at the
@@ -33,67 +18,20 @@ import torch
 
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.attack import adv_rel
+from raydefense.pipeline.defended import DEFENSES, DENOISERS, available_defenses, load_parts  # noqa: F401  (re-exported)
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion, wilson  # noqa: F401  (wilson: re-exported)
 
-DEFENSES: dict[str, tuple[Optional[str], str]] = {
-    "none": (None, "target"),
-    "dae": ("dae", "target"),
-    "pixel_guided": ("pixel_guided", "target"),
-    "uddn": ("uddn", "target"),
-    "uddn_kt": ("uddn", "student"),
-    "jpeg": ("jpeg", "target"),
-    "dcn": (None, "dcn"),
-    "distillation": (None, "distillation"),
-}
-DENOISERS = ("dae", "pixel_guided", "uddn")
 TEST_SETS = {"white_box": "test_white", "black_box": "test_black"}
-
-
-def available_defenses(ctx) -> tuple[dict[str, tuple[Optional[str], str]], dict[str, str]]:
-    """Defenses whose parts were trained in this run, and why the others are missing."""
-    have, missing = {}, {}
-    cfg = ctx.cfg
-    for name, (pre, clf) in DEFENSES.items():
-        if name == "jpeg" and "jpeg" not in cfg.baselines.enabled:
-            missing[name] = "not in baselines.enabled"
-            continue
-        needed = [clf] + ([pre] if pre and pre != "jpeg" else [])
-        absent = [n for n in needed if not ctx.storage.exists(f"models/{n}.pt")]
-        if absent:
-            missing[name] = _why_missing(cfg, name)
-            continue
-        have[name] = (pre, clf)
-    return have, missing
-
-
-def _why_missing(cfg, name: str) -> str:
-    if name in ("dae", "pixel_guided") and name not in cfg.denoise.baselines:
-        return "left out by the config (denoise.baselines)"
-    if name in ("dcn", "distillation") and name not in cfg.baselines.enabled:
-        return "left out by the config (baselines.enabled)"
-    if name == "uddn_kt" and not cfg.distill.enabled:
-        return "left out by the config (distill.enabled: false)"
-    return "its models were not trained in this run"
 
 
 class DefenseBank:
     """Loads every part once and applies a defense to a batch, caching shared preprocessing."""
 
     def __init__(self, storage, defenses: dict[str, tuple[Optional[str], str]], *, jpeg_quality: int, device):
-        from raydefense.defenses import JPEG
-
         self.device = device
         self.defenses = defenses
-        self.pre: dict[str, Any] = {}
-        self.clf: dict[str, Any] = {}
-        for pre, clf in defenses.values():
-            if pre == "jpeg":
-                self.pre[pre] = JPEG(quality=jpeg_quality, mode="real")
-            elif pre and pre not in self.pre:
-                self.pre[pre] = load_artifact(storage, pre, device)
-            if clf not in self.clf:
-                self.clf[clf] = load_artifact(storage, clf, device)
+        self.pre, self.clf = load_parts(storage, defenses, jpeg_quality=jpeg_quality, jpeg_mode="real", device=device)
 
     @torch.no_grad()
     def preprocess_all(self, x: torch.Tensor) -> dict[Optional[str], torch.Tensor]:

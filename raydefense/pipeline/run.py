@@ -68,16 +68,10 @@ class RunContext:
             {"stage": stage, "finished_at": time.time(), "duration_s": duration_s, "outputs": outputs or {}},
         )
 
-    def clear(self, stage: str) -> None:
-        self.storage.delete_file(f"stages/{stage}.json")
-
     # ------------------------------------------------------------- paths
 
     def data_path(self, *parts: str) -> str:
         return self.storage.path("data", *parts)
-
-    def model_rel(self, name: str) -> str:
-        return f"models/{name}.pt"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

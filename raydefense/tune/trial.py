@@ -154,9 +154,11 @@ def _fit(spec: TrialSpec, cfg, *, name: str, loop, loop_config: dict[str, Any], 
     try:
         with user_errors():
             trainer.fit()
-    except Exception:
+    except Exception as exc:
         if stopping.is_set():
-            raise _Stopped() from None  # the controller aborted itself as asked
+            # The controller aborted itself as asked, and the run fails because of that abort;
+            # the failure is kept as the cause so a real error at the same moment stays visible.
+            raise _Stopped() from exc
         raise
     if stopping.is_set():
         raise _Stopped()
