@@ -28,6 +28,7 @@ from raydefense.errors import ConfigError
 ATTACK_METHODS = ("fgsm", "ifgsm2", "ifgsm4", "ifgsm8")
 GUIDANCE = ("logits", "features", "pixel")
 DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
+OPTIMIZERS = ("adamw", "adam", "sgd")  # TrainConfig.optimizer: each name is the torch.optim class it says
 # Metrics every Tune trial reports each epoch (raydefense.tune.trial), and the config's other
 # spellings of them. Kept here, not in raydefense.tune, so that config imports nothing above it.
 TUNE_REPORTED = ("val_white_acc", "val_clean_acc", "train_loss")
@@ -134,7 +135,9 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 5e-4
-    optimizer: str = "adam"  # 'adam' | 'sgd'
+    # 'adamw' (torch.optim.AdamW, decoupled weight decay: what every preset has trained with),
+    # 'adam' (torch.optim.Adam, weight decay added to the gradient) or 'sgd' (Nesterov, momentum 0.9).
+    optimizer: str = "adamw"
     label_smoothing: float = 0.0
 
     def validate(self, prefix: str) -> None:
@@ -142,7 +145,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
         _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", "must be >= 0")
-        _check(self.optimizer in ("adam", "sgd"), f"{prefix}.optimizer", "must be 'adam' or 'sgd'")
+        _check(self.optimizer in OPTIMIZERS, f"{prefix}.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         _check(0.0 <= self.label_smoothing < 1.0, f"{prefix}.label_smoothing", "must be in [0, 1)")
 
 

@@ -123,7 +123,9 @@ def _check_images(run: Storage, image_size: int, n: int) -> tuple[torch.Tensor, 
         if table.num_rows:
             images = np.stack([np.asarray(v, dtype=np.uint8).reshape(image_size, image_size, 3)
                                for v in table.column("image").to_pylist()])
-            return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, f"{len(images)} clean test images of the run"
+            from raydefense.pipeline.runtime import images_to_tensor
+
+            return images_to_tensor(images), f"{len(images)} clean test images of the run"
     gen = torch.Generator().manual_seed(0)
     return torch.rand(n, 3, image_size, image_size, generator=gen), f"{n} seeded uniform-noise images (no data/clean in the run)"
 

@@ -176,7 +176,9 @@ class DefenseServer:
         """One forward pass for the batch Serve gathered: uint8 (S, S, 3) images -> answers."""
         import torch
 
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        from raydefense.pipeline.runtime import images_to_tensor
+
+        x = images_to_tensor(np.stack(images))
         with torch.no_grad():
             probs = torch.softmax(self.model(x), dim=1).numpy()
         return [{"predictions": _top(p, self.classes, self.top_k), "defense": self.card["defense"],

@@ -14,7 +14,8 @@ The same function runs as a plain Ray Train task and inside a Tune trial.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,64 @@ import torch.nn.functional as F
 from raydefense.config import TrainConfig, from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
+from raydefense.pipeline.runtime import images_to_tensor
 
-LOSSES = ("ce", "kt", "dcn", "temp_ce", "soft")
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What a classifier loss may need beyond the model, the batch and its labels."""
+
+    teacher: Optional[torch.nn.Module] = None  # frozen, for 'kt' and 'soft'
+    T: float = 1.0  # temperature of 'kt', 'temp_ce' and 'soft'
+    lam: float = 0.0  # lambda of equation 6 ('kt')
+    dcn_weight: float = 0.0  # contractive strength ('dcn')
+    label_smoothing: float = 0.0  # 'ce'
+    generator: Optional[torch.Generator] = None  # DCN's random projections
+
+
+def _ce(model, x, y, a: LossInputs) -> torch.Tensor:
+    return F.cross_entropy(model(x), y, label_smoothing=a.label_smoothing)
+
+
+def _kt(model, x, y, a: LossInputs) -> torch.Tensor:
+    from raydefense.distill import knowledge_transfer_loss
+
+    with torch.no_grad():
+        t_logits = a.teacher(x)
+    return knowledge_transfer_loss(model(x).float(), t_logits.float(), lam=a.lam, T=a.T)
+
+
+def _dcn(model, x, y, a: LossInputs) -> torch.Tensor:
+    from raydefense.defenses import dcn_loss
+
+    # One forward pass through the (data-parallel) model serves both terms.
+    return dcn_loss(model, x, y, weight=a.dcn_weight, generator=a.generator)
+
+
+def _temp_ce(model, x, y, a: LossInputs) -> torch.Tensor:
+    from raydefense.distill import temperature_ce
+
+    return temperature_ce(model(x).float(), y, a.T)
+
+
+def _soft(model, x, y, a: LossInputs) -> torch.Tensor:
+    from raydefense.distill import defensive_distillation_loss, distillation_soft_targets
+
+    with torch.no_grad():
+        soft = distillation_soft_targets(a.teacher(x).float(), a.T)
+    return defensive_distillation_loss(model(x).float(), soft, a.T)
+
+
+#: Registry: loss name -> ``fn(model, x, y, inputs) -> scalar`` (see the module docstring).
+CLASSIFIER_LOSSES: dict[str, Callable[[Any, torch.Tensor, torch.Tensor, LossInputs], torch.Tensor]] = {
+    "ce": _ce,
+    "kt": _kt,
+    "dcn": _dcn,
+    "temp_ce": _temp_ce,
+    "soft": _soft,
+}
+LOSSES = tuple(CLASSIFIER_LOSSES)
 
 
 def augment(x: torch.Tensor, step: T.Step) -> torch.Tensor:
@@ -47,7 +104,7 @@ def accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.device,
     model.eval()
     correct = total = 0.0
     for batch in data.eval_batches(batch_size=batch_size, device=device):
-        logits = model(T.to_float_images(batch[image_col]))
+        logits = model(images_to_tensor(batch[image_col], device))
         correct += (logits.argmax(1) == batch["label"]).sum().item()
         total += len(batch["label"])
     model.train(was_training)
@@ -60,8 +117,6 @@ def classifier_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raydefense import distill
-    from raydefense.defenses import contractive_penalty
     from raydefense.models import create_model
 
     cfg = from_dict(config["cfg"])
@@ -90,33 +145,20 @@ def classifier_loop(config: dict[str, Any]) -> None:
     # clean images; a Tune trial adds e.g. "val_white" (denoised white-box images).
     vals = {name: T.EpochData(ray.train.get_dataset_shard(name), cache_mb=cfg.scale.cache_mb, name=name)
             for name in config["val_sets"]}
-    temp = float(config.get("T", 1.0))
+    loss_fn = CLASSIFIER_LOSSES[loss_kind]
+    loss_inputs = LossInputs(teacher=teacher, T=float(config.get("T", 1.0)), lam=float(config.get("lam", 0.0)),
+                             dcn_weight=float(config.get("dcn_weight", 0.0)), label_smoothing=tc.label_smoothing,
+                             generator=gen)
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():
         model.train()
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
         for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + epoch):
-            x = augment(T.to_float_images(step["image"]), step)
+            x = augment(images_to_tensor(step["image"], device), step)
             y = step["label"]
             with T.autocast(cfg, device):
-                logits = model(x)
-                if loss_kind == "ce":
-                    loss = F.cross_entropy(logits, y, label_smoothing=tc.label_smoothing)
-                elif loss_kind == "kt":
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                    loss = distill.knowledge_transfer_loss(logits.float(), t_logits.float(), lam=float(config["lam"]), T=temp)
-                elif loss_kind == "dcn":
-                    loss = F.cross_entropy(logits, y) + float(config["dcn_weight"]) * contractive_penalty(unwrap(model), x, generator=gen)
-                elif loss_kind == "temp_ce":
-                    loss = distill.temperature_ce(logits.float(), y, temp)
-                elif loss_kind == "soft":
-                    with torch.no_grad():
-                        soft = distill.distillation_soft_targets(teacher(x).float(), temp)
-                    loss = distill.defensive_distillation_loss(logits.float(), soft, temp)
-                else:
-                    raise ValueError(f"unknown classifier loss '{loss_kind}' (known: {', '.join(LOSSES)})")
+                loss = loss_fn(model, x, y, loss_inputs)
             opt.zero_grad(set_to_none=True)
             (loss * step.loss_weight).backward()
             opt.step()
@@ -151,7 +193,7 @@ def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: Trai
     if ctx.storage.exists(f"models/{task}.pt"):
         ctx.echo(f"  {task}: already trained, skipping")
         return {}
-    if loss not in LOSSES:
+    if loss not in CLASSIFIER_LOSSES:
         raise ValueError(f"unknown classifier loss '{loss}' (known: {', '.join(LOSSES)})")
     from dataclasses import asdict
 

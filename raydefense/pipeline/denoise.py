@@ -18,6 +18,7 @@ import torch
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
+from raydefense.pipeline.runtime import images_to_tensor
 
 DENOISERS = {
     # task: (architecture, loss)
@@ -37,8 +38,8 @@ def denoised_accuracy(denoiser, classifier, data: T.EpochData, *, batch_size: in
     adv_ok = clean_ok = total = 0.0
     for batch in data.eval_batches(batch_size=batch_size, device=device):
         y = batch["label"]
-        adv_ok += (classifier(denoiser(T.to_float_images(batch["adv"]))).argmax(1) == y).sum().item()
-        clean_ok += (classifier(denoiser(T.to_float_images(batch["clean"]))).argmax(1) == y).sum().item()
+        adv_ok += (classifier(denoiser(images_to_tensor(batch["adv"], device))).argmax(1) == y).sum().item()
+        clean_ok += (classifier(denoiser(images_to_tensor(batch["clean"], device))).argmax(1) == y).sum().item()
         total += len(y)
     denoiser.train(was_training)
     adv_ok, clean_ok, total = T.allreduce_sum([adv_ok, clean_ok, total], device)
@@ -78,8 +79,8 @@ def denoiser_loop(config: dict[str, Any]) -> None:
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
         for step in data.steps(batch_size=d.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + 7 + epoch):
-            x = T.to_float_images(step["clean"])
-            x_adv = T.to_float_images(step["adv"])
+            x = images_to_tensor(step["clean"], device)
+            x_adv = images_to_tensor(step["adv"], device)
             if d.include_clean:
                 # A fifth of the inputs are clean images, so the denoiser learns to leave them alone.
                 keep_clean = (step.rand(device=device) < 0.2).view(-1, 1, 1, 1)

@@ -33,8 +33,8 @@ def gnr_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raydefense.gnr import Critic, critic_loss, generator_loss
-    from raydefense.pipeline.artifacts import build_network
+    from raydefense.gnr import Critic, critic_step, generator_step, make_optimizers
+    from raydefense.pipeline.artifacts import build_network, unwrap
 
     cfg = from_dict(config["cfg"])
     g = cfg.gnr
@@ -46,8 +46,7 @@ def gnr_loop(config: dict[str, Any]) -> None:
     gen = ray.train.torch.prepare_model(build_network(spec).to(device))
     critic = ray.train.torch.prepare_model(
         Critic(image_size=cfg.data.image_size, widths=tuple(g.critic_widths), norm=g.critic_norm).to(device))
-    opt_g = torch.optim.Adam(gen.parameters(), lr=g.lr, betas=(0.0, 0.9))
-    opt_c = torch.optim.Adam(critic.parameters(), lr=g.lr, betas=(0.0, 0.9))
+    opt_g, opt_c = make_optimizers(gen, critic, lr=g.lr)
     objects = {"gen": gen, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     progress = T.Progress(cfg, objects, config=config["cfg"], epochs=g.epochs)
     data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name="gnr")
@@ -57,21 +56,16 @@ def gnr_loop(config: dict[str, Any]) -> None:
         timer = T.EpochTimer()
         w_sum = gp_sum = g_sum = steps = g_steps = 0.0
         for i, step in enumerate(data.steps(batch_size=g.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + 11 + epoch)):
-            real = T.to_float_images(step["adv"]) - T.to_float_images(step["clean"])
+            real = images_to_tensor(step["adv"], device) - images_to_tensor(step["clean"], device)
             z = step.randn(g.z_dim, device=device)
             with torch.no_grad():
                 fake = gen(z)
-            loss_c, stats = critic_loss(critic, real, fake, gp_weight=g.gp_weight)
-            opt_c.zero_grad(set_to_none=True)
-            (loss_c * step.loss_weight).backward()
-            opt_c.step()
+            stats = critic_step(critic, opt_c, real, fake, gp_weight=g.gp_weight, loss_weight=step.loss_weight)
             w_sum += float(stats["wasserstein"]); gp_sum += float(stats["gradient_penalty"]); steps += 1
             if (i + 1) % g.n_critic == 0:
                 z = step.randn(g.z_dim, device=device)
-                loss_g = generator_loss(critic, gen(z))
-                opt_g.zero_grad(set_to_none=True)
-                (loss_g * step.loss_weight).backward()
-                opt_g.step()
+                # The bare critic: frozen for this step, it takes no part in DDP's gradient sync.
+                loss_g = generator_step(unwrap(critic), opt_g, lambda: gen(z), loss_weight=step.loss_weight)
                 g_sum += loss_g.item(); g_steps += 1
         w_sum, gp_sum, g_sum, steps, g_steps = T.allreduce_sum([w_sum, gp_sum, g_sum, steps, g_steps], device)
         metrics = {"wasserstein": w_sum / max(steps, 1), "gp": gp_sum / max(steps, 1),

@@ -595,15 +595,19 @@ class EpochData:
             yield {k: v[part].to(device, non_blocking=True) for k, v in self.cache.items()}
 
 
-def to_float_images(t: torch.Tensor) -> torch.Tensor:
-    """A uint8 (B, H, W, 3) batch column -> float (B, 3, H, W) in [0, 1] on the same device."""
-    return t.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+#: TrainConfig.optimizer -> ``fn(params, lr, weight_decay)``; each name is the torch class it says.
+OPTIMIZERS = {
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, nesterov=True),
+}
 
 
 def make_optimizer(params, *, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    """The optimizer ``name`` of :data:`OPTIMIZERS`; ValueError for any other name."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")
+    return OPTIMIZERS[name](params, lr, weight_decay)
 
 
 class EpochTimer:
