@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from raydefense.errors import ConfigError, CorruptFileError, ModelError, StorageError
+from raydefense.pipeline.run import RunLayout, saved_config
 from raydefense.storage import Storage
 
 __all__ = ["EXPORT_FORMATS", "TOLERANCE", "TorchvisionJPEG", "config_hash", "export_defense", "export_dir", "main"]
@@ -114,12 +115,11 @@ def _read_json(run: Storage, rel: str, what: str) -> Any:
 
 def _check_images(run: Storage, image_size: int, n: int) -> tuple[torch.Tensor, str]:
     """Up to ``n`` clean test images of the run ``(n, 3, S, S)`` in [0, 1], or seeded noise."""
-    if run.exists("data/clean"):
+    layout = RunLayout(run)
+    if run.exists(layout.CLEAN):
         import pyarrow.compute as pc
-        import pyarrow.dataset as pads
 
-        ds = pads.dataset(run.path("data/clean"), filesystem=run.fs, format="parquet")
-        table = ds.to_table(columns=["image"], filter=pc.field("split") == "test").slice(0, n)
+        table = layout.table(layout.CLEAN, columns=["image"], filter=pc.field("split") == "test").slice(0, n)
         if table.num_rows:
             images = np.stack([np.asarray(v, dtype=np.uint8).reshape(image_size, image_size, 3)
                                for v in table.column("image").to_pylist()])
@@ -214,7 +214,6 @@ def export_defense(storage: Storage | str, run: str, *, defense: str = "uddn_kt"
         ConfigError: unknown defense or format, or ONNX alone asked for where it cannot be written.
         ModelError: the exported model differs from the evaluated one by more than ``TOLERANCE``.
     """
-    from raydefense.config import from_dict
     from raydefense.pipeline.defended import DEFENSES
 
     formats = tuple(dict.fromkeys(formats))
@@ -224,22 +223,21 @@ def export_defense(storage: Storage | str, run: str, *, defense: str = "uddn_kt"
     if defense not in DEFENSES:
         raise ConfigError(f"--defense '{defense}' is unknown; known defenses: {', '.join(DEFENSES)}")
     run_st = _open_run(storage, run)
-    import yaml
-
-    if not run_st.exists("config.yaml"):
-        raise StorageError(f"run '{run}' not found at {run_st.display()} (no config.yaml)")
-    cfg = from_dict(yaml.safe_load(run_st.read_text("config.yaml")))
-    metrics = _read_json(run_st, "report/metrics.json",
+    layout = RunLayout(run_st)
+    if not run_st.exists(layout.CONFIG):
+        raise StorageError(f"run '{run}' not found at {run_st.display()} (no {layout.CONFIG})")
+    cfg = saved_config(run_st)
+    metrics = _read_json(run_st, layout.METRICS,
                          f"the run is not evaluated yet; finish it with jobs/full_pipeline.py --name {run}")
-    meta = _read_json(run_st, "data/meta.json", "written by the prepare stage")
+    meta = _read_json(run_st, layout.META, "written by the prepare stage")
     evaluated = metrics.get("accuracy", {})
     if defense not in evaluated:
         raise ConfigError(f"--defense '{defense}' was not evaluated in run '{run}'; "
                           f"evaluated: {', '.join(evaluated) or 'none'}")
     pre, clf = DEFENSES[defense]
     for part in (clf, pre):
-        if part and part != "jpeg" and not run_st.exists(f"models/{part}.pt"):
-            raise StorageError(f"run '{run}': models/{part}.pt is missing (needed by defense '{defense}')")
+        if part and part != "jpeg" and not layout.has_model(part):
+            raise StorageError(f"run '{run}': {layout.model_rel(part)} is missing (needed by defense '{defense}')")
 
     onnx_skipped = None
     if "onnx" in formats:
@@ -266,7 +264,7 @@ def _export(run_st: Storage, run: str, cfg, metrics: dict[str, Any], meta: dict[
     num_classes = int(reference.shape[1])
     classes = list(meta.get("classes", []))
     if len(classes) != num_classes:
-        raise CorruptFileError(f"{run_st.display('data/meta.json')} lists {len(classes)} classes but the "
+        raise CorruptFileError(f"{run_st.display(RunLayout.META)} lists {len(classes)} classes but the "
                                f"'{defense}' classifier has {num_classes} outputs")
 
     files: dict[str, dict[str, Any]] = {}

@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1] / "raydefense"
 LAYERS = [
     ("base", ("raydefense.errors", "raydefense.storage", "raydefense.seeding", "raydefense.config")),
     ("blocks", ("raydefense.models", "raydefense.attacks", "raydefense.gnr", "raydefense.denoise",
-                "raydefense.distill", "raydefense.defenses", "raydefense.data", "raydefense.report")),
-    ("ray", ("raydefense.pipeline", "raydefense.tune", "raydefense.export", "raydefense.serve")),
+                "raydefense.distill", "raydefense.defenses", "raydefense.data")),
+    # The report reads and writes a run's files (pipeline.run.RunLayout): it sits with the pipeline.
+    ("application", ("raydefense.pipeline", "raydefense.tune", "raydefense.report", "raydefense.export",
+                     "raydefense.serve")),
     ("entry", ("raydefense.cli", "raydefense.jobs_impl", "raydefense.__main__", "raydefense")),
 ]
 # The one upward edge kept: config validates model names and the synthetic split plan when a

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydefense.pipeline.attack import adv_rel
+from raydefense.pipeline.run import RunLayout
 from raydefense.pipeline.defended import available_defenses, build_defended_models
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion
@@ -170,10 +170,7 @@ class WholeModelActor:
 
 def adaptive_subset(ctx, n: int) -> list[int]:
     """A fixed random subset (seeded by ``cfg.seed``) of at most ``n`` test image indices, sorted."""
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(ctx.storage.path(adv_rel("test_white")), filesystem=ctx.storage.fs,
-                         format="parquet").to_table(columns=["index"])
+    table = ctx.layout.table(RunLayout.adv_rel("test_white"), columns=["index"])
     idx = np.unique(np.asarray(table["index"]))
     if len(idx) > n:
         idx = np.sort(np.random.default_rng([int(ctx.cfg.seed), 20180709]).choice(idx, size=n, replace=False))
@@ -236,7 +233,6 @@ def run_adaptive(ctx, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
     ``metrics['accuracy'][d]`` and ``metrics['accuracy_detail'][d]`` gain ``adaptive_pgd`` and
     ``autoattack`` in place.
     """
-    import ray
     from ray.data.expressions import col
 
     cfg = ctx.cfg
@@ -249,8 +245,7 @@ def run_adaptive(ctx, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
     levels = list(e.adaptive_eps)
     subset = adaptive_subset(ctx, e.adaptive_max_images)
     first = cfg.attack.test_methods[0]
-    ds = ray.data.read_parquet(ctx.storage.path(adv_rel("test_white")), filesystem=ctx.storage.fs,
-                               columns=["clean", "adv", "label", "eps", "method", "index"]).filter(
+    ds = ctx.layout.read_adv("test_white", ["clean", "adv", "label", "eps", "method", "index"]).filter(
         expr=col("index").is_in(subset))
     kwargs = {"storage": ctx.storage, "defenses": defenses, "levels": levels, "first_method": first,
               "steps": e.adaptive_steps, "restarts": e.adaptive_restarts, "apgd_steps": e.autoattack_steps,

@@ -190,7 +190,7 @@ def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: Trai
     Skips the work when the artifact already exists (it is written last, atomically).
     ``extra_val`` adds validation sets (name -> dataset with image, label; names start with "val").
     """
-    if ctx.storage.exists(f"models/{task}.pt"):
+    if ctx.layout.has_model(task):
         ctx.echo(f"  {task}: already trained, skipping")
         return {}
     if loss not in CLASSIFIER_LOSSES:

@@ -51,7 +51,7 @@ def available_defenses(ctx) -> tuple[dict[str, tuple[Optional[str], str]], dict[
             missing[name] = "not in baselines.enabled"
             continue
         needed = [clf] + ([pre] if pre and pre != "jpeg" else [])
-        absent = [n for n in needed if not ctx.storage.exists(f"models/{n}.pt")]
+        absent = [n for n in needed if not ctx.layout.has_model(n)]
         if absent:
             missing[name] = _why_missing(cfg, name)
             continue

@@ -106,25 +106,23 @@ def denoiser_loop(config: dict[str, Any]) -> None:
 
 def training_pairs(ctx):
     """The denoiser's training set: real adversarial pairs plus GNR-generated pairs."""
-    from raydefense.pipeline.attack import read_adv
 
-    ds = read_adv(ctx, "train", ["clean", "adv", "label"])
-    if ctx.cfg.gnr.enabled and ctx.storage.exists("data/gnr_aug"):
-        ds = ds.union(read_adv(ctx, "gnr_aug", ["clean", "adv", "label"]))
+    ds = ctx.layout.read_adv("train", ["clean", "adv", "label"])
+    if ctx.cfg.gnr.enabled and ctx.layout.has_dataset(ctx.layout.GNR_AUG):
+        ds = ds.union(ctx.layout.read_adv("gnr_aug", ["clean", "adv", "label"]))
     return ds
 
 
 def train_denoiser(ctx, task: str, *, gpu: bool) -> dict[str, Any]:
-    from raydefense.pipeline.attack import read_adv
 
-    if ctx.storage.exists(f"models/{task}.pt"):
+    if ctx.layout.has_model(task):
         ctx.echo(f"  {task}: already trained, skipping")
         return {}
     arch, loss = DENOISERS[task]
     loss = loss or ctx.cfg.denoise.guidance
     loop_config = {"cfg": ctx.cfg.to_dict(), "storage": ctx.storage, "arch": arch, "loss": loss, "artifact": task}
     ctx.echo(f"  {task}: training {arch.upper()} with the {loss}-guided loss for {ctx.cfg.denoise.epochs} epochs on Ray Train")
-    datasets = {"train": training_pairs(ctx), "val": read_adv(ctx, "val_white", ["clean", "adv", "label"])}
+    datasets = {"train": training_pairs(ctx), "val": ctx.layout.read_adv("val_white", ["clean", "adv", "label"])}
     metrics = T.fit(ctx, task, denoiser_loop, loop_config, datasets, gpu=gpu, epochs=ctx.cfg.denoise.epochs)
     if metrics:
         ctx.echo(f"  {task}: target accuracy on denoised validation images: adversarial {metrics['val_white_acc']:.3f}, "

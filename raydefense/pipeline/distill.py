@@ -16,15 +16,15 @@ both fine-tuned from the target on the clean training images.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.classifiers import train_classifier
-from raydefense.pipeline.prepare import read_split
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images, user_errors
+from raydefense.pipeline.run import RunLayout
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
 
 
 class DenoiseActor:
@@ -42,27 +42,30 @@ class DenoiseActor:
         return {"image": tensor_to_images(self.model(x)), "label": batch["label"].astype(np.int64)}
 
 
-def _num_classes(ctx) -> int:
-    return int(ctx.storage.read_json("data/meta.json")["num_classes"])
+def denoise_images(ctx, ds, *, denoiser: str, column: str, gpu: bool):
+    """``ds`` with ``column`` replaced by the output of the run's denoiser ``denoiser`` (a name under
+    ``models/``), as ``image, label`` rows, on one Ray Data actor pool."""
+    return actor_map(ds, DenoiseActor, {"storage": ctx.storage, "denoiser": denoiser, "column": column},
+                     cfg=ctx.cfg, gpu=gpu, batch_size=ctx.cfg.attack.batch_size)
 
 
-def denoised_training_set(ctx, *, gpu: bool):
-    import ray
+def denoised_training_set(ctx, *, gpu: bool, denoiser: str = "uddn", out: Optional[tuple[RunLayout, str]] = None):
+    """The teacher's and student's training set: the denoiser's training inputs (real and generated
+    adversarial images) and the clean training images, denoised by ``denoiser``; written once to
+    ``out`` (a layout and a folder in it; default the run's ``data/denoised``) and read from there.
 
+    The pipeline's distill stage and each Tune trial (with its own UDDN and folder) call this.
+    """
     from raydefense.pipeline.denoise import training_pairs
 
-    cfg = ctx.cfg
-    if not ctx.storage.exists("data/denoised/_SUCCESS"):
-        ctx.storage.delete_dir("data/denoised")
+    layout, rel = out or (ctx.layout, ctx.layout.DENOISED)
+    if not layout.has_dataset(rel):
         # One actor pool over the union of inputs (two pools in one job can starve each other of CPUs).
         adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
-        clean = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
-        ds = actor_map(adv.union(clean), DenoiseActor, {"storage": ctx.storage, "denoiser": "uddn", "column": "image"},
-                       cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
-        with user_errors():
-            ds.write_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
-        ctx.storage.write_text("data/denoised/_SUCCESS", "")
-    return ray.data.read_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs, file_extensions=["parquet"])
+        clean = ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"])
+        ds = denoise_images(ctx, adv.union(clean), denoiser=denoiser, column="image", gpu=gpu)
+        layout.write_dataset(rel, ds, min_rows_per_file=ctx.cfg.data.shard_size)
+    return layout.read(rel)
 
 
 def run_distill(ctx, *, gpu: bool) -> dict[str, Any]:
@@ -70,9 +73,9 @@ def run_distill(ctx, *, gpu: bool) -> dict[str, Any]:
     if not cfg.distill.enabled:
         ctx.echo("  knowledge transfer disabled (distill.enabled: false)")
         return {"enabled": False}
-    n_cls = _num_classes(ctx)
+    n_cls = ctx.layout.num_classes()
     train = denoised_training_set(ctx, gpu=gpu)
-    val = read_split(ctx, "val", ["image", "label"])
+    val = ctx.layout.read_clean("val", ["image", "label"])
     init = "target" if cfg.distill.init_from_target else None
     arch = cfg.models.target
     teacher = train_classifier(ctx, task="teacher", arch=arch, num_classes=n_cls, train=cfg.distill.teacher,
@@ -86,10 +89,10 @@ def run_distill(ctx, *, gpu: bool) -> dict[str, Any]:
 def run_baselines(ctx, *, gpu: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     b = cfg.baselines
-    n_cls = _num_classes(ctx)
+    n_cls = ctx.layout.num_classes()
     arch = cfg.models.target
-    train = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
-    val = read_split(ctx, "val", ["image", "label"])
+    train = ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"])
+    val = ctx.layout.read_clean("val", ["image", "label"])
     out: dict[str, Any] = {}
     if "dcn" in b.enabled:
         out["dcn"] = train_classifier(ctx, task="dcn", arch=arch, num_classes=n_cls, train=b.train, train_ds=train,

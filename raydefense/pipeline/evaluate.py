@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from raydefense.pipeline.artifacts import load_artifact
-from raydefense.pipeline.attack import adv_rel
+from raydefense.pipeline.run import RunLayout
 from raydefense.pipeline.defended import DEFENSES, DENOISERS, available_defenses, load_parts  # noqa: F401  (re-exported)
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion, wilson  # noqa: F401  (wilson: re-exported)
@@ -117,13 +117,9 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
     l1: dict[str, dict[str, float]] = {d: {} for d in ("none",) + DENOISERS if d == "none" or d in defenses}
     l1_detail: dict[str, dict[str, Any]] = {d: {} for d in l1}
     first_method = cfg.attack.test_methods[0]
-    import ray
-    from ray.data.expressions import col
-
     # White- and black-box sets, clean images and Figure 7 in one pass through one actor pool.
     levels = list(cfg.eval.by_epsilon)
-    tests = ray.data.read_parquet(ctx.data_path("adv"), filesystem=ctx.storage.fs).filter(
-        expr=col("set").is_in(list(TEST_SETS.values())))
+    tests = ctx.layout.read_adv_sets(list(TEST_SETS.values()))
     kwargs = {**common, "levels": levels, "first_method": first_method}
     with user_errors():
         df_all = actor_map(tests, EvalActor, kwargs, cfg=cfg, gpu=gpu, batch_size=cfg.eval.batch_size).to_pandas()
@@ -169,16 +165,14 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
 
 def figure6_examples(ctx, *, k: int) -> dict[str, np.ndarray]:
     """A few (clean, adversarial, UDDN-denoised) white-box test triples for Figure 6."""
-    import pyarrow.dataset as pads
-
     from raydefense.pipeline.runtime import tensor_to_images
 
-    table = pads.dataset(ctx.storage.path(adv_rel("test_white")), filesystem=ctx.storage.fs, format="parquet").head(k)
+    table = ctx.layout.table(RunLayout.adv_rel("test_white"), head=k)
     rows = table.to_pydict()
     clean = np.stack([np.asarray(v, dtype=np.uint8) for v in rows["clean"]])
     adv = np.stack([np.asarray(v, dtype=np.uint8) for v in rows["adv"]])
     out = {"clean": clean, "adv": adv, "eps": np.asarray(rows["eps"]), "method": np.asarray(rows["method"])}
-    if ctx.storage.exists("models/uddn.pt"):
+    if ctx.layout.has_model("uddn"):
         uddn = load_artifact(ctx.storage, "uddn")
         with torch.no_grad():
             out["denoised"] = tensor_to_images(uddn(images_to_tensor(adv)))
@@ -188,14 +182,12 @@ def figure6_examples(ctx, *, k: int) -> dict[str, np.ndarray]:
 def describe_models(storage) -> dict[str, dict[str, Any]]:
     """Every ``models/*.pt`` artifact of the run: kind, architecture, parameter count, final metrics."""
     out: dict[str, dict[str, Any]] = {}
-    for fname in storage.listdir("models"):
-        if not fname.endswith(".pt"):
-            continue
-        blob = storage.load_torch(f"models/{fname}")
+    for name in RunLayout(storage).model_names():
+        blob = storage.load_torch(RunLayout.model_rel(name))
         spec = blob.get("spec", {})
         params = sum(int(v.numel()) for k, v in blob.get("state_dict", {}).items()
                      if hasattr(v, "numel") and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-        out[fname[:-3]] = {"kind": spec.get("kind"), "arch": spec.get("arch"), "parameters": params,
+        out[name] = {"kind": spec.get("kind"), "arch": spec.get("arch"), "parameters": params,
                            "metrics": {k: v for k, v in blob.get("metrics", {}).items()
                                        if isinstance(v, (int, float, str, bool))}}
     return out
@@ -217,8 +209,8 @@ def table5_rows(cfg, parent_metrics: dict[str, Any], runs_root) -> list[dict[str
     rows = [run_row(parent_metrics, run=cfg.name)]
     for model in cfg.models.extra_targets:
         child = runs_root.child(child_run_name(cfg.name, model))
-        if child.exists("report/metrics.json"):
-            rows.append(run_row(child.read_json("report/metrics.json"), run=child_run_name(cfg.name, model)))
+        if child.exists(RunLayout.METRICS):
+            rows.append(run_row(child.read_json(RunLayout.METRICS), run=child_run_name(cfg.name, model)))
     return rows
 
 
@@ -238,7 +230,7 @@ def run_evaluate(ctx, *, gpu: bool) -> dict[str, Any]:
         metrics.update(run_adaptive(ctx, gpu=gpu, metrics=metrics))
         steps["whole-model attacks"] = time.perf_counter() - t1
     metrics["config"] = cfg.to_dict()
-    metrics["data"] = ctx.storage.read_json("data/meta.json")
+    metrics["data"] = ctx.layout.meta()
     metrics["models"] = describe_models(ctx.storage)
     if cfg.models.extra_targets:
         root = Storage.open(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
@@ -248,7 +240,7 @@ def run_evaluate(ctx, *, gpu: bool) -> dict[str, Any]:
     metrics["timings_s"] = {**ctx.timings, "evaluate": time.perf_counter() - t0}
     write_report(ctx.storage, metrics, examples)
     ctx.echo(summary_table(metrics))
-    return {"report": "report/report.md", "metrics": "report/metrics.json"}
+    return {"report": RunLayout.REPORT, "metrics": RunLayout.METRICS}
 
 
 def summary_table(metrics: dict[str, Any]) -> str:

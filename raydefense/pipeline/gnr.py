@@ -18,9 +18,8 @@ import torch
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact
-from raydefense.pipeline.attack import adv_rel, count_rows, read_adv
-from raydefense.pipeline.prepare import read_split
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images, user_errors
+from raydefense.pipeline.run import RunLayout
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
 
 
 def _generator_spec(cfg) -> dict[str, Any]:
@@ -114,15 +113,15 @@ def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
     if not cfg.gnr.enabled:
         ctx.echo("  gnr disabled (gnr.enabled: false): the denoiser trains on real adversarial pairs only")
         return {"enabled": False}
-    if not ctx.storage.exists("models/gnr_generator.pt"):
+    if not ctx.layout.has_model("gnr_generator"):
         ctx.echo(f"  gnr: training the WGAN-GP for {cfg.gnr.epochs} epochs on Ray Train")
         loop_config = {"cfg": cfg.to_dict(), "storage": ctx.storage}
-        metrics = T.fit(ctx, "gnr", gnr_loop, loop_config, {"train": read_adv(ctx, "train", ["clean", "adv"])}, gpu=gpu,
+        metrics = T.fit(ctx, "gnr", gnr_loop, loop_config, {"train": ctx.layout.read_adv("train", ["clean", "adv"])}, gpu=gpu,
                         epochs=cfg.gnr.epochs)
         if metrics:
             ctx.echo(f"  gnr: Wasserstein estimate {metrics.get('wasserstein', float('nan')):.4f}, GP {metrics.get('gp', float('nan')):.4f}")
-    n_real = count_rows(ctx, adv_rel("train"))
-    clean = read_split(ctx, "denoise")
+    n_real = ctx.layout.count_rows(RunLayout.adv_rel("train"))
+    clean = ctx.layout.read_clean("denoise")
     n_clean = clean.count()
     k = max(1, math.ceil(cfg.gnr.augment_ratio * n_real / max(n_clean, 1))) if cfg.gnr.augment_ratio > 0 else 0
     if k == 0 or n_clean == 0:
@@ -130,9 +129,7 @@ def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
         return {"generated": 0}
     ds = actor_map(clean, AugmentActor, {"storage": ctx.storage, "k": k, "seed": cfg.seed}, cfg=cfg, gpu=gpu,
                    batch_size=cfg.attack.batch_size)
-    ctx.storage.delete_dir("data/gnr_aug")
-    with user_errors():
-        ds.write_parquet(ctx.data_path("gnr_aug"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
-    generated = count_rows(ctx, "data/gnr_aug")
+    ctx.layout.write_dataset(ctx.layout.GNR_AUG, ds, min_rows_per_file=cfg.data.shard_size)
+    generated = ctx.layout.count_rows(ctx.layout.GNR_AUG)
     ctx.echo(f"  gnr: {generated} generated adversarial images ({k} per clean image) beside {n_real} real ones")
     return {"generated": generated, "real": n_real, "per_image": k}

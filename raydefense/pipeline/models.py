@@ -7,7 +7,6 @@ from typing import Any, Optional
 
 from raydefense.pipeline.artifacts import save_artifact
 from raydefense.pipeline.classifiers import train_classifier
-from raydefense.pipeline.prepare import read_split
 
 
 def _pretrained_init(ctx, name: str, arch: str, num_classes: int, pretrained: str) -> str:
@@ -15,7 +14,7 @@ def _pretrained_init(ctx, name: str, arch: str, num_classes: int, pretrained: st
     from raydefense.models import create_model
 
     art = f"{name}_pretrained"
-    if not ctx.storage.exists(f"models/{art}.pt"):
+    if not ctx.layout.has_model(art):
         kwargs: dict[str, Any] = {}
         if pretrained.startswith("s3://"):
             from raydefense.storage import filesystem_for
@@ -29,15 +28,15 @@ def _pretrained_init(ctx, name: str, arch: str, num_classes: int, pretrained: st
 
 
 def train_or_load(ctx, *, task: str, arch: str, pretrained: Optional[str], train_cfg, num_classes: int, gpu: bool) -> dict[str, Any]:
-    train = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
-    val = read_split(ctx, "val", ["image", "label"])
+    train = ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"])
+    val = ctx.layout.read_clean("val", ["image", "label"])
     init = None
     if pretrained:
         init = _pretrained_init(ctx, task, arch, num_classes, pretrained)
         if not ctx.cfg.models.finetune_pretrained:
             from raydefense.pipeline.artifacts import load_artifact
 
-            if not ctx.storage.exists(f"models/{task}.pt"):
+            if not ctx.layout.has_model(task):
                 model = load_artifact(ctx.storage, init, frozen=False)
                 spec = {"kind": "classifier", "arch": arch, "num_classes": num_classes}
                 save_artifact(ctx.storage, task, model, spec, config=ctx.cfg.to_dict(), metrics={"pretrained": pretrained})
@@ -49,7 +48,7 @@ def train_or_load(ctx, *, task: str, arch: str, pretrained: Optional[str], train
 
 def run_models(ctx, *, gpu: bool) -> dict[str, Any]:
     m = ctx.cfg.models
-    n_cls = int(ctx.storage.read_json("data/meta.json")["num_classes"])
+    n_cls = ctx.layout.num_classes()
     out = {
         "target": train_or_load(ctx, task="target", arch=m.target, pretrained=m.target_pretrained,
                                 train_cfg=m.target_train, num_classes=n_cls, gpu=gpu),

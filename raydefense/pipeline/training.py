@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from raydefense.config import Config
+from raydefense.pipeline.run import RunLayout
 
 
 def scaling_config(cfg: Config, *, gpu: bool):
@@ -204,7 +205,7 @@ class EpochLog:
                 tb = os.path.join(self.dir, "tb")
                 for name in sorted(os.listdir(tb)) if os.path.isdir(tb) else []:
                     with open(os.path.join(tb, name), "rb") as f:
-                        self.ctx.storage.write_bytes(f"tensorboard/{self.task}/{name}", f.read())
+                        self.ctx.storage.write_bytes(RunLayout.tensorboard_rel(self.task, name), f.read())
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

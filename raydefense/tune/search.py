@@ -51,6 +51,7 @@ from raydefense.tune.trial import DefenseTrial, TrialSpec
 # workers reserve their own CPUs/GPUs. Ray cannot schedule an actor with no resources at
 # all, so it takes a sliver of a CPU (the Ray Train docs use the same trick).
 from raydefense.pipeline.resources import TRIAL_DRIVER_CPU  # noqa: E402  the one value, checked before a search
+from raydefense.pipeline.run import RunLayout  # noqa: E402
 # Sections of the run's config that stages prepare..gnr do not read: a search may change them.
 _TRIAL_ONLY_SECTIONS = ("denoise", "distill", "baselines")
 
@@ -210,7 +211,7 @@ def stage_config(cfg: Config, storage: Storage) -> Config:
     (data, models, attack, gnr, seed) must still match: ``open_run`` says which key does not.
     """
     run = storage.child(cfg.name)
-    if not run.exists("config.yaml"):
+    if not run.exists(RunLayout.CONFIG):
         return cfg
     from raydefense.pipeline.run import read_saved_config  # the one guarded reader of a run's config.yaml
 
@@ -323,7 +324,7 @@ def run_search(cfg: Config, *, search: str = "search", space: Iterable[str] = ()
         sdir.write_json("search.json", {**record, "effective_concurrency": concurrency})
     spec = TrialSpec(cfg=cfg.to_dict(), run=run, search=sdir, name=search, knobs=tuple(knobs), metric=metric,
                      mode=cfg.tune.mode, clean_floor=cfg.tune.clean_floor, gpu=gpu,
-                     num_classes=int(run.read_json("data/meta.json")["num_classes"]))
+                     num_classes=RunLayout(run).num_classes())
     trainable = tune.with_resources(tune.with_parameters(DefenseTrial, spec=spec), {"CPU": TRIAL_DRIVER_CPU})
     searched = [k for k in knobs if not k.fixed]
     fixed = [k for k in knobs if k.fixed]

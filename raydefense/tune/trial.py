@@ -164,47 +164,25 @@ def _fit(spec: TrialSpec, cfg, *, name: str, loop, loop_config: dict[str, Any], 
         raise _Stopped()
 
 
-def _denoise(ds, *, spec: TrialSpec, cfg, denoiser: str, column: str):
-    """``ds`` with ``column`` replaced by the trial's UDDN output, as (image, label) rows."""
-    from raydefense.pipeline.distill import DenoiseActor
-    from raydefense.pipeline.runtime import actor_map
-
-    return actor_map(ds, DenoiseActor, {"storage": spec.run, "denoiser": denoiser, "column": column},
-                     cfg=cfg, gpu=spec.gpu, batch_size=cfg.attack.batch_size)
-
-
 def _denoised_sets(ctx, *, spec: TrialSpec, trial: Storage, denoiser: str) -> dict[str, Any]:
     """Training and validation sets for the teacher and student, denoised by the trial's UDDN.
 
-    The training set (as the pipeline's ``data/denoised``: real and generated adversarial
-    images plus the clean training images) is written once under ``trials/<id>/denoised``;
-    the small validation sets are computed once per trial and kept in the object store.
-    Each Ray Data execution has a single denoising actor pool, so that it fits beside the
-    other trials' workers on a small cluster.
+    The training set is the pipeline's (:func:`raydefense.pipeline.distill.denoised_training_set`),
+    written once under ``trials/<id>/denoised``; the small validation sets are computed once per
+    trial and kept in the object store. Each Ray Data execution has a single denoising actor
+    pool, so that it fits beside the other trials' workers on a small cluster.
     """
-    import ray
-
-    from raydefense.pipeline.attack import read_adv
-    from raydefense.pipeline.denoise import training_pairs
-    from raydefense.pipeline.prepare import read_split
+    from raydefense.pipeline.distill import denoise_images, denoised_training_set
+    from raydefense.pipeline.run import RunLayout
     from raydefense.pipeline.runtime import user_errors
 
-    cfg = ctx.cfg
-    if not trial.exists("denoised/_SUCCESS"):
-        trial.delete_dir("denoised")
-        adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
-        inputs = adv.union(read_split(ctx, ["gnr", "denoise"], ["image", "label"]).select_columns(["image", "label"]))
-        with user_errors():
-            _denoise(inputs, spec=spec, cfg=cfg, denoiser=denoiser, column="image").write_parquet(
-                trial.path("denoised"), filesystem=trial.fs, min_rows_per_file=cfg.data.shard_size)
-        trial.write_text("denoised/_SUCCESS", "")
-    train = ray.data.read_parquet(trial.path("denoised"), filesystem=trial.fs, file_extensions=["parquet"])
+    train = denoised_training_set(ctx, gpu=spec.gpu, denoiser=denoiser, out=(RunLayout(trial), "denoised"))
     with user_errors():
-        val_white = _denoise(read_adv(ctx, "val_white", ["adv", "label"]), spec=spec, cfg=cfg, denoiser=denoiser,
-                             column="adv").materialize()
-        val_clean = _denoise(read_adv(ctx, "val_white", ["clean", "label"]), spec=spec, cfg=cfg, denoiser=denoiser,
-                             column="clean").materialize()
-    return {"train": train, "val": read_split(ctx, "val", ["image", "label"]), "val_white": val_white,
+        val_white = denoise_images(ctx, ctx.layout.read_adv("val_white", ["adv", "label"]), denoiser=denoiser,
+                                   column="adv", gpu=spec.gpu).materialize()
+        val_clean = denoise_images(ctx, ctx.layout.read_adv("val_white", ["clean", "label"]), denoiser=denoiser,
+                                   column="clean", gpu=spec.gpu).materialize()
+    return {"train": train, "val": ctx.layout.read_clean("val", ["image", "label"]), "val_white": val_white,
             "val_clean": val_clean}
 
 
@@ -214,18 +192,17 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
 
     Raises ``_Stopped`` when Tune stopped the trial.
     """
-    from raydefense.pipeline.attack import read_adv
     from raydefense.pipeline.classifiers import classifier_loop
     from raydefense.pipeline.denoise import denoiser_loop, training_pairs
-    from raydefense.pipeline.run import RunContext
+    from raydefense.pipeline.run import RunContext, RunLayout
 
     t0 = time.perf_counter()
     base = from_dict(spec.cfg)
     cfg = apply_params(base, params, spec.knobs)
     last_epoch = cfg.distill.student.epochs - 1
     trial = spec.search.child("trials", trial_id)
-    if not trial.exists("config.yaml"):
-        trial.write_text("config.yaml", cfg.to_yaml())
+    if not trial.exists(RunLayout.CONFIG):
+        trial.write_text(RunLayout.CONFIG, cfg.to_yaml())
     ctx = RunContext(cfg=cfg, storage=spec.run, echo=lambda _msg: None)
 
     def history() -> list[dict[str, Any]]:
@@ -245,10 +222,10 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
 
     uddn, teacher, student = (spec.artifact(trial_id, p) for p in PHASES)
     done = replay("uddn")
-    if not spec.run.exists(f"models/{uddn}.pt"):
+    if not ctx.layout.has_model(uddn):
         loop_config = {"cfg": cfg.to_dict(), "storage": spec.run, "arch": "uddn", "loss": cfg.denoise.guidance,
                        "artifact": uddn}
-        datasets = {"train": training_pairs(ctx), "val": read_adv(ctx, "val_white", ["clean", "adv", "label"])}
+        datasets = {"train": training_pairs(ctx), "val": ctx.layout.read_adv("val_white", ["clean", "adv", "label"])}
         _fit(spec, cfg, name=f"{trial_id}_uddn", loop=denoiser_loop, loop_config=loop_config, datasets=datasets,
              callback=_reporter(phase="uddn", last_epoch=last_epoch, spec=spec, trial=trial, history=done,
                                 channel=channel),
@@ -264,7 +241,7 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
                               "lam": cfg.distill.lam, "T": cfg.distill.T}),
     ):
         done = replay(phase)
-        if spec.run.exists(f"models/{artifact}.pt"):
+        if ctx.layout.has_model(artifact):
             continue
         if sets is None:
             sets = _denoised_sets(ctx, spec=spec, trial=trial, denoiser=uddn)
