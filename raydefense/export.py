@@ -47,6 +47,7 @@ from torch import nn
 from raydefense.errors import ConfigError, CorruptFileError, ModelError, StorageError
 from raydefense.pipeline.run import RunLayout, saved_config
 from raydefense.storage import Storage
+from raydefense.seeding import torch_generator
 
 __all__ = ["EXPORT_FORMATS", "TOLERANCE", "TorchvisionJPEG", "config_hash", "export_defense", "export_dir", "main"]
 
@@ -126,7 +127,7 @@ def _check_images(run: Storage, image_size: int, n: int) -> tuple[torch.Tensor, 
             from raydefense.pipeline.runtime import images_to_tensor
 
             return images_to_tensor(images), f"{len(images)} clean test images of the run"
-    gen = torch.Generator().manual_seed(0)
+    gen = torch_generator(0)
     return torch.rand(n, 3, image_size, image_size, generator=gen), f"{n} seeded uniform-noise images (no data/clean in the run)"
 
 

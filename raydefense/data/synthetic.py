@@ -35,6 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from raydefense.errors import ConfigError
+from raydefense.seeding import numpy_rng
 
 __all__ = ["render_identity_images", "make_synthetic_faces"]
 
@@ -125,7 +126,7 @@ class _Traits:
 
 def _identity_traits(identity: int, seed: int) -> _Traits:
     """Draw the fixed traits of ``identity`` (every draw happens, whatever the branches)."""
-    rng = np.random.default_rng([seed, _TRAIT_TAG, identity])
+    rng = numpy_rng(seed, _TRAIT_TAG, identity)
     u = rng.random(40)  # uniform draws, used in order below
     skin = _SKIN_TONES[int(u[0] * len(_SKIN_TONES))] + (rng.random(3).astype(np.float32) - 0.5) * 0.06
     hair = _HAIR_COLOURS[int(u[1] * len(_HAIR_COLOURS))] + (rng.random(3).astype(np.float32) - 0.5) * 0.08
@@ -360,7 +361,7 @@ class _Shot:
 
 def _draw_shot(identity: int, index: int, size: int, seed: int, d: float) -> _Shot:
     """Draw the variation of image ``index`` of ``identity`` from its own generator."""
-    rng = np.random.default_rng([seed, _IMAGE_TAG, identity, index])
+    rng = numpy_rng(seed, _IMAGE_TAG, identity, index)
     # Every variate is drawn, in this order, whatever the branches take: a change of
     # ``difficulty`` scales the variation but never shifts the stream.
     z = rng.standard_normal(24)

@@ -49,6 +49,7 @@ from raydefense.pipeline.run import RunLayout
 from raydefense.pipeline.defended import available_defenses, build_defended_models
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion
+from raydefense.seeding import numpy_rng, seed_everything
 
 APGD_LOSSES = ("ce", "dlr")  # AutoAttack's 'rand' version: APGD-CE, then APGD-DLR
 
@@ -122,7 +123,7 @@ class WholeModelActor:
         out: dict[str, np.ndarray] = {k: batch[k] for k in ("label", "eps", "method", "index")}
         out["budget"] = budget.cpu().numpy()
         out["curve_row"] = curve
-        torch.manual_seed(self.seed + int(np.min(batch["index"])))
+        seed_everything(self.seed + int(np.min(batch["index"])))
         num_classes = None
         for name, model in self.models.items():
             eot = self.eot[name]
@@ -173,7 +174,7 @@ def adaptive_subset(ctx, n: int) -> list[int]:
     table = ctx.layout.table(RunLayout.adv_rel("test_white"), columns=["index"])
     idx = np.unique(np.asarray(table["index"]))
     if len(idx) > n:
-        idx = np.sort(np.random.default_rng([int(ctx.cfg.seed), 20180709]).choice(idx, size=n, replace=False))
+        idx = np.sort(numpy_rng(ctx.cfg.seed, 20180709).choice(idx, size=n, replace=False))
     return [int(i) for i in idx]
 
 

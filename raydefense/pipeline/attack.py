@@ -25,12 +25,13 @@ from raydefense.config import ATTACK_METHODS
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.run import RunLayout
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
+from raydefense.seeding import numpy_rng
 
 
 def per_image_eps(indices: np.ndarray, method: str, *, seed: int, lo: float, hi: float) -> np.ndarray:
     """eps for each image: U[lo, hi], a pure function of (seed, image index, method)."""
     mid = ATTACK_METHODS.index(method) if method in ATTACK_METHODS else zlib.crc32(method.encode()) % 1000
-    return np.array([np.random.default_rng([seed, int(i), mid]).uniform(lo, hi) for i in indices], dtype=np.float32)
+    return np.array([numpy_rng(seed, i, mid).uniform(lo, hi) for i in indices], dtype=np.float32)
 
 
 class AttackActor:

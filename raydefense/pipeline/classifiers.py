@@ -24,6 +24,7 @@ from raydefense.config import TrainConfig, from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 from raydefense.pipeline.runtime import images_to_tensor
+from raydefense.seeding import seed_everything, torch_generator, worker_seed
 
 
 
@@ -126,8 +127,8 @@ def classifier_loop(config: dict[str, Any]) -> None:
     T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 17)  # DCN's random projections
-    torch.manual_seed(cfg.seed + rank)
+    gen = torch_generator(cfg.seed * 1000 + rank + 17)  # DCN's random projections
+    seed_everything(worker_seed(cfg.seed, "classifier", rank))
 
     model = create_model(config["arch"], num_classes=config["num_classes"], **config.get("arch_options", {}))
     if config.get("init"):

@@ -19,6 +19,7 @@ from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 from raydefense.pipeline.runtime import images_to_tensor
+from raydefense.seeding import seed_everything, worker_seed
 
 DENOISERS = {
     # task: (architecture, loss)
@@ -61,7 +62,7 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
-    torch.manual_seed(cfg.seed + 202 + rank)
+    seed_everything(worker_seed(cfg.seed, "denoiser", rank))
     storage = config["storage"]
     target = load_artifact(storage, config.get("classifier", "target"), device)
     spec = {"kind": "denoiser", "arch": config["arch"], "widths": list(d.widths)}

@@ -20,6 +20,7 @@ from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact
 from raydefense.pipeline.run import RunLayout
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
+from raydefense.seeding import seed_everything, torch_generator, worker_seed
 
 
 def _generator_spec(cfg) -> dict[str, Any]:
@@ -40,7 +41,7 @@ def gnr_loop(config: dict[str, Any]) -> None:
     T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
-    torch.manual_seed(cfg.seed + 101 + rank)
+    seed_everything(worker_seed(cfg.seed, "gnr", rank))
     spec = _generator_spec(cfg)
     gen = ray.train.torch.prepare_model(build_network(spec).to(device))
     critic = ray.train.torch.prepare_model(
@@ -92,7 +93,7 @@ class AugmentActor:
         for j in range(self.k):
             # Noise for image i, draw j depends only on (seed, index, j): reproducible at any batching.
             z = torch.stack([
-                torch.randn(self.gen.z_dim, generator=torch.Generator().manual_seed(self.seed * 7919 + int(idx) * 31 + j))
+                torch.randn(self.gen.z_dim, generator=torch_generator(self.seed * 7919 + int(idx) * 31 + j))
                 for idx in batch["index"]
             ]).to(self.device)
             noise = self.gen(z)

@@ -24,6 +24,7 @@ from torch import nn
 
 from raydefense.config import Config
 from raydefense.pipeline.run import RunLayout
+from raydefense.seeding import torch_generator
 
 
 def scaling_config(cfg: Config, *, gpu: bool):
@@ -434,7 +435,7 @@ class Step:
 
     @functools.cached_property
     def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+        return torch_generator(self.seed)
 
     def rand(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """U[0, 1) draws of shape ``(b, *shape)`` for this worker's rows."""
@@ -469,7 +470,7 @@ def _row_keys(cols: dict[str, torch.Tensor], chunk: int = 512) -> torch.Tensor:
     order does not matter)."""
     n = len(next(iter(cols.values())))
     keys = torch.zeros(n, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(0x5EED)
+    gen = torch_generator(0x5EED)
     as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     for name in sorted(cols):
         v = cols[name].reshape(n, -1).contiguous()
@@ -547,7 +548,7 @@ class EpochData:
         if n < 2 * w:
             raise DataError(f"training set '{self.name}' has {n} rows: {w} training worker(s) need at least "
                             f"{2 * w} (two per worker per step); lower scale.num_workers or add data")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=torch_generator(seed)) if shuffle else torch.arange(n)
         for i, (a, b) in enumerate(global_batches(n, g, w)):
             rows = torch.arange(self.rank, b - a, w)
             idx = order[a:b][rows]
