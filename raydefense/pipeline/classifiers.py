@@ -1,87 +1,25 @@
 """One training loop for every classifier the defense needs.
 
-``loss`` picks the objective:
-
-- ``ce``: cross-entropy on labels: the target and surrogate (section 5), the KT teacher
-  trained on denoised images (section 4.2);
-- ``kt``: knowledge transfer (equation 6) from a frozen teacher at temperature T with weight
-  lambda: the published student;
-- ``dcn``: cross-entropy plus the contractive penalty of Gu & Rigazio (2015);
-- ``temp_ce`` / ``soft``: defensive distillation (Papernot et al. 2016): a teacher trained
-  at temperature T, then a student on its soft labels at the same T, deployed at T = 1.
+``loss`` picks the objective from :data:`raydefense.pipeline.classifier_losses.CLASSIFIER_LOSSES`
+(ce, kt, dcn, temp_ce, soft); the loop's arguments are a
+:class:`~raydefense.pipeline.loop_args.ClassifierArgs`.
 
 The same function runs as a plain Ray Train task and inside a Tune trial.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from raydefense.config import TrainConfig, from_dict
+from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
+from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LOSSES, LossInputs  # noqa: F401  (re-exported)
+from raydefense.pipeline.loop_args import ClassifierArgs
 from raydefense.pipeline.runtime import images_to_tensor
 from raydefense.seeding import seed_everything, torch_generator, worker_seed
-
-
-
-@dataclass(frozen=True)
-class LossInputs:
-    """What a classifier loss may need beyond the model, the batch and its labels."""
-
-    teacher: Optional[torch.nn.Module] = None  # frozen, for 'kt' and 'soft'
-    T: float = 1.0  # temperature of 'kt', 'temp_ce' and 'soft'
-    lam: float = 0.0  # lambda of equation 6 ('kt')
-    dcn_weight: float = 0.0  # contractive strength ('dcn')
-    label_smoothing: float = 0.0  # 'ce'
-    generator: Optional[torch.Generator] = None  # DCN's random projections
-
-
-def _ce(model, x, y, a: LossInputs) -> torch.Tensor:
-    return F.cross_entropy(model(x), y, label_smoothing=a.label_smoothing)
-
-
-def _kt(model, x, y, a: LossInputs) -> torch.Tensor:
-    from raydefense.distill import knowledge_transfer_loss
-
-    with torch.no_grad():
-        t_logits = a.teacher(x)
-    return knowledge_transfer_loss(model(x).float(), t_logits.float(), lam=a.lam, T=a.T)
-
-
-def _dcn(model, x, y, a: LossInputs) -> torch.Tensor:
-    from raydefense.defenses import dcn_loss
-
-    # One forward pass through the (data-parallel) model serves both terms.
-    return dcn_loss(model, x, y, weight=a.dcn_weight, generator=a.generator)
-
-
-def _temp_ce(model, x, y, a: LossInputs) -> torch.Tensor:
-    from raydefense.distill import temperature_ce
-
-    return temperature_ce(model(x).float(), y, a.T)
-
-
-def _soft(model, x, y, a: LossInputs) -> torch.Tensor:
-    from raydefense.distill import defensive_distillation_loss, distillation_soft_targets
-
-    with torch.no_grad():
-        soft = distillation_soft_targets(a.teacher(x).float(), a.T)
-    return defensive_distillation_loss(model(x).float(), soft, a.T)
-
-
-#: Registry: loss name -> ``fn(model, x, y, inputs) -> scalar`` (see the module docstring).
-CLASSIFIER_LOSSES: dict[str, Callable[[Any, torch.Tensor, torch.Tensor, LossInputs], torch.Tensor]] = {
-    "ce": _ce,
-    "kt": _kt,
-    "dcn": _dcn,
-    "temp_ce": _temp_ce,
-    "soft": _soft,
-}
-LOSSES = tuple(CLASSIFIER_LOSSES)
 
 
 def augment(x: torch.Tensor, step: T.Step) -> torch.Tensor:
@@ -114,15 +52,17 @@ def accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.device,
 
 
 def classifier_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop. See ``train_classifier`` for the keys of ``config``."""
+    """Ray Train worker loop; ``config`` is :meth:`ClassifierArgs.loop_config`'s dict.
+
+    One cohesive loop, read top to bottom (setup, epochs, final artifact), hence its length."""
     import ray.train
     import ray.train.torch
 
     from raydefense.models import create_model
 
     cfg = from_dict(config["cfg"])
-    tc = TrainConfig(**config["train"])
-    loss_kind = config["loss"]
+    args = ClassifierArgs.from_loop_config(config)
+    tc = args.train
     storage = config["storage"]
     T.setup_worker(cfg)
     device = T.worker_device()
@@ -130,26 +70,25 @@ def classifier_loop(config: dict[str, Any]) -> None:
     gen = torch_generator(cfg.seed * 1000 + rank + 17)  # DCN's random projections
     seed_everything(worker_seed(cfg.seed, "classifier", rank))
 
-    model = create_model(config["arch"], num_classes=config["num_classes"], **config.get("arch_options", {}))
-    if config.get("init"):
-        init = load_artifact(storage, config["init"], frozen=False)
+    model = create_model(args.arch, num_classes=args.num_classes, **args.arch_options)
+    if args.init:
+        init = load_artifact(storage, args.init, frozen=False)
         model.load_state_dict(init.state_dict())
     model.to(device)
-    teacher = load_artifact(storage, config["teacher"], device) if config.get("teacher") else None
+    teacher = load_artifact(storage, args.teacher, device) if args.teacher else None
     model = ray.train.torch.prepare_model(model)
     opt = T.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
     progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=tc.epochs)
 
-    train_data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=config.get("task", "train"))
+    train_data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=args.task)
     # Every dataset named val* is evaluated each epoch and reported as <name>_acc: "val" holds
     # clean images; a Tune trial adds e.g. "val_white" (denoised white-box images).
     vals = {name: T.EpochData(ray.train.get_dataset_shard(name), cache_mb=cfg.scale.cache_mb, name=name)
-            for name in config["val_sets"]}
-    loss_fn = CLASSIFIER_LOSSES[loss_kind]
-    loss_inputs = LossInputs(teacher=teacher, T=float(config.get("T", 1.0)), lam=float(config.get("lam", 0.0)),
-                             dcn_weight=float(config.get("dcn_weight", 0.0)), label_smoothing=tc.label_smoothing,
-                             generator=gen)
+            for name in args.val_sets}
+    loss_fn = CLASSIFIER_LOSSES[args.loss]
+    loss_inputs = LossInputs(teacher=teacher, T=float(args.T), lam=float(args.lam), dcn_weight=float(args.dcn_weight),
+                             label_smoothing=tc.label_smoothing, generator=gen)
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():
         model.train()
@@ -176,36 +115,27 @@ def classifier_loop(config: dict[str, Any]) -> None:
     if not metrics:  # resumed after the last epoch: measure once more (every worker takes part)
         metrics = {f"{n}_acc": accuracy(model, d, batch_size=tc.batch_size * 2, device=device) for n, d in vals.items()}
     if rank == 0:
-        spec = {"kind": "classifier", "arch": config["arch"], "num_classes": config["num_classes"],
-                **({"options": config["arch_options"]} if config.get("arch_options") else {})}
+        spec = {"kind": "classifier", "arch": args.arch, "num_classes": args.num_classes,
+                **({"options": dict(args.arch_options)} if args.arch_options else {})}
         # start_epoch > 0 records that this training resumed from a checkpoint.
-        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
+        save_artifact(storage, args.artifact, model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
 
 
-def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: TrainConfig,
-                     train_ds, val_ds, loss: str = "ce", init: str | None = None,
-                     teacher: str | None = None, gpu: bool = False, extra_val: dict[str, Any] | None = None,
-                     **extra: Any) -> dict[str, Any]:
-    """Train (or resume) one classifier on Ray Train and write ``models/<task>.pt``.
+def classifier_task(ctx, args: ClassifierArgs, datasets: dict[str, Any], *, name: str | None = None) -> T.TrainingTask:
+    """The Ray Train task that trains ``args`` on ``datasets`` (``train`` and every ``args.val_sets``),
+    its checkpoints under ``train/<name>`` (default: the artifact's name)."""
+    return T.TrainingTask(name=name or args.artifact, loop=classifier_loop,
+                          config=args.loop_config(ctx.cfg, ctx.storage), datasets=datasets, epochs=args.train.epochs)
 
-    Skips the work when the artifact already exists (it is written last, atomically).
-    ``extra_val`` adds validation sets (name -> dataset with image, label; names start with "val").
-    """
-    if ctx.layout.has_model(task):
-        ctx.echo(f"  {task}: already trained, skipping")
+
+def train_classifier(ctx, args: ClassifierArgs, datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
+    """Train (or resume) one classifier on Ray Train and write ``models/<artifact>.pt``; returns
+    the last epoch's metrics. Skips the work when the artifact exists (it is written last, atomically)."""
+    if ctx.layout.has_model(args.artifact):
+        ctx.echo(f"  {args.artifact}: already trained, skipping")
         return {}
-    if loss not in CLASSIFIER_LOSSES:
-        raise ValueError(f"unknown classifier loss '{loss}' (known: {', '.join(LOSSES)})")
-    from dataclasses import asdict
-
-    loop_config = {
-        "cfg": ctx.cfg.to_dict(), "task": task, "arch": arch, "num_classes": num_classes,
-        "train": asdict(train), "loss": loss, "init": init, "teacher": teacher,
-        "storage": ctx.storage, "artifact": task, "val_sets": ["val", *(extra_val or {})], **extra,
-    }
-    ctx.echo(f"  {task}: training {arch} ({loss}) for {train.epochs} epochs on Ray Train")
-    metrics = T.fit(ctx, task, classifier_loop, loop_config, {"train": train_ds, "val": val_ds, **(extra_val or {})}, gpu=gpu,
-                    epochs=train.epochs)
+    ctx.echo(f"  {args.artifact}: training {args.arch} ({args.loss}) for {args.train.epochs} epochs on Ray Train")
+    metrics = T.run_task(ctx, classifier_task(ctx, args, datasets), gpu=gpu)
     if "val_acc" in metrics:
-        ctx.echo(f"  {task}: val accuracy {metrics['val_acc']:.3f}")
+        ctx.echo(f"  {args.artifact}: val accuracy {metrics['val_acc']:.3f}")
     return metrics

@@ -18,6 +18,7 @@ import torch
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact
+from raydefense.pipeline.loop_args import GnrArgs
 from raydefense.pipeline.run import RunLayout
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
 from raydefense.seeding import seed_everything, torch_generator, worker_seed
@@ -37,6 +38,7 @@ def gnr_loop(config: dict[str, Any]) -> None:
     from raydefense.pipeline.artifacts import build_network, unwrap
 
     cfg = from_dict(config["cfg"])
+    args = GnrArgs.from_loop_config(config)
     g = cfg.gnr
     T.setup_worker(cfg)
     device = T.worker_device()
@@ -72,8 +74,15 @@ def gnr_loop(config: dict[str, Any]) -> None:
                    "g_loss": g_sum / max(g_steps, 1), "epoch_s": timer.lap()}
         progress.report(epoch, metrics)
     if rank == 0:
-        save_artifact(config["storage"], "gnr_generator", gen, spec, config=config["cfg"],
+        save_artifact(config["storage"], args.artifact, gen, spec, config=config["cfg"],
                       metrics={**metrics, **progress.summary()})
+
+
+def gnr_task(ctx) -> T.TrainingTask:
+    """The WGAN-GP's Ray Train task on the real noise of the attack's ``train`` set (checkpoints
+    under ``train/gnr``)."""
+    return T.TrainingTask(name="gnr", loop=gnr_loop, config=GnrArgs().loop_config(ctx.cfg, ctx.storage),
+                          datasets={"train": ctx.layout.read_adv("train", ["clean", "adv"])}, epochs=ctx.cfg.gnr.epochs)
 
 
 class AugmentActor:
@@ -116,9 +125,7 @@ def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
         return {"enabled": False}
     if not ctx.layout.has_model("gnr_generator"):
         ctx.echo(f"  gnr: training the WGAN-GP for {cfg.gnr.epochs} epochs on Ray Train")
-        loop_config = {"cfg": cfg.to_dict(), "storage": ctx.storage}
-        metrics = T.fit(ctx, "gnr", gnr_loop, loop_config, {"train": ctx.layout.read_adv("train", ["clean", "adv"])}, gpu=gpu,
-                        epochs=cfg.gnr.epochs)
+        metrics = T.run_task(ctx, gnr_task(ctx), gpu=gpu)
         if metrics:
             ctx.echo(f"  gnr: Wasserstein estimate {metrics.get('wasserstein', float('nan')):.4f}, GP {metrics.get('gp', float('nan')):.4f}")
     n_real = ctx.layout.count_rows(RunLayout.adv_rel("train"))

@@ -81,6 +81,33 @@ def make_trainer(cfg: Config, storage, name: str, loop: Callable[[dict], None], 
     )
 
 
+@dataclass(frozen=True)
+class TrainingTask:
+    """One training task as Ray Train runs it: ``loop`` with ``config`` (a loop-args dict, see
+    :mod:`raydefense.pipeline.loop_args`) over ``datasets``, checkpoints under ``train/<name>``.
+
+    Built by one function per task (``models.classifier_model_task``, ``gnr.gnr_task``,
+    ``denoise.denoiser_task``, ``distill.teacher_task`` / ``student_task`` / ``baseline_tasks``);
+    the pipeline runs it with :func:`run_task`, a Tune trial with :meth:`trainer` and its callback.
+    """
+
+    name: str
+    loop: Callable[[dict], None]
+    config: dict[str, Any]
+    datasets: dict[str, Any]
+    epochs: int
+
+    def trainer(self, cfg: Config, storage, *, gpu: bool, callbacks: Sequence[Any] = ()):
+        """The TorchTrainer (:func:`make_trainer`) with checkpoints under ``<storage>/train/<name>``."""
+        return make_trainer(cfg, storage, self.name, self.loop, self.config, self.datasets, gpu=gpu,
+                            callbacks=callbacks)
+
+
+def run_task(ctx, task: TrainingTask, *, gpu: bool) -> dict[str, Any]:
+    """:func:`fit` of ``task`` in the run ``ctx``; returns the last reported metrics."""
+    return fit(ctx, task.name, task.loop, task.config, task.datasets, gpu=gpu, epochs=task.epochs)
+
+
 def fit(ctx, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
         datasets: dict[str, Any], *, gpu: bool, epochs: Optional[int] = None) -> dict[str, Any]:
     """Run one training task on Ray Train; returns the last reported metrics.

@@ -1,13 +1,14 @@
 """One trial of a defense search: the pipeline's own training loops, run from a Tune trainable.
 
 A trial takes sampled values (lambda, T, guidance layer, learning rates, width), applies
-them to the run's config, and trains, on Ray Train, with the loops the pipeline uses:
+them to the run's config, and trains, on Ray Train, the pipeline's own training tasks (the
+same functions build them; the trial adds only Tune's reporting and stopping):
 
-1. ``uddn``: the denoiser of section 3 with the trial's guidance (``denoiser_loop``);
+1. ``uddn``: the denoiser of section 3 with the trial's guidance (``denoise.denoiser_task``);
 2. ``teacher``: the target's architecture on images that trial's UDDN denoised, with
-   one-hot labels (section 4.2; ``classifier_loop``, loss ``ce``);
+   one-hot labels (section 4.2; ``distill.teacher_args``);
 3. ``student``: the same architecture with equation 6, KL(Pt||Ps) + lambda KL(Pt^T||Ps^T)
-   (``classifier_loop``, loss ``kt``). UDDN + student is the model the paper publishes.
+   (``distill.student_args``). UDDN + student is the model the paper publishes.
 
 Every epoch of every phase becomes one Tune result with ``val_white_acc`` and
 ``val_clean_acc`` (the accuracy of that phase's model behind the trial's UDDN on the
@@ -38,7 +39,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ray import tune
@@ -144,13 +145,12 @@ def _reporter(*, phase: str, last_epoch: int, spec: TrialSpec, trial: Storage, h
     return TrialReporter()
 
 
-def _fit(spec: TrialSpec, cfg, *, name: str, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
-         callback, stopping: threading.Event) -> None:
-    """One inner Ray Train run (as the pipeline's ``fit``, plus the callback), under ``<search>/train/<name>``."""
+def _fit(spec: TrialSpec, cfg, task, *, callback, stopping: threading.Event) -> None:
+    """One inner Ray Train run of the pipeline's ``task`` (a TrainingTask), plus Tune's callback,
+    under ``<search>/train/<task.name>``."""
     from raydefense.pipeline.runtime import user_errors
-    from raydefense.pipeline.training import make_trainer
 
-    trainer = make_trainer(cfg, spec.search, name, loop, loop_config, datasets, gpu=spec.gpu, callbacks=[callback])
+    trainer = task.trainer(cfg, spec.search, gpu=spec.gpu, callbacks=[callback])
     try:
         with user_errors():
             trainer.fit()
@@ -192,8 +192,9 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
 
     Raises ``_Stopped`` when Tune stopped the trial.
     """
-    from raydefense.pipeline.classifiers import classifier_loop
-    from raydefense.pipeline.denoise import denoiser_loop, training_pairs
+    from raydefense.pipeline.classifiers import classifier_task
+    from raydefense.pipeline.denoise import denoiser_args, denoiser_task
+    from raydefense.pipeline.distill import student_args, teacher_args
     from raydefense.pipeline.run import RunContext, RunLayout
 
     t0 = time.perf_counter()
@@ -223,32 +224,26 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
     uddn, teacher, student = (spec.artifact(trial_id, p) for p in PHASES)
     done = replay("uddn")
     if not ctx.layout.has_model(uddn):
-        loop_config = {"cfg": cfg.to_dict(), "storage": spec.run, "arch": "uddn", "loss": cfg.denoise.guidance,
-                       "artifact": uddn}
-        datasets = {"train": training_pairs(ctx), "val": ctx.layout.read_adv("val_white", ["clean", "adv", "label"])}
-        _fit(spec, cfg, name=f"{trial_id}_uddn", loop=denoiser_loop, loop_config=loop_config, datasets=datasets,
-             callback=_reporter(phase="uddn", last_epoch=last_epoch, spec=spec, trial=trial, history=done,
-                                channel=channel),
+        task = denoiser_task(ctx, denoiser_args(cfg, "uddn", artifact=uddn), name=f"{trial_id}_uddn")
+        _fit(spec, cfg, task, callback=_reporter(phase="uddn", last_epoch=last_epoch, spec=spec, trial=trial,
+                                                 history=done, channel=channel),
              stopping=stopping)
 
     sets: Optional[dict[str, Any]] = None
-    init = "target" if cfg.distill.init_from_target else None
-    common = {"cfg": cfg.to_dict(), "arch": cfg.models.target, "num_classes": spec.num_classes, "init": init,
-              "storage": spec.run, "val_sets": ["val", "val_white", "val_clean"]}
-    for phase, artifact, extra in (
-        ("teacher", teacher, {"train": asdict(cfg.distill.teacher), "loss": "ce", "teacher": None}),
-        ("student", student, {"train": asdict(cfg.distill.student), "loss": "kt", "teacher": teacher,
-                              "lam": cfg.distill.lam, "T": cfg.distill.T}),
+    val_sets = ("val", "val_white", "val_clean")
+    for phase, args in (
+        ("teacher", teacher_args(cfg, num_classes=spec.num_classes, artifact=teacher, val_sets=val_sets)),
+        ("student", student_args(cfg, num_classes=spec.num_classes, teacher=teacher, artifact=student,
+                                 val_sets=val_sets)),
     ):
         done = replay(phase)
-        if ctx.layout.has_model(artifact):
+        if ctx.layout.has_model(args.artifact):
             continue
         if sets is None:
             sets = _denoised_sets(ctx, spec=spec, trial=trial, denoiser=uddn)
-        loop_config = {**common, **extra, "task": artifact, "artifact": artifact}
-        _fit(spec, cfg, name=f"{trial_id}_{phase}", loop=classifier_loop, loop_config=loop_config, datasets=sets,
-             callback=_reporter(phase=phase, last_epoch=last_epoch, spec=spec, trial=trial, history=done,
-                                channel=channel),
+        task = classifier_task(ctx, args, sets, name=f"{trial_id}_{phase}")
+        _fit(spec, cfg, task, callback=_reporter(phase=phase, last_epoch=last_epoch, spec=spec, trial=trial,
+                                                 history=done, channel=channel),
              stopping=stopping)
 
     final = [h for h in history() if h["phase"] == PHASES[-1]]
