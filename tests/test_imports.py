@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1] / "raydefense"
 
 # Layers, lowest first: a module may import its own layer and the ones below, never above.
 LAYERS = [
-    ("base", ("raydefense.errors", "raydefense.storage", "raydefense.seeding", "raydefense.config")),
+    ("base", ("raydefense.errors", "raydefense.storage", "raydefense.seeding", "raydefense.config",
+              "raydefense.config_sections")),
     ("blocks", ("raydefense.models", "raydefense.attacks", "raydefense.gnr", "raydefense.denoise",
                 "raydefense.distill", "raydefense.defenses", "raydefense.data")),
     # The report reads and writes a run's files (pipeline.run.RunLayout): it sits with the pipeline.
@@ -25,7 +26,8 @@ LAYERS = [
 # The one upward edge kept: config validates model names and the synthetic split plan when a
 # config is loaded, by a function-level import of the registry and the split planner (neither
 # imports config back), so that a bad name fails before anything runs.
-ALLOWED_UPWARD = {("raydefense.config", "raydefense.models"), ("raydefense.config", "raydefense.data.splits")}
+ALLOWED_UPWARD = {("raydefense.config_sections", "raydefense.models"),
+                  ("raydefense.config_sections", "raydefense.data.splits")}
 
 
 def modules() -> dict[str, Path]:
