@@ -61,8 +61,8 @@ CARD_VERSION = 1
 
 
 def export_dir(defense: str) -> str:
-    """Run-relative folder of one defense's export."""
-    return f"export/{defense}"
+    """Run-relative folder of one defense's export (:meth:`RunLayout.export_rel`)."""
+    return RunLayout.export_rel(defense)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -250,12 +250,46 @@ def export_defense(storage: Storage | str, run: str, *, defense: str = "uddn_kt"
                        onnx_skipped=onnx_skipped, echo=echo)
 
 
+def _model_card(run_st: Storage, run: str, cfg, metrics: dict[str, Any], *, defense: str, pre: Optional[str],
+                clf: str, quality: int, size: int, num_classes: int, classes: list, files: dict[str, Any],
+                skipped: dict[str, str], check: dict[str, Any]) -> dict[str, Any]:
+    """``card.json``: what the files are, how to feed them, and how the defense was evaluated."""
+    accuracy = dict(metrics["accuracy"][defense])
+    detail = metrics.get("accuracy_detail", {}).get(defense, {})
+    card: dict[str, Any] = {
+        "card_version": CARD_VERSION,
+        "run": run,
+        "run_uri": run_st.display(),
+        "defense": defense,
+        "pipeline": _describe_pipeline(pre, clf, quality),
+        "parts": {"preprocess": pre, "classifier": clf, "target_arch": cfg.models.target},
+        "files": files,
+        "skipped": skipped,
+        "requires": ["torch", "torchvision"] if pre == "jpeg" else ["torch"],
+        "input": {"name": "image", "shape": [None, 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
+                  "layout": "NCHW, RGB", "value": "uint8 pixel / 255"},
+        "output": {"name": "logits", "shape": [None, num_classes], "dtype": "float32",
+                   "meaning": "logits; softmax gives the identity probabilities, classes[i] names logit i"},
+        "classes": classes,
+        "preprocessing": _describe_preprocessing(cfg, size),
+        "config_sha256": config_hash(cfg.to_dict()),
+        "config": cfg.to_dict(),
+        "accuracy": accuracy,
+        "accuracy_ci95": {k: {"n": v["n"], "ci95": v.get("ci95")} for k, v in detail.items()
+                          if isinstance(v, dict) and "n" in v},
+        "n_images": metrics.get("n_images", {}),
+        "verification": check,
+        "torch_version": torch.__version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return card
+
+
 def _export(run_st: Storage, run: str, cfg, metrics: dict[str, Any], meta: dict[str, Any], *, defense: str,
             pre: Optional[str], clf: str, formats: tuple[str, ...], onnx_skipped: Optional[str],
             echo: Callable[[str], None]) -> dict[str, Any]:
     from raydefense.pipeline.defended import build_defended_models
 
-    evaluated = metrics["accuracy"]
     size = int(meta.get("image_size", cfg.data.image_size))
     quality = int(cfg.baselines.jpeg_quality)
     evaluated_model = build_defended_models(run_st, {defense: (pre, clf)}, jpeg_quality=quality, device="cpu")[defense]
@@ -312,34 +346,8 @@ def _export(run_st: Storage, run: str, cfg, metrics: dict[str, Any], meta: dict[
         blob = payloads[entry["path"]]
         entry.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
 
-    accuracy = dict(evaluated[defense])
-    detail = metrics.get("accuracy_detail", {}).get(defense, {})
-    card: dict[str, Any] = {
-        "card_version": CARD_VERSION,
-        "run": run,
-        "run_uri": run_st.display(),
-        "defense": defense,
-        "pipeline": _describe_pipeline(pre, clf, quality),
-        "parts": {"preprocess": pre, "classifier": clf, "target_arch": cfg.models.target},
-        "files": files,
-        "skipped": skipped,
-        "requires": ["torch", "torchvision"] if pre == "jpeg" else ["torch"],
-        "input": {"name": "image", "shape": [None, 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
-                  "layout": "NCHW, RGB", "value": "uint8 pixel / 255"},
-        "output": {"name": "logits", "shape": [None, num_classes], "dtype": "float32",
-                   "meaning": "logits; softmax gives the identity probabilities, classes[i] names logit i"},
-        "classes": classes,
-        "preprocessing": _describe_preprocessing(cfg, size),
-        "config_sha256": config_hash(cfg.to_dict()),
-        "config": cfg.to_dict(),
-        "accuracy": accuracy,
-        "accuracy_ci95": {k: {"n": v["n"], "ci95": v.get("ci95")} for k, v in detail.items()
-                          if isinstance(v, dict) and "n" in v},
-        "n_images": metrics.get("n_images", {}),
-        "verification": check,
-        "torch_version": torch.__version__,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    card = _model_card(run_st, run, cfg, metrics, defense=defense, pre=pre, clf=clf, quality=quality, size=size,
+                       num_classes=num_classes, classes=classes, files=files, skipped=skipped, check=check)
     out_dir = export_dir(defense)
     # The card is the proof of a finished export: remove an old one first and write it last, so
     # an interrupted export never pairs a stale card with new model files (or the reverse).

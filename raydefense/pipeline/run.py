@@ -15,6 +15,7 @@ read and written. Layout under ``<storage>/<name>/``::
     train/<task>/          Ray Train checkpoints (an interrupted training resumes from here)
     tensorboard/<task>/    per-epoch scalars
     report/                report.md, metrics.json, figures
+    export/<defense>/      model.pt, model.onnx, card.json (jobs/export.py)
 
 What counts as finished: a file when it exists (every file is written atomically: a temporary
 name moved into place, or one S3 PUT); a dataset folder when its ``_SUCCESS`` exists
@@ -76,6 +77,11 @@ class RunLayout:
     @staticmethod
     def report_rel(name: str) -> str:
         return f"report/{name}"
+
+    @staticmethod
+    def export_rel(defense: str) -> str:
+        """The folder of one defense's export (``model.pt``, ``model.onnx``, ``card.json``)."""
+        return f"export/{defense}"
 
     @staticmethod
     def tensorboard_rel(task: str, name: str = "") -> str:
