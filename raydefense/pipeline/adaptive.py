@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydefense.pipeline.run import RunLayout
+from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.defended import available_defenses, build_defended_models
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion
@@ -169,7 +169,7 @@ class WholeModelActor:
         return out
 
 
-def adaptive_subset(ctx, n: int) -> list[int]:
+def adaptive_subset(ctx: RunContext, n: int) -> list[int]:
     """A fixed random subset (seeded by ``cfg.seed``) of at most ``n`` test image indices, sorted."""
     table = ctx.layout.table(RunLayout.adv_rel("test_white"), columns=["index"])
     idx = np.unique(np.asarray(table["index"]))
@@ -227,7 +227,7 @@ def summarize_whole_model(df, defenses: dict[str, tuple[Optional[str], str]], *,
             "n_images": n_images, "rows": int(len(df))}
 
 
-def run_adaptive(ctx, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
+def run_adaptive(ctx: RunContext, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
     """Attack every defense in ``eval.adaptive_defenses`` as one model; fold the results into ``metrics``.
 
     Returns the new top-level keys (``adaptive``, ``adaptive_detail``, ``adaptive_setup``);

@@ -23,7 +23,7 @@ import torch
 
 from raydefense.config import ATTACK_METHODS
 from raydefense.pipeline.artifacts import load_artifact
-from raydefense.pipeline.run import RunLayout
+from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
 from raydefense.seeding import numpy_rng
 
@@ -91,7 +91,7 @@ def attack_plan(cfg) -> dict[str, list[tuple[str, str, list[str]]]]:
     return plan
 
 
-def run_attack(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_attack(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     """One streaming pass: every clean image that feeds an adversarial set, through one actor pool."""
     cfg = ctx.cfg
     plan = attack_plan(cfg)

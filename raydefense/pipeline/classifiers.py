@@ -20,6 +20,7 @@ from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LOSSES, Los
 from raydefense.pipeline.loop_args import ClassifierArgs
 from raydefense.pipeline.runtime import images_to_tensor
 from raydefense.seeding import seed_everything, torch_generator, worker_seed
+from raydefense.pipeline.run import RunContext
 
 
 def augment(x: torch.Tensor, step: T.Step) -> torch.Tensor:
@@ -121,14 +122,14 @@ def classifier_loop(config: dict[str, Any]) -> None:
         save_artifact(storage, args.artifact, model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
 
 
-def classifier_task(ctx, args: ClassifierArgs, datasets: dict[str, Any], *, name: str | None = None) -> T.TrainingTask:
+def classifier_task(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, Any], *, name: str | None = None) -> T.TrainingTask:
     """The Ray Train task that trains ``args`` on ``datasets`` (``train`` and every ``args.val_sets``),
     its checkpoints under ``train/<name>`` (default: the artifact's name)."""
     return T.TrainingTask(name=name or args.artifact, loop=classifier_loop,
                           config=args.loop_config(ctx.cfg, ctx.storage), datasets=datasets, epochs=args.train.epochs)
 
 
-def train_classifier(ctx, args: ClassifierArgs, datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
+def train_classifier(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
     """Train (or resume) one classifier on Ray Train and write ``models/<artifact>.pt``; returns
     the last epoch's metrics. Skips the work when the artifact exists (it is written last, atomically)."""
     if ctx.layout.has_model(args.artifact):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from raydefense.pipeline.artifacts import load_artifact
+from raydefense.pipeline.run import RunContext
 
 DEFENSES: dict[str, tuple[Optional[str], str]] = {
     "none": (None, "target"),
@@ -42,7 +43,7 @@ DEFENSES: dict[str, tuple[Optional[str], str]] = {
 DENOISERS = ("dae", "pixel_guided", "uddn")
 
 
-def available_defenses(ctx) -> tuple[dict[str, tuple[Optional[str], str]], dict[str, str]]:
+def available_defenses(ctx: RunContext) -> tuple[dict[str, tuple[Optional[str], str]], dict[str, str]]:
     """Defenses whose parts were trained in this run, and why the others are missing."""
     have, missing = {}, {}
     cfg = ctx.cfg

@@ -21,6 +21,7 @@ from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 from raydefense.pipeline.loop_args import DenoiserArgs
 from raydefense.pipeline.runtime import images_to_tensor
 from raydefense.seeding import seed_everything, worker_seed
+from raydefense.pipeline.run import RunContext
 
 DENOISERS = {
     # task: (architecture, loss)
@@ -107,7 +108,7 @@ def denoiser_loop(config: dict[str, Any]) -> None:
                       metrics={**metrics, **progress.summary()})
 
 
-def training_pairs(ctx):
+def training_pairs(ctx: RunContext):
     """The denoiser's training set: real adversarial pairs plus GNR-generated pairs."""
 
     ds = ctx.layout.read_adv("train", ["clean", "adv", "label"])
@@ -123,7 +124,7 @@ def denoiser_args(cfg, task: str, *, artifact: str | None = None) -> DenoiserArg
     return DenoiserArgs(arch=arch, loss=loss or cfg.denoise.guidance, artifact=artifact or task)
 
 
-def denoiser_task(ctx, args: DenoiserArgs, *, name: str | None = None) -> T.TrainingTask:
+def denoiser_task(ctx: RunContext, args: DenoiserArgs, *, name: str | None = None) -> T.TrainingTask:
     """The Ray Train task of one denoiser on :func:`training_pairs` (val: the white-box validation
     set), checkpoints under ``train/<name>`` (default: the artifact's name)."""
     datasets = {"train": training_pairs(ctx), "val": ctx.layout.read_adv("val_white", ["clean", "adv", "label"])}
@@ -131,7 +132,7 @@ def denoiser_task(ctx, args: DenoiserArgs, *, name: str | None = None) -> T.Trai
                           datasets=datasets, epochs=ctx.cfg.denoise.epochs)
 
 
-def train_denoiser(ctx, task: str, *, gpu: bool) -> dict[str, Any]:
+def train_denoiser(ctx: RunContext, task: str, *, gpu: bool) -> dict[str, Any]:
     """Train (or skip, when ``models/<task>.pt`` exists) one denoiser; returns its last metrics."""
     if ctx.layout.has_model(task):
         ctx.echo(f"  {task}: already trained, skipping")
@@ -146,7 +147,7 @@ def train_denoiser(ctx, task: str, *, gpu: bool) -> dict[str, Any]:
     return metrics
 
 
-def run_denoise(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_denoise(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     out = {"uddn": train_denoiser(ctx, "uddn", gpu=gpu)}
     for name in ctx.cfg.denoise.baselines:
         out[name] = train_denoiser(ctx, name, gpu=gpu)

@@ -24,7 +24,7 @@ import torch
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.classifiers import train_classifier
 from raydefense.pipeline.loop_args import ClassifierArgs
-from raydefense.pipeline.run import RunLayout
+from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
 
 
@@ -43,14 +43,14 @@ class DenoiseActor:
         return {"image": tensor_to_images(self.model(x)), "label": batch["label"].astype(np.int64)}
 
 
-def denoise_images(ctx, ds, *, denoiser: str, column: str, gpu: bool):
+def denoise_images(ctx: RunContext, ds, *, denoiser: str, column: str, gpu: bool):
     """``ds`` with ``column`` replaced by the output of the run's denoiser ``denoiser`` (a name under
     ``models/``), as ``image, label`` rows, on one Ray Data actor pool."""
     return actor_map(ds, DenoiseActor, {"storage": ctx.storage, "denoiser": denoiser, "column": column},
                      cfg=ctx.cfg, gpu=gpu, batch_size=ctx.cfg.attack.batch_size)
 
 
-def denoised_training_set(ctx, *, gpu: bool, denoiser: str = "uddn", out: Optional[tuple[RunLayout, str]] = None):
+def denoised_training_set(ctx: RunContext, *, gpu: bool, denoiser: str = "uddn", out: Optional[tuple[RunLayout, str]] = None):
     """The teacher's and student's training set: the denoiser's training inputs (real and generated
     adversarial images) and the clean training images, denoised by ``denoiser``; written once to
     ``out`` (a layout and a folder in it; default the run's ``data/denoised``) and read from there.
@@ -104,7 +104,7 @@ def baseline_args(cfg, *, num_classes: int) -> list[ClassifierArgs]:
     return out
 
 
-def run_distill(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_distill(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     if not cfg.distill.enabled:
         ctx.echo("  knowledge transfer disabled (distill.enabled: false)")
@@ -116,7 +116,7 @@ def run_distill(ctx, *, gpu: bool) -> dict[str, Any]:
     return {"teacher": teacher, "student": student}
 
 
-def run_baselines(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_baselines(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     from raydefense.pipeline.models import clean_training_sets
 
     datasets = clean_training_sets(ctx)

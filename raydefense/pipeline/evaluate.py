@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from raydefense.pipeline.artifacts import load_artifact
-from raydefense.pipeline.run import RunLayout
+from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.defended import DEFENSES, DENOISERS, available_defenses, load_parts  # noqa: F401  (re-exported)
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion, wilson  # noqa: F401  (wilson: re-exported)
@@ -107,7 +107,7 @@ class EvalActor:
         return out
 
 
-def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
+def evaluate_defenses(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     """Compute metrics.json's content (without timings) for a run whose training is done."""
     cfg = ctx.cfg
     defenses, missing = available_defenses(ctx)
@@ -163,7 +163,7 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
     }
 
 
-def figure6_examples(ctx, *, k: int) -> dict[str, np.ndarray]:
+def figure6_examples(ctx: RunContext, *, k: int) -> dict[str, np.ndarray]:
     """A few (clean, adversarial, UDDN-denoised) white-box test triples for Figure 6."""
     from raydefense.pipeline.runtime import tensor_to_images
 
@@ -214,7 +214,7 @@ def table5_rows(cfg, parent_metrics: dict[str, Any], runs_root) -> list[dict[str
     return rows
 
 
-def run_evaluate(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     """The evaluate stage: Tables 1-3, Figures 6-7, whole-model attacks, report; returns its outputs."""
     from raydefense.report import write_report
     from raydefense.storage import Storage

@@ -19,7 +19,7 @@ from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact
 from raydefense.pipeline.loop_args import GnrArgs
-from raydefense.pipeline.run import RunLayout
+from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
 from raydefense.seeding import seed_everything, torch_generator, worker_seed
 
@@ -78,7 +78,7 @@ def gnr_loop(config: dict[str, Any]) -> None:
                       metrics={**metrics, **progress.summary()})
 
 
-def gnr_task(ctx) -> T.TrainingTask:
+def gnr_task(ctx: RunContext) -> T.TrainingTask:
     """The WGAN-GP's Ray Train task on the real noise of the attack's ``train`` set (checkpoints
     under ``train/gnr``)."""
     return T.TrainingTask(name="gnr", loop=gnr_loop, config=GnrArgs().loop_config(ctx.cfg, ctx.storage),
@@ -118,7 +118,7 @@ class AugmentActor:
         }
 
 
-def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_gnr(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     if not cfg.gnr.enabled:
         ctx.echo("  gnr disabled (gnr.enabled: false): the denoiser trains on real adversarial pairs only")

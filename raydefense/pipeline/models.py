@@ -8,9 +8,10 @@ from typing import Any, Optional
 from raydefense.pipeline.artifacts import save_artifact
 from raydefense.pipeline.classifiers import train_classifier
 from raydefense.pipeline.loop_args import ClassifierArgs
+from raydefense.pipeline.run import RunContext
 
 
-def _pretrained_init(ctx, name: str, arch: str, num_classes: int, pretrained: str) -> str:
+def _pretrained_init(ctx: RunContext, name: str, arch: str, num_classes: int, pretrained: str) -> str:
     """Build the model with its pretrained weights on the driver and store it as an artifact."""
     from raydefense.models import create_model
 
@@ -28,21 +29,21 @@ def _pretrained_init(ctx, name: str, arch: str, num_classes: int, pretrained: st
     return art
 
 
-def classifier_model_args(ctx, which: str, *, init: Optional[str] = None) -> ClassifierArgs:
+def classifier_model_args(ctx: RunContext, which: str, *, init: Optional[str] = None) -> ClassifierArgs:
     """The training of the target or the surrogate (``which``): cross-entropy, ``models.<which>_train``."""
     m = ctx.cfg.models
     return ClassifierArgs(task=which, artifact=which, arch=getattr(m, which), num_classes=ctx.layout.num_classes(),
                           train=getattr(m, f"{which}_train"), loss="ce", init=init)
 
 
-def clean_training_sets(ctx) -> dict[str, Any]:
+def clean_training_sets(ctx: RunContext) -> dict[str, Any]:
     """The clean GNR + denoise splits (``train``) and the clean validation split (``val``):
     what the target, the surrogate and the classifier baselines train on."""
     return {"train": ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"]),
             "val": ctx.layout.read_clean("val", ["image", "label"])}
 
 
-def train_or_load(ctx, which: str, *, gpu: bool) -> dict[str, Any]:
+def train_or_load(ctx: RunContext, which: str, *, gpu: bool) -> dict[str, Any]:
     """Train the target or surrogate (``which``), from its pretrained weights when the config names
     them, or keep those weights as they are (``models.finetune_pretrained: false``)."""
     m = ctx.cfg.models
@@ -63,5 +64,5 @@ def train_or_load(ctx, which: str, *, gpu: bool) -> dict[str, Any]:
     return train_classifier(ctx, classifier_model_args(ctx, which, init=init), clean_training_sets(ctx), gpu=gpu)
 
 
-def run_models(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_models(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     return {"target": train_or_load(ctx, "target", gpu=gpu), "surrogate": train_or_load(ctx, "surrogate", gpu=gpu)}

@@ -16,6 +16,7 @@ import numpy as np
 from raydefense.config import Config
 from raydefense.errors import ConfigError, DataError
 from raydefense.storage import Storage
+from raydefense.pipeline.run import RunContext
 
 
 class RenderSynthetic:
@@ -127,7 +128,7 @@ def check_source(cfg: Config) -> None:
     _plan(np.array([r.label for r in records], dtype=np.int64), cfg)
 
 
-def run_prepare(ctx, *, gpu: bool = False) -> dict[str, Any]:
+def run_prepare(ctx: RunContext, *, gpu: bool = False) -> dict[str, Any]:
     import ray
 
     cfg = ctx.cfg

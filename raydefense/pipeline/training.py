@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from raydefense.config import Config
-from raydefense.pipeline.run import RunLayout
+from raydefense.pipeline.run import RunContext, RunLayout
 # In-worker helpers live in pipeline/worker.py; the loops reach them as training.<name>.
 from raydefense.pipeline.worker import (  # noqa: F401  (re-exported)
     OPTIMIZERS,
@@ -114,12 +114,12 @@ class TrainingTask:
                             callbacks=callbacks)
 
 
-def run_task(ctx, task: TrainingTask, *, gpu: bool) -> dict[str, Any]:
+def run_task(ctx: RunContext, task: TrainingTask, *, gpu: bool) -> dict[str, Any]:
     """:func:`fit` of ``task`` in the run ``ctx``; returns the last reported metrics."""
     return fit(ctx, task.name, task.loop, task.config, task.datasets, gpu=gpu, epochs=task.epochs)
 
 
-def fit(ctx, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
+def fit(ctx: RunContext, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
         datasets: dict[str, Any], *, gpu: bool, epochs: Optional[int] = None) -> dict[str, Any]:
     """Run one training task on Ray Train; returns the last reported metrics.
 
@@ -249,7 +249,7 @@ class EpochLog:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _raise_training_error(ctx, task: str, exc: BaseException) -> None:
+def _raise_training_error(ctx: RunContext, task: str, exc: BaseException) -> None:
     """Re-raise a fit's failure: a user error raised in a worker as itself, a failed worker
     group as one TrainingError line, anything else unchanged."""
     from raydefense.errors import RayDefenseError, TrainingError

@@ -45,6 +45,7 @@ from typing import Any, Optional
 from ray import tune
 
 from raydefense.config import from_dict
+from raydefense.pipeline.run import RunContext
 from raydefense.storage import Storage
 from raydefense.tune.space import Knob, apply_params, objective, overrides_for
 
@@ -164,7 +165,7 @@ def _fit(spec: TrialSpec, cfg, task, *, callback, stopping: threading.Event) -> 
         raise _Stopped()
 
 
-def _denoised_sets(ctx, *, spec: TrialSpec, trial: Storage, denoiser: str) -> dict[str, Any]:
+def _denoised_sets(ctx: RunContext, *, spec: TrialSpec, trial: Storage, denoiser: str) -> dict[str, Any]:
     """Training and validation sets for the teacher and student, denoised by the trial's UDDN.
 
     The training set is the pipeline's (:func:`raydefense.pipeline.distill.denoised_training_set`),
@@ -195,7 +196,7 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
     from raydefense.pipeline.classifiers import classifier_task
     from raydefense.pipeline.denoise import denoiser_args, denoiser_task
     from raydefense.pipeline.distill import student_args, teacher_args
-    from raydefense.pipeline.run import RunContext, RunLayout
+    from raydefense.pipeline.run import RunLayout
 
     t0 = time.perf_counter()
     base = from_dict(spec.cfg)
