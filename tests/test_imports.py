@@ -17,10 +17,12 @@ LAYERS = [
     ("base", ("raydefense.errors", "raydefense.storage", "raydefense.seeding", "raydefense.config",
               "raydefense.config_sections")),
     ("blocks", ("raydefense.models", "raydefense.attacks", "raydefense.gnr", "raydefense.denoise",
-                "raydefense.distill", "raydefense.defenses", "raydefense.data")),
+                "raydefense.distill", "raydefense.defenses", "raydefense.data", "raydefense.robust",
+                # Wilson intervals and proportions: pure numbers, used by blocks and the report alike.
+                "raydefense.report.stats")),
     # The report reads and writes a run's files (pipeline.run.RunLayout): it sits with the pipeline.
     ("application", ("raydefense.pipeline", "raydefense.tune", "raydefense.report", "raydefense.export",
-                     "raydefense.serve")),
+                     "raydefense.serve", "raydefense.tracking")),
     ("entry", ("raydefense.cli", "raydefense.jobs_impl", "raydefense.__main__", "raydefense")),
 ]
 # The one upward edge kept: config validates model names and the synthetic split plan when a
