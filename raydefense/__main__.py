@@ -59,7 +59,7 @@ def serve_main(argv: Sequence[str]) -> int:
     try:
         from raydefense.serve import main
     except ImportError as exc:
-        raise ConfigError(f"serving needs Ray Serve: pip install 'raydefense[serve]' ({exc})") from None
+        raise ConfigError(f"serving needs Ray Serve: pip install 'raydefense[serve]' ({exc})") from exc
     return main(argv)
 
 

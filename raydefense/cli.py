@@ -11,14 +11,12 @@ import logging
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from raydefense.config import Config, load_config, run_name_problem
+from raydefense.config import DEFAULT_CONFIG, Config, load_config, run_name_problem
 from raydefense.errors import ConfigError, RayDefenseError
 
-# The presets ship inside the package (raydefense/configs, a link to configs/ in a checkout).
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"  # package data (a link to configs/ in a checkout)
+__all__ = ["DEFAULT_CONFIG", "common_parser", "check_flags", "config_from_args", "quiet_logs", "run_main"]
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
@@ -88,9 +86,3 @@ def run_main(fn: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] =
         sys.exit(130)
     sys.exit(code or 0)
 
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``raydefense`` console script: the full pipeline."""
-    from raydefense.jobs_impl import full_pipeline_main
-
-    run_main(full_pipeline_main, argv)

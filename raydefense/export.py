@@ -7,7 +7,7 @@
     card.json    the model card, written LAST: its presence is the proof of a finished export
 
 The exported function is exactly the one the report evaluated. It is assembled by
-:func:`raydefense.pipeline.adaptive.build_defended_models`, the same assembly the
+:func:`raydefense.pipeline.defended.build_defended_models`, the same assembly the
 whole-model attacks use (``DefendedModel(classifier, Sequential(denoiser, clamp to [0, 1]))``,
 which on every input equals the tables' :class:`~raydefense.pipeline.evaluate.DefenseBank`),
 traced with ``torch.jit.trace`` at the run's image size (the batch dimension stays free), and
@@ -45,7 +45,9 @@ import torch
 from torch import nn
 
 from raydefense.errors import ConfigError, CorruptFileError, ModelError, StorageError
+from raydefense.pipeline.run import RunLayout, saved_config
 from raydefense.storage import Storage
+from raydefense.seeding import torch_generator
 
 __all__ = ["EXPORT_FORMATS", "TOLERANCE", "TorchvisionJPEG", "config_hash", "export_defense", "export_dir", "main"]
 
@@ -59,8 +61,8 @@ CARD_VERSION = 1
 
 
 def export_dir(defense: str) -> str:
-    """Run-relative folder of one defense's export."""
-    return f"export/{defense}"
+    """Run-relative folder of one defense's export (:meth:`RunLayout.export_rel`)."""
+    return RunLayout.export_rel(defense)
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -108,25 +110,24 @@ def _open_run(storage: Storage | str, run: str) -> Storage:
 def _read_json(run: Storage, rel: str, what: str) -> Any:
     if not run.exists(rel):
         raise StorageError(f"run '{run.display()}': no {rel} ({what})")
-    try:
-        return run.read_json(rel)
-    except json.JSONDecodeError:
-        raise CorruptFileError(f"{run.display(rel)} is not valid JSON; re-run the stage that writes it") from None
+    # read_json raises CorruptFileError naming the file (and keeping the parser's error as cause).
+    return run.read_json(rel, hint="re-run the stage that writes it")
 
 
 def _check_images(run: Storage, image_size: int, n: int) -> tuple[torch.Tensor, str]:
     """Up to ``n`` clean test images of the run ``(n, 3, S, S)`` in [0, 1], or seeded noise."""
-    if run.exists("data/clean"):
+    layout = RunLayout(run)
+    if run.exists(layout.CLEAN):
         import pyarrow.compute as pc
-        import pyarrow.dataset as pads
 
-        ds = pads.dataset(run.path("data/clean"), filesystem=run.fs, format="parquet")
-        table = ds.to_table(columns=["image"], filter=pc.field("split") == "test").slice(0, n)
+        table = layout.table(layout.CLEAN, columns=["image"], filter=pc.field("split") == "test").slice(0, n)
         if table.num_rows:
             images = np.stack([np.asarray(v, dtype=np.uint8).reshape(image_size, image_size, 3)
                                for v in table.column("image").to_pylist()])
-            return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, f"{len(images)} clean test images of the run"
-    gen = torch.Generator().manual_seed(0)
+            from raydefense.pipeline.runtime import images_to_tensor
+
+            return images_to_tensor(images), f"{len(images)} clean test images of the run"
+    gen = torch_generator(0)
     return torch.rand(n, 3, image_size, image_size, generator=gen), f"{n} seeded uniform-noise images (no data/clean in the run)"
 
 
@@ -214,8 +215,7 @@ def export_defense(storage: Storage | str, run: str, *, defense: str = "uddn_kt"
         ConfigError: unknown defense or format, or ONNX alone asked for where it cannot be written.
         ModelError: the exported model differs from the evaluated one by more than ``TOLERANCE``.
     """
-    from raydefense.config import from_dict
-    from raydefense.pipeline.evaluate import DEFENSES
+    from raydefense.pipeline.defended import DEFENSES
 
     formats = tuple(dict.fromkeys(formats))
     bad = [f for f in formats if f not in EXPORT_FORMATS]
@@ -224,22 +224,21 @@ def export_defense(storage: Storage | str, run: str, *, defense: str = "uddn_kt"
     if defense not in DEFENSES:
         raise ConfigError(f"--defense '{defense}' is unknown; known defenses: {', '.join(DEFENSES)}")
     run_st = _open_run(storage, run)
-    import yaml
-
-    if not run_st.exists("config.yaml"):
-        raise StorageError(f"run '{run}' not found at {run_st.display()} (no config.yaml)")
-    cfg = from_dict(yaml.safe_load(run_st.read_text("config.yaml")))
-    metrics = _read_json(run_st, "report/metrics.json",
+    layout = RunLayout(run_st)
+    if not run_st.exists(layout.CONFIG):
+        raise StorageError(f"run '{run}' not found at {run_st.display()} (no {layout.CONFIG})")
+    cfg = saved_config(run_st)
+    metrics = _read_json(run_st, layout.METRICS,
                          f"the run is not evaluated yet; finish it with jobs/full_pipeline.py --name {run}")
-    meta = _read_json(run_st, "data/meta.json", "written by the prepare stage")
+    meta = _read_json(run_st, layout.META, "written by the prepare stage")
     evaluated = metrics.get("accuracy", {})
     if defense not in evaluated:
         raise ConfigError(f"--defense '{defense}' was not evaluated in run '{run}'; "
                           f"evaluated: {', '.join(evaluated) or 'none'}")
     pre, clf = DEFENSES[defense]
     for part in (clf, pre):
-        if part and part != "jpeg" and not run_st.exists(f"models/{part}.pt"):
-            raise StorageError(f"run '{run}': models/{part}.pt is missing (needed by defense '{defense}')")
+        if part and part != "jpeg" and not layout.has_model(part):
+            raise StorageError(f"run '{run}': {layout.model_rel(part)} is missing (needed by defense '{defense}')")
 
     onnx_skipped = None
     if "onnx" in formats:
@@ -251,12 +250,46 @@ def export_defense(storage: Storage | str, run: str, *, defense: str = "uddn_kt"
                        onnx_skipped=onnx_skipped, echo=echo)
 
 
+def _model_card(run_st: Storage, run: str, cfg, metrics: dict[str, Any], *, defense: str, pre: Optional[str],
+                clf: str, quality: int, size: int, num_classes: int, classes: list, files: dict[str, Any],
+                skipped: dict[str, str], check: dict[str, Any]) -> dict[str, Any]:
+    """``card.json``: what the files are, how to feed them, and how the defense was evaluated."""
+    accuracy = dict(metrics["accuracy"][defense])
+    detail = metrics.get("accuracy_detail", {}).get(defense, {})
+    card: dict[str, Any] = {
+        "card_version": CARD_VERSION,
+        "run": run,
+        "run_uri": run_st.display(),
+        "defense": defense,
+        "pipeline": _describe_pipeline(pre, clf, quality),
+        "parts": {"preprocess": pre, "classifier": clf, "target_arch": cfg.models.target},
+        "files": files,
+        "skipped": skipped,
+        "requires": ["torch", "torchvision"] if pre == "jpeg" else ["torch"],
+        "input": {"name": "image", "shape": [None, 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
+                  "layout": "NCHW, RGB", "value": "uint8 pixel / 255"},
+        "output": {"name": "logits", "shape": [None, num_classes], "dtype": "float32",
+                   "meaning": "logits; softmax gives the identity probabilities, classes[i] names logit i"},
+        "classes": classes,
+        "preprocessing": _describe_preprocessing(cfg, size),
+        "config_sha256": config_hash(cfg.to_dict()),
+        "config": cfg.to_dict(),
+        "accuracy": accuracy,
+        "accuracy_ci95": {k: {"n": v["n"], "ci95": v.get("ci95")} for k, v in detail.items()
+                          if isinstance(v, dict) and "n" in v},
+        "n_images": metrics.get("n_images", {}),
+        "verification": check,
+        "torch_version": torch.__version__,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return card
+
+
 def _export(run_st: Storage, run: str, cfg, metrics: dict[str, Any], meta: dict[str, Any], *, defense: str,
             pre: Optional[str], clf: str, formats: tuple[str, ...], onnx_skipped: Optional[str],
             echo: Callable[[str], None]) -> dict[str, Any]:
-    from raydefense.pipeline.adaptive import build_defended_models
+    from raydefense.pipeline.defended import build_defended_models
 
-    evaluated = metrics["accuracy"]
     size = int(meta.get("image_size", cfg.data.image_size))
     quality = int(cfg.baselines.jpeg_quality)
     evaluated_model = build_defended_models(run_st, {defense: (pre, clf)}, jpeg_quality=quality, device="cpu")[defense]
@@ -266,7 +299,7 @@ def _export(run_st: Storage, run: str, cfg, metrics: dict[str, Any], meta: dict[
     num_classes = int(reference.shape[1])
     classes = list(meta.get("classes", []))
     if len(classes) != num_classes:
-        raise CorruptFileError(f"{run_st.display('data/meta.json')} lists {len(classes)} classes but the "
+        raise CorruptFileError(f"{run_st.display(RunLayout.META)} lists {len(classes)} classes but the "
                                f"'{defense}' classifier has {num_classes} outputs")
 
     files: dict[str, dict[str, Any]] = {}
@@ -313,34 +346,8 @@ def _export(run_st: Storage, run: str, cfg, metrics: dict[str, Any], meta: dict[
         blob = payloads[entry["path"]]
         entry.update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
 
-    accuracy = dict(evaluated[defense])
-    detail = metrics.get("accuracy_detail", {}).get(defense, {})
-    card: dict[str, Any] = {
-        "card_version": CARD_VERSION,
-        "run": run,
-        "run_uri": run_st.display(),
-        "defense": defense,
-        "pipeline": _describe_pipeline(pre, clf, quality),
-        "parts": {"preprocess": pre, "classifier": clf, "target_arch": cfg.models.target},
-        "files": files,
-        "skipped": skipped,
-        "requires": ["torch", "torchvision"] if pre == "jpeg" else ["torch"],
-        "input": {"name": "image", "shape": [None, 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
-                  "layout": "NCHW, RGB", "value": "uint8 pixel / 255"},
-        "output": {"name": "logits", "shape": [None, num_classes], "dtype": "float32",
-                   "meaning": "logits; softmax gives the identity probabilities, classes[i] names logit i"},
-        "classes": classes,
-        "preprocessing": _describe_preprocessing(cfg, size),
-        "config_sha256": config_hash(cfg.to_dict()),
-        "config": cfg.to_dict(),
-        "accuracy": accuracy,
-        "accuracy_ci95": {k: {"n": v["n"], "ci95": v.get("ci95")} for k, v in detail.items()
-                          if isinstance(v, dict) and "n" in v},
-        "n_images": metrics.get("n_images", {}),
-        "verification": check,
-        "torch_version": torch.__version__,
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    card = _model_card(run_st, run, cfg, metrics, defense=defense, pre=pre, clf=clf, quality=quality, size=size,
+                       num_classes=num_classes, classes=classes, files=files, skipped=skipped, check=check)
     out_dir = export_dir(defense)
     # The card is the proof of a finished export: remove an old one first and write it last, so
     # an interrupted export never pairs a stale card with new model files (or the reverse).
@@ -396,7 +403,7 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     storage = args.storage
     if storage is None:
-        from raydefense.cli import DEFAULT_CONFIG
+        from raydefense.config import DEFAULT_CONFIG
         from raydefense.config import load_config
 
         storage = load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None).storage.path

@@ -72,18 +72,13 @@ def load_export(uri: str) -> tuple[Any, dict[str, Any]]:
         StorageError: no ``card.json`` (not a finished export) or no ``model.pt``.
         CorruptFileError: ``model.pt`` does not match the card's SHA-256.
     """
-    import json
-
     import torch
 
     st = Storage.open(uri)
     if not st.exists("card.json"):
         raise StorageError(f"--model '{uri}': no card.json, so not a finished export "
                            f"(write one with jobs/export.py --name RUN; point --model at <run>/export/<defense>)")
-    try:
-        card = st.read_json("card.json")
-    except json.JSONDecodeError:
-        raise CorruptFileError(f"{st.display('card.json')} is not valid JSON; export again") from None
+    card = st.read_json("card.json", hint="export again")
     entry = card.get("files", {}).get("torchscript")
     if not entry:
         raise StorageError(f"--model '{uri}': the export has no TorchScript file (export with --format torchscript)")
@@ -121,10 +116,10 @@ def decode_request(body: bytes, *, image_size: int, align: bool = False, aligner
     try:
         with Image.open(io.BytesIO(body)) as probe:  # reads the header only
             fmt, (w, h) = probe.format, probe.size
-    except UnidentifiedImageError:  # its message names a BytesIO object, not the problem
-        raise BadImage(400, "cannot decode image: not an image file (send PNG or JPEG bytes)") from None
+    except UnidentifiedImageError as exc:  # its message names a BytesIO object, not the problem
+        raise BadImage(400, "cannot decode image: not an image file (send PNG or JPEG bytes)") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise BadImage(400, f"cannot decode image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise BadImage(400, f"cannot decode image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if fmt not in ACCEPTED_FORMATS:
         raise BadImage(415, f"unsupported image format {fmt}: send {', '.join(ACCEPTED_FORMATS)}")
     if w * h > max_pixels:
@@ -135,7 +130,7 @@ def decode_request(body: bytes, *, image_size: int, align: bool = False, aligner
             return aligner(img)[0]
         return _center_crop_resize(img, image_size)
     except DataError as exc:
-        raise BadImage(400, str(exc).replace("cannot decode image in the request:", "cannot decode image:")) from None
+        raise BadImage(400, str(exc).replace("cannot decode image in the request:", "cannot decode image:")) from exc
 
 
 def _top(probs: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
@@ -181,7 +176,9 @@ class DefenseServer:
         """One forward pass for the batch Serve gathered: uint8 (S, S, 3) images -> answers."""
         import torch
 
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+        from raydefense.pipeline.runtime import images_to_tensor
+
+        x = images_to_tensor(np.stack(images))
         with torch.no_grad():
             probs = torch.softmax(self.model(x), dim=1).numpy()
         return [{"predictions": _top(p, self.classes, self.top_k), "defense": self.card["defense"],
@@ -233,7 +230,7 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     app = build_app(args.model, replicas=args.replicas, top_k=args.top_k, max_pixels=args.max_pixels,
                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s)
-    from raydefense.cli import DEFAULT_CONFIG
+    from raydefense.config import DEFAULT_CONFIG
     from raydefense.config import load_config
     from raydefense.pipeline.runtime import init_ray
 

@@ -95,6 +95,21 @@ def filesystem_for(uri: str, *, endpoint_url: Optional[str] = None, region: Opti
     return pafs.LocalFileSystem(), path
 
 
+def resolve(uri: str, filesystem: Optional[pafs.FileSystem] = None, *, endpoint_url: Optional[str] = None,
+            region: Optional[str] = None) -> tuple[pafs.FileSystem, str]:
+    """The one URI-to-filesystem resolver: ``(pyarrow filesystem, path inside it)`` for ``uri``.
+
+    With ``filesystem`` given, the path is ``uri`` without its scheme (``s3://b/k`` -> ``b/k``),
+    or ``uri`` itself for a local path. Otherwise as :func:`filesystem_for`: ``s3://`` gets the
+    project's S3 setup (endpoint and region from the arguments or the AWS variables, short
+    timeouts), a local path or ``file://`` URI the local filesystem and an absolute path.
+    Raises StorageError for any other scheme.
+    """
+    if filesystem is not None:
+        return filesystem, uri.split("://", 1)[1] if "://" in uri else uri
+    return filesystem_for(uri, endpoint_url=endpoint_url, region=region)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     low = text.lower()
@@ -301,14 +316,6 @@ class Storage:
                 self.fs.delete_file(path)
         except Exception as exc:
             raise StorageError(f"storage '{self.display(rel)}': cannot delete ({_describe(exc)})") from exc
-
-    def download_dir(self, rel: str, local_dir: str) -> None:
-        """Copy a folder to the local disk (e.g. a checkpoint)."""
-        try:
-            pafs.copy_files(self.path(rel), local_dir, source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-        except Exception as exc:
-            raise StorageError(f"storage '{self.display(rel)}': cannot download ({_describe(exc)})") from exc
 
 
 def _json_default(obj: Any) -> Any:

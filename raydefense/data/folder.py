@@ -2,10 +2,9 @@
 
 This is how Labeled Faces in the Wild (Huang et al. 2007), the data set of Li & Wang
 (2019, section 5.1), ships: ``root/<identity>/<identity>_0001.jpg``. The root is a local
-path or a URI that ``pyarrow.fs`` understands (``s3://bucket/prefix``, ``file://...``).
-For S3 pass a configured ``filesystem`` (``pyarrow.fs.S3FileSystem``): pyarrow does not
-read ``AWS_ENDPOINT_URL``, so the project's storage module builds one; without it the
-filesystem is resolved from the URI with ``pyarrow.fs.FileSystem.from_uri``.
+path or a URI (``s3://bucket/prefix``, ``file://...``). For S3 pass a configured
+``filesystem`` (``pyarrow.fs.S3FileSystem``), or leave it out and the project's one resolver,
+:func:`raydefense.storage.resolve`, builds one (endpoint and region from the AWS variables).
 
 Documented behaviour (each one is tested in ``tests/data/test_folder.py``):
 
@@ -100,31 +99,11 @@ def _is_uri(path: str) -> bool:
 
 
 def _resolve(path: str, filesystem=None):
-    """Return ``(filesystem, path inside it)`` for a local path or a URI.
+    """``(filesystem, path inside it)`` by :func:`raydefense.storage.resolve`, without a trailing '/'."""
+    from raydefense.storage import resolve
 
-    A URI with no ``filesystem`` is resolved with ``pyarrow.fs.FileSystem.from_uri``; with
-    one, its scheme is stripped (``s3://bucket/key`` -> ``bucket/key``). A local path with
-    no ``filesystem`` gets the local one and is made absolute.
-    """
-    import pyarrow.fs as pafs
-
-    if _is_uri(path):
-        if filesystem is not None:
-            return filesystem, path.split("://", 1)[1].rstrip("/")
-        if path.startswith("s3://"):
-            # The one S3 setup of the project: pyarrow's from_uri ignores AWS_ENDPOINT_URL(_S3).
-            from raydefense.storage import filesystem_for
-
-            fs, inner = filesystem_for(path)
-            return fs, inner.rstrip("/")
-        try:
-            fs, inner = pafs.FileSystem.from_uri(path)
-        except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError
-            raise StorageError(f"cannot open {path}: {_one_line(err)}") from err
-        return fs, inner.rstrip("/")
-    if filesystem is not None:
-        return filesystem, path
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    fs, inner = resolve(path, filesystem)
+    return fs, inner.rstrip("/") if _is_uri(path) else inner
 
 
 def _one_line(err: BaseException) -> str:

@@ -22,6 +22,7 @@ from typing import Mapping
 import numpy as np
 
 from raydefense.errors import ConfigError, DataError
+from raydefense.seeding import numpy_rng
 
 __all__ = ["SPLITS", "SplitPlan", "plan_splits", "PAPER_PER_IDENTITY", "images_needed", "synthetic_split_problem",
            "empty_split_problem"]
@@ -179,7 +180,7 @@ def plan_splits(
         if len(members) < min_test + 1:
             left_out += 1
             continue
-        order = members[np.random.default_rng([seed, _SPLIT_TAG, int(label)]).permutation(len(members))]
+        order = members[numpy_rng(seed, _SPLIT_TAG, label).permutation(len(members))]
         pos = 0
         for name in _FILL_ORDER:
             hold = reserve if name in ("test", "val") else 0

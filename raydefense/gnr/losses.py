@@ -5,8 +5,9 @@ Equation 3, the critic's loss::
     L = E_{x~ ~ P_g}[F(x~)] - E_{x ~ P_r}[F(x)] + lambda * E_{x- ~ P_x-}[(||grad_x- F(x-)||_2 - 1)^2]
 
 with x- = eps * x + (1 - eps) * x~, eps ~ U[0, 1] per sample. The generator minimizes
--E[F(x~)]. :func:`train_step` is a plain-PyTorch reference step (n_critic critic updates per
-generator update); the distributed training loop lives in the pipeline layer.
+-E[F(x~)]. :func:`critic_step` and :func:`generator_step` are one update each; :func:`train_step`
+is one iteration of Algorithm 1 of Gulrajani et al. (n_critic critic updates, then one generator
+update). The distributed loop (``raydefense.pipeline.gnr``) calls the two steps.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from torch import nn
 
 from raydefense.errors import ConfigError
 
-__all__ = ["critic_loss", "generator_loss", "gradient_penalty", "make_optimizers", "train_step"]
+__all__ = ["critic_loss", "critic_step", "generator_loss", "generator_step", "gradient_penalty", "make_optimizers",
+           "train_step"]
 
 Critic = Callable[[torch.Tensor], torch.Tensor]
 
@@ -131,6 +133,63 @@ def make_optimizers(
             torch.optim.Adam(critic.parameters(), lr=lr, betas=betas))
 
 
+def critic_step(
+    critic: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    gp_weight: float = 10.0,
+    loss_weight: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """One critic update on eq. 3's loss (:func:`critic_loss`); ``fake`` is detached.
+
+    ``loss_weight`` scales the loss before ``backward`` (a data-parallel loop's share of a
+    short last batch). Returns the detached stats of :func:`critic_loss`.
+    """
+    loss, stats = critic_loss(critic, real, fake, gp_weight=gp_weight, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * loss_weight).backward()
+    optimizer.step()
+    return stats
+
+
+def generator_step(
+    critic: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fake: Callable[[], torch.Tensor],
+    *,
+    loss_weight: float = 1.0,
+) -> torch.Tensor:
+    """One generator update on -E[F(fake)], the critic frozen (standard WGAN-GP).
+
+    Args:
+        critic: F. Its parameters are frozen for the step (no gradient into them, so nothing
+            of the generator step can leak into the next critic update) and restored after.
+            Under DistributedDataParallel pass the bare module: the critic takes no part in
+            the generator's gradient synchronisation.
+        optimizer: the generator's optimizer.
+        fake: makes the generated batch ``(B, C, H, W)`` with the generator's graph.
+        loss_weight: scales the loss before ``backward``.
+
+    Returns:
+        The detached generator loss (a 0-d tensor).
+    """
+    flags = [p.requires_grad for p in critic.parameters()]
+    for p in critic.parameters():
+        p.requires_grad_(False)
+    try:
+        loss = generator_loss(critic, fake())
+        optimizer.zero_grad(set_to_none=True)
+        (loss * loss_weight).backward()
+        optimizer.step()
+    finally:
+        for p, flag in zip(critic.parameters(), flags):
+            p.requires_grad_(flag)
+    return loss.detach()
+
+
 def train_step(
     generator: nn.Module,
     critic: nn.Module,
@@ -172,24 +231,9 @@ def train_step(
         batch_size = real.shape[0]
         with torch.no_grad():
             fake = generator.sample(batch_size, generator=rng, device=real.device)
-        loss, stats = critic_loss(critic, real, fake, gp_weight=gp_weight, generator=rng)
-        critic_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        critic_optimizer.step()
-
-    # Freeze the critic for the generator step (no wasted parameter gradients), then restore.
-    flags = [p.requires_grad for p in critic.parameters()]
-    for p in critic.parameters():
-        p.requires_grad_(False)
-    try:
-        fake = generator.sample(batch_size, generator=rng, device=real.device)
-        g_loss = generator_loss(critic, fake)
-        generator_optimizer.zero_grad(set_to_none=True)
-        g_loss.backward()
-        generator_optimizer.step()
-    finally:
-        for p, flag in zip(critic.parameters(), flags):
-            p.requires_grad_(flag)
+        stats = critic_step(critic, critic_optimizer, real, fake, gp_weight=gp_weight, generator=rng)
+    g_loss = generator_step(critic, generator_optimizer,
+                            lambda: generator.sample(batch_size, generator=rng, device=real.device))
     out = {k: float(v) for k, v in stats.items()}
-    out["generator_loss"] = float(g_loss.detach())
+    out["generator_loss"] = float(g_loss)
     return out

@@ -378,20 +378,6 @@ def fetch_cached(
     return path
 
 
-def _filesystem_for(uri: str, filesystem: Any):
-    """Return ``(pyarrow filesystem, path inside it)`` for ``uri``."""
-    import pyarrow.fs as pafs  # local import: only URIs need pyarrow
-
-    if filesystem is not None:
-        return filesystem, uri.split("://", 1)[1]
-    if uri.startswith("s3://"):
-        # The one S3 setup of the project (endpoint and region from the AWS variables, timeouts).
-        from raydefense.storage import filesystem_for
-
-        return filesystem_for(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
 def read_state_dict(source: str | os.PathLike, *, filesystem: Any = None) -> dict[str, Any]:
     """Load a ``torch.save``'d state dict with ``weights_only=True`` onto the CPU.
 
@@ -407,7 +393,9 @@ def read_state_dict(source: str | os.PathLike, *, filesystem: Any = None) -> dic
     source = os.fspath(source)
     try:
         if "://" in source and not source.startswith("file://"):
-            fs, path = _filesystem_for(source, filesystem)
+            from raydefense.storage import resolve
+
+            fs, path = resolve(source, filesystem)
             with fs.open_input_stream(path) as fh:
                 data = io.BytesIO(fh.read())
             obj = torch.load(data, map_location="cpu", weights_only=True)

@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydefense.pipeline.artifacts import load_artifact
-from raydefense.pipeline.attack import adv_rel
-from raydefense.pipeline.evaluate import available_defenses
+from raydefense.pipeline.run import RunContext, RunLayout
+from raydefense.pipeline.defended import available_defenses, build_defended_models
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion
+from raydefense.seeding import numpy_rng, seed_everything
 
 APGD_LOSSES = ("ce", "dlr")  # AutoAttack's 'rand' version: APGD-CE, then APGD-DLR
 
@@ -73,35 +73,6 @@ def row_budget(clean: torch.Tensor, adv: torch.Tensor, eps: np.ndarray) -> torch
     """Per-row L-inf budget ``(B,)``: the pre-generated eps, widened to the stored image's distance."""
     dist = (adv - clean).abs().flatten(1).amax(dim=1)
     return torch.maximum(torch.as_tensor(eps, dtype=clean.dtype, device=clean.device), dist).clamp(0, 1)
-
-
-class UnitClamp(nn.Module):
-    """Clamp to [0, 1]: a denoiser's output is clamped before the classifier, as in the tables."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(0, 1)
-
-
-def build_defended_models(storage, defenses: dict[str, tuple[Optional[str], str]], *, jpeg_quality: int,
-                          device) -> dict[str, nn.Module]:
-    """``name -> DefendedModel(classifier, preprocess)``: the exact function the tables evaluate
-    (denoiser output clamped to [0, 1]), with JPEG in BPDA mode (real codec forward)."""
-    from raydefense.defenses import JPEG, DefendedModel
-
-    parts: dict[str, nn.Module] = {}
-    models: dict[str, nn.Module] = {}
-    for name, (pre, clf) in defenses.items():
-        if clf not in parts:
-            parts[clf] = load_artifact(storage, clf, device)
-        prep = None
-        if pre == "jpeg":
-            prep = JPEG(quality=jpeg_quality, mode="bpda")
-        elif pre:
-            if pre not in parts:
-                parts[pre] = load_artifact(storage, pre, device)
-            prep = nn.Sequential(parts[pre], UnitClamp())
-        models[name] = DefendedModel(parts[clf], prep).eval()
-    return models
 
 
 @torch.no_grad()
@@ -152,7 +123,7 @@ class WholeModelActor:
         out: dict[str, np.ndarray] = {k: batch[k] for k in ("label", "eps", "method", "index")}
         out["budget"] = budget.cpu().numpy()
         out["curve_row"] = curve
-        torch.manual_seed(self.seed + int(np.min(batch["index"])))
+        seed_everything(self.seed + int(np.min(batch["index"])))
         num_classes = None
         for name, model in self.models.items():
             eot = self.eot[name]
@@ -198,15 +169,12 @@ class WholeModelActor:
         return out
 
 
-def adaptive_subset(ctx, n: int) -> list[int]:
+def adaptive_subset(ctx: RunContext, n: int) -> list[int]:
     """A fixed random subset (seeded by ``cfg.seed``) of at most ``n`` test image indices, sorted."""
-    import pyarrow.dataset as pads
-
-    table = pads.dataset(ctx.storage.path(adv_rel("test_white")), filesystem=ctx.storage.fs,
-                         format="parquet").to_table(columns=["index"])
+    table = ctx.layout.table(RunLayout.adv_rel("test_white"), columns=["index"])
     idx = np.unique(np.asarray(table["index"]))
     if len(idx) > n:
-        idx = np.sort(np.random.default_rng([int(ctx.cfg.seed), 20180709]).choice(idx, size=n, replace=False))
+        idx = np.sort(numpy_rng(ctx.cfg.seed, 20180709).choice(idx, size=n, replace=False))
     return [int(i) for i in idx]
 
 
@@ -259,14 +227,13 @@ def summarize_whole_model(df, defenses: dict[str, tuple[Optional[str], str]], *,
             "n_images": n_images, "rows": int(len(df))}
 
 
-def run_adaptive(ctx, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
+def run_adaptive(ctx: RunContext, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
     """Attack every defense in ``eval.adaptive_defenses`` as one model; fold the results into ``metrics``.
 
     Returns the new top-level keys (``adaptive``, ``adaptive_detail``, ``adaptive_setup``);
     ``metrics['accuracy'][d]`` and ``metrics['accuracy_detail'][d]`` gain ``adaptive_pgd`` and
     ``autoattack`` in place.
     """
-    import ray
     from ray.data.expressions import col
 
     cfg = ctx.cfg
@@ -279,8 +246,7 @@ def run_adaptive(ctx, *, gpu: bool, metrics: dict[str, Any]) -> dict[str, Any]:
     levels = list(e.adaptive_eps)
     subset = adaptive_subset(ctx, e.adaptive_max_images)
     first = cfg.attack.test_methods[0]
-    ds = ray.data.read_parquet(ctx.storage.path(adv_rel("test_white")), filesystem=ctx.storage.fs,
-                               columns=["clean", "adv", "label", "eps", "method", "index"]).filter(
+    ds = ctx.layout.read_adv("test_white", ["clean", "adv", "label", "eps", "method", "index"]).filter(
         expr=col("index").is_in(subset))
     kwargs = {"storage": ctx.storage, "defenses": defenses, "levels": levels, "first_method": first,
               "steps": e.adaptive_steps, "restarts": e.adaptive_restarts, "apgd_steps": e.autoattack_steps,

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from raydefense.pipeline.run import RunLayout
 from raydefense.storage import Storage
 
 
@@ -44,11 +45,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_artifact(storage: Storage, name: str, model: nn.Module, spec: dict[str, Any], *,
                   config: dict[str, Any], metrics: Optional[dict[str, Any]] = None) -> None:
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    storage.save_torch(f"models/{name}.pt", {"spec": spec, "state_dict": state, "config": config, "metrics": metrics or {}})
+    storage.save_torch(RunLayout.model_rel(name), {"spec": spec, "state_dict": state, "config": config, "metrics": metrics or {}})
 
 
 def load_artifact(storage: Storage, name: str, device: torch.device | str = "cpu", *, frozen: bool = True) -> nn.Module:
-    blob = storage.load_torch(f"models/{name}.pt")
+    blob = storage.load_torch(RunLayout.model_rel(name))
     model = build_network(blob["spec"])
     model.load_state_dict(blob["state_dict"])
     model.to(device).eval()

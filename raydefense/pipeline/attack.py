@@ -16,21 +16,22 @@ Sets (``<run>/data/adv/set=<set>/``, one Parquet partition each), columns ``clea
 from __future__ import annotations
 
 import zlib
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from raydefense.config import ATTACK_METHODS
 from raydefense.pipeline.artifacts import load_artifact
-from raydefense.pipeline.prepare import read_split
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images, user_errors
+from raydefense.pipeline.run import RunContext, RunLayout
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
+from raydefense.seeding import numpy_rng
 
 
 def per_image_eps(indices: np.ndarray, method: str, *, seed: int, lo: float, hi: float) -> np.ndarray:
     """eps for each image: U[lo, hi], a pure function of (seed, image index, method)."""
     mid = ATTACK_METHODS.index(method) if method in ATTACK_METHODS else zlib.crc32(method.encode()) % 1000
-    return np.array([np.random.default_rng([seed, int(i), mid]).uniform(lo, hi) for i in indices], dtype=np.float32)
+    return np.array([numpy_rng(seed, i, mid).uniform(lo, hi) for i in indices], dtype=np.float32)
 
 
 class AttackActor:
@@ -90,26 +91,7 @@ def attack_plan(cfg) -> dict[str, list[tuple[str, str, list[str]]]]:
     return plan
 
 
-def adv_rel(name: str) -> str:
-    """Where an adversarial set lives (a partition of ``data/adv``)."""
-    return f"data/adv/set={name}"
-
-
-def count_rows(ctx, rel: str) -> int:
-    import pyarrow.dataset as pads
-
-    return pads.dataset(ctx.storage.path(rel), filesystem=ctx.storage.fs, format="parquet").count_rows()
-
-
-def read_adv(ctx, name: str, columns: list[str] | None = None):
-    """An adversarial set by name: an attack partition, or ``gnr_aug`` (the GNR's pairs)."""
-    import ray
-
-    rel = "data/gnr_aug" if name == "gnr_aug" else adv_rel(name)
-    return ray.data.read_parquet(ctx.storage.path(rel), filesystem=ctx.storage.fs, columns=columns)
-
-
-def run_attack(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_attack(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     """One streaming pass: every clean image that feeds an adversarial set, through one actor pool."""
     cfg = ctx.cfg
     plan = attack_plan(cfg)
@@ -117,19 +99,17 @@ def run_attack(ctx, *, gpu: bool) -> dict[str, Any]:
     # the reads meet), so each attack runs on a full batch instead of a split's share of it
     # (on CPU a batch of 8 costs ~1.6x per image what a batch of 32 does).
     splits = sorted(plan)
-    ds = read_split(ctx, splits[0])
+    ds = ctx.layout.read_clean(splits[0])
     for split in splits[1:]:
-        ds = ds.union(read_split(ctx, split))
+        ds = ds.union(ctx.layout.read_clean(split))
     ds = actor_map(ds, AttackActor, {"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
                                      "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max},
                    cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
-    ctx.storage.delete_dir("data/adv")
-    with user_errors():
-        ds.write_parquet(ctx.data_path("adv"), filesystem=ctx.storage.fs, partition_cols=["set"])
+    ctx.layout.write_dataset(ctx.layout.ADV, ds, partition_cols=["set"])
     counts = {}
     for split, sets in plan.items():
         for name, model, methods in sets:
-            counts[name] = count_rows(ctx, adv_rel(name))
+            counts[name] = ctx.layout.count_rows(RunLayout.adv_rel(name))
             ctx.echo(f"  {name}: {counts[name]} adversarial images from the {split} split "
                      f"({', '.join(methods)} against the {model})")
     return {"counts": counts}

@@ -1,14 +1,8 @@
 """One training loop for every classifier the defense needs.
 
-``loss`` picks the objective:
-
-- ``ce``: cross-entropy on labels: the target and surrogate (section 5), the KT teacher
-  trained on denoised images (section 4.2);
-- ``kt``: knowledge transfer (equation 6) from a frozen teacher at temperature T with weight
-  lambda: the published student;
-- ``dcn``: cross-entropy plus the contractive penalty of Gu & Rigazio (2015);
-- ``temp_ce`` / ``soft``: defensive distillation (Papernot et al. 2016): a teacher trained
-  at temperature T, then a student on its soft labels at the same T, deployed at T = 1.
+``loss`` picks the objective from :data:`raydefense.pipeline.classifier_losses.CLASSIFIER_LOSSES`
+(ce, kt, dcn, temp_ce, soft); the loop's arguments are a
+:class:`~raydefense.pipeline.loop_args.ClassifierArgs`.
 
 The same function runs as a plain Ray Train task and inside a Tune trial.
 """
@@ -19,11 +13,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from raydefense.config import TrainConfig, from_dict
+from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
-
-LOSSES = ("ce", "kt", "dcn", "temp_ce", "soft")
+from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LOSSES, LossInputs  # noqa: F401  (re-exported)
+from raydefense.pipeline.loop_args import ClassifierArgs
+from raydefense.pipeline.runtime import images_to_tensor
+from raydefense.seeding import seed_everything, torch_generator, worker_seed
+from raydefense.pipeline.run import RunContext
 
 
 def augment(x: torch.Tensor, step: T.Step) -> torch.Tensor:
@@ -47,7 +44,7 @@ def accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.device,
     model.eval()
     correct = total = 0.0
     for batch in data.eval_batches(batch_size=batch_size, device=device):
-        logits = model(T.to_float_images(batch[image_col]))
+        logits = model(images_to_tensor(batch[image_col], device))
         correct += (logits.argmax(1) == batch["label"]).sum().item()
         total += len(batch["label"])
     model.train(was_training)
@@ -56,67 +53,53 @@ def accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.device,
 
 
 def classifier_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop. See ``train_classifier`` for the keys of ``config``."""
+    """Ray Train worker loop; ``config`` is :meth:`ClassifierArgs.loop_config`'s dict.
+
+    One cohesive loop, read top to bottom (setup, epochs, final artifact), hence its length."""
     import ray.train
     import ray.train.torch
 
-    from raydefense import distill
-    from raydefense.defenses import contractive_penalty
     from raydefense.models import create_model
 
     cfg = from_dict(config["cfg"])
-    tc = TrainConfig(**config["train"])
-    loss_kind = config["loss"]
+    args = ClassifierArgs.from_loop_config(config)
+    tc = args.train
     storage = config["storage"]
     T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 17)  # DCN's random projections
-    torch.manual_seed(cfg.seed + rank)
+    gen = torch_generator(cfg.seed * 1000 + rank + 17)  # DCN's random projections
+    seed_everything(worker_seed(cfg.seed, "classifier", rank))
 
-    model = create_model(config["arch"], num_classes=config["num_classes"], **config.get("arch_options", {}))
-    if config.get("init"):
-        init = load_artifact(storage, config["init"], frozen=False)
+    model = create_model(args.arch, num_classes=args.num_classes, **args.arch_options)
+    if args.init:
+        init = load_artifact(storage, args.init, frozen=False)
         model.load_state_dict(init.state_dict())
     model.to(device)
-    teacher = load_artifact(storage, config["teacher"], device) if config.get("teacher") else None
+    teacher = load_artifact(storage, args.teacher, device) if args.teacher else None
     model = ray.train.torch.prepare_model(model)
     opt = T.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
     progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=tc.epochs)
 
-    train_data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=config.get("task", "train"))
+    train_data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=args.task)
     # Every dataset named val* is evaluated each epoch and reported as <name>_acc: "val" holds
     # clean images; a Tune trial adds e.g. "val_white" (denoised white-box images).
     vals = {name: T.EpochData(ray.train.get_dataset_shard(name), cache_mb=cfg.scale.cache_mb, name=name)
-            for name in config["val_sets"]}
-    temp = float(config.get("T", 1.0))
+            for name in args.val_sets}
+    loss_fn = CLASSIFIER_LOSSES[args.loss]
+    loss_inputs = LossInputs(teacher=teacher, T=float(args.T), lam=float(args.lam), dcn_weight=float(args.dcn_weight),
+                             label_smoothing=tc.label_smoothing, generator=gen)
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():
         model.train()
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
         for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + epoch):
-            x = augment(T.to_float_images(step["image"]), step)
+            x = augment(images_to_tensor(step["image"], device), step)
             y = step["label"]
             with T.autocast(cfg, device):
-                logits = model(x)
-                if loss_kind == "ce":
-                    loss = F.cross_entropy(logits, y, label_smoothing=tc.label_smoothing)
-                elif loss_kind == "kt":
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                    loss = distill.knowledge_transfer_loss(logits.float(), t_logits.float(), lam=float(config["lam"]), T=temp)
-                elif loss_kind == "dcn":
-                    loss = F.cross_entropy(logits, y) + float(config["dcn_weight"]) * contractive_penalty(unwrap(model), x, generator=gen)
-                elif loss_kind == "temp_ce":
-                    loss = distill.temperature_ce(logits.float(), y, temp)
-                elif loss_kind == "soft":
-                    with torch.no_grad():
-                        soft = distill.distillation_soft_targets(teacher(x).float(), temp)
-                    loss = distill.defensive_distillation_loss(logits.float(), soft, temp)
-                else:
-                    raise ValueError(f"unknown classifier loss '{loss_kind}' (known: {', '.join(LOSSES)})")
+                loss = loss_fn(model, x, y, loss_inputs)
             opt.zero_grad(set_to_none=True)
             (loss * step.loss_weight).backward()
             opt.step()
@@ -133,36 +116,27 @@ def classifier_loop(config: dict[str, Any]) -> None:
     if not metrics:  # resumed after the last epoch: measure once more (every worker takes part)
         metrics = {f"{n}_acc": accuracy(model, d, batch_size=tc.batch_size * 2, device=device) for n, d in vals.items()}
     if rank == 0:
-        spec = {"kind": "classifier", "arch": config["arch"], "num_classes": config["num_classes"],
-                **({"options": config["arch_options"]} if config.get("arch_options") else {})}
+        spec = {"kind": "classifier", "arch": args.arch, "num_classes": args.num_classes,
+                **({"options": dict(args.arch_options)} if args.arch_options else {})}
         # start_epoch > 0 records that this training resumed from a checkpoint.
-        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
+        save_artifact(storage, args.artifact, model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
 
 
-def train_classifier(ctx, *, task: str, arch: str, num_classes: int, train: TrainConfig,
-                     train_ds, val_ds, loss: str = "ce", init: str | None = None,
-                     teacher: str | None = None, gpu: bool = False, extra_val: dict[str, Any] | None = None,
-                     **extra: Any) -> dict[str, Any]:
-    """Train (or resume) one classifier on Ray Train and write ``models/<task>.pt``.
+def classifier_task(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, Any], *, name: str | None = None) -> T.TrainingTask:
+    """The Ray Train task that trains ``args`` on ``datasets`` (``train`` and every ``args.val_sets``),
+    its checkpoints under ``train/<name>`` (default: the artifact's name)."""
+    return T.TrainingTask(name=name or args.artifact, loop=classifier_loop,
+                          config=args.loop_config(ctx.cfg, ctx.storage), datasets=datasets, epochs=args.train.epochs)
 
-    Skips the work when the artifact already exists (it is written last, atomically).
-    ``extra_val`` adds validation sets (name -> dataset with image, label; names start with "val").
-    """
-    if ctx.storage.exists(f"models/{task}.pt"):
-        ctx.echo(f"  {task}: already trained, skipping")
+
+def train_classifier(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
+    """Train (or resume) one classifier on Ray Train and write ``models/<artifact>.pt``; returns
+    the last epoch's metrics. Skips the work when the artifact exists (it is written last, atomically)."""
+    if ctx.layout.has_model(args.artifact):
+        ctx.echo(f"  {args.artifact}: already trained, skipping")
         return {}
-    if loss not in LOSSES:
-        raise ValueError(f"unknown classifier loss '{loss}' (known: {', '.join(LOSSES)})")
-    from dataclasses import asdict
-
-    loop_config = {
-        "cfg": ctx.cfg.to_dict(), "task": task, "arch": arch, "num_classes": num_classes,
-        "train": asdict(train), "loss": loss, "init": init, "teacher": teacher,
-        "storage": ctx.storage, "artifact": task, "val_sets": ["val", *(extra_val or {})], **extra,
-    }
-    ctx.echo(f"  {task}: training {arch} ({loss}) for {train.epochs} epochs on Ray Train")
-    metrics = T.fit(ctx, task, classifier_loop, loop_config, {"train": train_ds, "val": val_ds, **(extra_val or {})}, gpu=gpu,
-                    epochs=train.epochs)
+    ctx.echo(f"  {args.artifact}: training {args.arch} ({args.loss}) for {args.train.epochs} epochs on Ray Train")
+    metrics = T.run_task(ctx, classifier_task(ctx, args, datasets), gpu=gpu)
     if "val_acc" in metrics:
-        ctx.echo(f"  {task}: val accuracy {metrics['val_acc']:.3f}")
+        ctx.echo(f"  {args.artifact}: val accuracy {metrics['val_acc']:.3f}")
     return metrics

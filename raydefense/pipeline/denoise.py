@@ -18,6 +18,10 @@ import torch
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
+from raydefense.pipeline.loop_args import DenoiserArgs
+from raydefense.pipeline.runtime import images_to_tensor
+from raydefense.seeding import seed_everything, worker_seed
+from raydefense.pipeline.run import RunContext
 
 DENOISERS = {
     # task: (architecture, loss)
@@ -37,8 +41,8 @@ def denoised_accuracy(denoiser, classifier, data: T.EpochData, *, batch_size: in
     adv_ok = clean_ok = total = 0.0
     for batch in data.eval_batches(batch_size=batch_size, device=device):
         y = batch["label"]
-        adv_ok += (classifier(denoiser(T.to_float_images(batch["adv"]))).argmax(1) == y).sum().item()
-        clean_ok += (classifier(denoiser(T.to_float_images(batch["clean"]))).argmax(1) == y).sum().item()
+        adv_ok += (classifier(denoiser(images_to_tensor(batch["adv"], device))).argmax(1) == y).sum().item()
+        clean_ok += (classifier(denoiser(images_to_tensor(batch["clean"], device))).argmax(1) == y).sum().item()
         total += len(y)
     denoiser.train(was_training)
     adv_ok, clean_ok, total = T.allreduce_sum([adv_ok, clean_ok, total], device)
@@ -48,7 +52,8 @@ def denoised_accuracy(denoiser, classifier, data: T.EpochData, *, batch_size: in
 
 
 def denoiser_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker loop for one denoiser (also the inner loop of a Tune trial)."""
+    """Ray Train worker loop for one denoiser (also the inner loop of a Tune trial); ``config`` is
+    :meth:`DenoiserArgs.loop_config`'s dict. One cohesive loop (setup, epochs, artifact)."""
     import ray.train
     import ray.train.torch
 
@@ -56,36 +61,36 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     from raydefense.pipeline.artifacts import build_network
 
     cfg = from_dict(config["cfg"])
+    args = DenoiserArgs.from_loop_config(config)
     d = cfg.denoise
     T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
-    torch.manual_seed(cfg.seed + 202 + rank)
+    seed_everything(worker_seed(cfg.seed, "denoiser", rank))
     storage = config["storage"]
-    target = load_artifact(storage, config.get("classifier", "target"), device)
-    spec = {"kind": "denoiser", "arch": config["arch"], "widths": list(d.widths)}
+    target = load_artifact(storage, args.classifier, device)
+    spec = {"kind": "denoiser", "arch": args.arch, "widths": list(d.widths)}
     model = ray.train.torch.prepare_model(build_network(spec).to(device))
     opt = torch.optim.Adam(model.parameters(), lr=d.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=d.plateau_patience,
                                                        min_lr=d.lr_min, threshold=1e-3)
     progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=d.epochs)
-    data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=config.get("artifact") or "train")
+    data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=args.artifact or "train")
     val = T.EpochData(ray.train.get_dataset_shard("val"), cache_mb=cfg.scale.cache_mb, name="val")
-    loss_kind = config["loss"]
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():
         model.train()
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
         for step in data.steps(batch_size=d.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + 7 + epoch):
-            x = T.to_float_images(step["clean"])
-            x_adv = T.to_float_images(step["adv"])
+            x = images_to_tensor(step["clean"], device)
+            x_adv = images_to_tensor(step["adv"], device)
             if d.include_clean:
                 # A fifth of the inputs are clean images, so the denoiser learns to leave them alone.
                 keep_clean = (step.rand(device=device) < 0.2).view(-1, 1, 1, 1)
                 x_adv = torch.where(keep_clean, x, x_adv)
             with T.autocast(cfg, device):
-                loss = guided_loss(loss_kind, target, model(x_adv), x)
+                loss = guided_loss(args.loss, target, model(x_adv), x)
             opt.zero_grad(set_to_none=True)
             (loss * step.loss_weight).backward()
             opt.step()
@@ -98,40 +103,51 @@ def denoiser_loop(config: dict[str, Any]) -> None:
         metrics = {"train_loss": train_loss, "val_white_acc": white, "val_clean_acc": clean,
                    "lr": opt.param_groups[0]["lr"], "epoch_s": timer.lap()}
         progress.report(epoch, metrics)
-    if rank == 0 and config.get("artifact"):
-        save_artifact(storage, config["artifact"], model, spec, config=config["cfg"],
+    if rank == 0 and args.artifact:
+        save_artifact(storage, args.artifact, model, spec, config=config["cfg"],
                       metrics={**metrics, **progress.summary()})
 
 
-def training_pairs(ctx):
+def training_pairs(ctx: RunContext):
     """The denoiser's training set: real adversarial pairs plus GNR-generated pairs."""
-    from raydefense.pipeline.attack import read_adv
 
-    ds = read_adv(ctx, "train", ["clean", "adv", "label"])
-    if ctx.cfg.gnr.enabled and ctx.storage.exists("data/gnr_aug"):
-        ds = ds.union(read_adv(ctx, "gnr_aug", ["clean", "adv", "label"]))
+    ds = ctx.layout.read_adv("train", ["clean", "adv", "label"])
+    if ctx.cfg.gnr.enabled and ctx.layout.has_dataset(ctx.layout.GNR_AUG):
+        ds = ds.union(ctx.layout.read_adv("gnr_aug", ["clean", "adv", "label"]))
     return ds
 
 
-def train_denoiser(ctx, task: str, *, gpu: bool) -> dict[str, Any]:
-    from raydefense.pipeline.attack import read_adv
+def denoiser_args(cfg, task: str, *, artifact: str | None = None) -> DenoiserArgs:
+    """The denoiser ``task`` of :data:`DENOISERS` ('uddn' with ``denoise.guidance``; 'pixel_guided';
+    'dae'), its weights to ``models/<artifact>.pt`` (default: ``task``)."""
+    arch, loss = DENOISERS[task]
+    return DenoiserArgs(arch=arch, loss=loss or cfg.denoise.guidance, artifact=artifact or task)
 
-    if ctx.storage.exists(f"models/{task}.pt"):
+
+def denoiser_task(ctx: RunContext, args: DenoiserArgs, *, name: str | None = None) -> T.TrainingTask:
+    """The Ray Train task of one denoiser on :func:`training_pairs` (val: the white-box validation
+    set), checkpoints under ``train/<name>`` (default: the artifact's name)."""
+    datasets = {"train": training_pairs(ctx), "val": ctx.layout.read_adv("val_white", ["clean", "adv", "label"])}
+    return T.TrainingTask(name=name or args.artifact, loop=denoiser_loop, config=args.loop_config(ctx.cfg, ctx.storage),
+                          datasets=datasets, epochs=ctx.cfg.denoise.epochs)
+
+
+def train_denoiser(ctx: RunContext, task: str, *, gpu: bool) -> dict[str, Any]:
+    """Train (or skip, when ``models/<task>.pt`` exists) one denoiser; returns its last metrics."""
+    if ctx.layout.has_model(task):
         ctx.echo(f"  {task}: already trained, skipping")
         return {}
-    arch, loss = DENOISERS[task]
-    loss = loss or ctx.cfg.denoise.guidance
-    loop_config = {"cfg": ctx.cfg.to_dict(), "storage": ctx.storage, "arch": arch, "loss": loss, "artifact": task}
-    ctx.echo(f"  {task}: training {arch.upper()} with the {loss}-guided loss for {ctx.cfg.denoise.epochs} epochs on Ray Train")
-    datasets = {"train": training_pairs(ctx), "val": read_adv(ctx, "val_white", ["clean", "adv", "label"])}
-    metrics = T.fit(ctx, task, denoiser_loop, loop_config, datasets, gpu=gpu, epochs=ctx.cfg.denoise.epochs)
+    args = denoiser_args(ctx.cfg, task)
+    ctx.echo(f"  {task}: training {args.arch.upper()} with the {args.loss}-guided loss for {ctx.cfg.denoise.epochs} "
+             "epochs on Ray Train")
+    metrics = T.run_task(ctx, denoiser_task(ctx, args), gpu=gpu)
     if metrics:
         ctx.echo(f"  {task}: target accuracy on denoised validation images: adversarial {metrics['val_white_acc']:.3f}, "
                  f"clean {metrics['val_clean_acc']:.3f}")
     return metrics
 
 
-def run_denoise(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_denoise(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     out = {"uddn": train_denoiser(ctx, "uddn", gpu=gpu)}
     for name in ctx.cfg.denoise.baselines:
         out[name] = train_denoiser(ctx, name, gpu=gpu)

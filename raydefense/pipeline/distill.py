@@ -16,15 +16,16 @@ both fine-tuned from the target on the clean training images.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.classifiers import train_classifier
-from raydefense.pipeline.prepare import read_split
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images, user_errors
+from raydefense.pipeline.loop_args import ClassifierArgs
+from raydefense.pipeline.run import RunContext, RunLayout
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
 
 
 class DenoiseActor:
@@ -42,65 +43,85 @@ class DenoiseActor:
         return {"image": tensor_to_images(self.model(x)), "label": batch["label"].astype(np.int64)}
 
 
-def _num_classes(ctx) -> int:
-    return int(ctx.storage.read_json("data/meta.json")["num_classes"])
+def denoise_images(ctx: RunContext, ds, *, denoiser: str, column: str, gpu: bool):
+    """``ds`` with ``column`` replaced by the output of the run's denoiser ``denoiser`` (a name under
+    ``models/``), as ``image, label`` rows, on one Ray Data actor pool."""
+    return actor_map(ds, DenoiseActor, {"storage": ctx.storage, "denoiser": denoiser, "column": column},
+                     cfg=ctx.cfg, gpu=gpu, batch_size=ctx.cfg.attack.batch_size)
 
 
-def denoised_training_set(ctx, *, gpu: bool):
-    import ray
+def denoised_training_set(ctx: RunContext, *, gpu: bool, denoiser: str = "uddn", out: Optional[tuple[RunLayout, str]] = None):
+    """The teacher's and student's training set: the denoiser's training inputs (real and generated
+    adversarial images) and the clean training images, denoised by ``denoiser``; written once to
+    ``out`` (a layout and a folder in it; default the run's ``data/denoised``) and read from there.
 
+    The pipeline's distill stage and each Tune trial (with its own UDDN and folder) call this.
+    """
     from raydefense.pipeline.denoise import training_pairs
 
-    cfg = ctx.cfg
-    if not ctx.storage.exists("data/denoised/_SUCCESS"):
-        ctx.storage.delete_dir("data/denoised")
+    layout, rel = out or (ctx.layout, ctx.layout.DENOISED)
+    if not layout.has_dataset(rel):
         # One actor pool over the union of inputs (two pools in one job can starve each other of CPUs).
         adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
-        clean = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
-        ds = actor_map(adv.union(clean), DenoiseActor, {"storage": ctx.storage, "denoiser": "uddn", "column": "image"},
-                       cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
-        with user_errors():
-            ds.write_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
-        ctx.storage.write_text("data/denoised/_SUCCESS", "")
-    return ray.data.read_parquet(ctx.data_path("denoised"), filesystem=ctx.storage.fs, file_extensions=["parquet"])
+        clean = ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"])
+        ds = denoise_images(ctx, adv.union(clean), denoiser=denoiser, column="image", gpu=gpu)
+        layout.write_dataset(rel, ds, min_rows_per_file=ctx.cfg.data.shard_size)
+    return layout.read(rel)
 
 
-def run_distill(ctx, *, gpu: bool) -> dict[str, Any]:
+def teacher_args(cfg, *, num_classes: int, artifact: str = "teacher",
+                 val_sets: tuple[str, ...] = ("val",)) -> ClassifierArgs:
+    """The KT teacher (section 4.2): the target's architecture, cross-entropy on denoised images."""
+    return ClassifierArgs(task=artifact, artifact=artifact, arch=cfg.models.target, num_classes=num_classes,
+                          train=cfg.distill.teacher, loss="ce", init=_kt_init(cfg), val_sets=val_sets)
+
+
+def student_args(cfg, *, num_classes: int, teacher: str = "teacher", artifact: str = "student",
+                 val_sets: tuple[str, ...] = ("val",)) -> ClassifierArgs:
+    """The KT student (equation 6, ``distill.lam`` and ``distill.T``) taught by ``teacher``."""
+    return ClassifierArgs(task=artifact, artifact=artifact, arch=cfg.models.target, num_classes=num_classes,
+                          train=cfg.distill.student, loss="kt", init=_kt_init(cfg), teacher=teacher,
+                          lam=cfg.distill.lam, T=cfg.distill.T, val_sets=val_sets)
+
+
+def _kt_init(cfg) -> Optional[str]:
+    return "target" if cfg.distill.init_from_target else None
+
+
+def baseline_args(cfg, *, num_classes: int) -> list[ClassifierArgs]:
+    """The classifier baselines of ``baselines.enabled``, in training order: DCN; defensive
+    distillation's teacher (at T), then its student on the teacher's soft labels."""
+    b = cfg.baselines
+    common = {"arch": cfg.models.target, "num_classes": num_classes, "train": b.train, "init": "target"}
+    out = []
+    if "dcn" in b.enabled:
+        out.append(ClassifierArgs(task="dcn", artifact="dcn", loss="dcn", dcn_weight=b.dcn_weight, **common))
+    if "distillation" in b.enabled:
+        out.append(ClassifierArgs(task="distill_teacher", artifact="distill_teacher", loss="temp_ce",
+                                  T=b.distillation_T, **common))
+        out.append(ClassifierArgs(task="distillation", artifact="distillation", loss="soft",
+                                  teacher="distill_teacher", T=b.distillation_T, **common))
+    return out
+
+
+def run_distill(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     if not cfg.distill.enabled:
         ctx.echo("  knowledge transfer disabled (distill.enabled: false)")
         return {"enabled": False}
-    n_cls = _num_classes(ctx)
-    train = denoised_training_set(ctx, gpu=gpu)
-    val = read_split(ctx, "val", ["image", "label"])
-    init = "target" if cfg.distill.init_from_target else None
-    arch = cfg.models.target
-    teacher = train_classifier(ctx, task="teacher", arch=arch, num_classes=n_cls, train=cfg.distill.teacher,
-                               train_ds=train, val_ds=val, loss="ce", init=init, gpu=gpu)
-    student = train_classifier(ctx, task="student", arch=arch, num_classes=n_cls, train=cfg.distill.student,
-                               train_ds=train, val_ds=val, loss="kt", init=init, teacher="teacher", gpu=gpu,
-                               lam=cfg.distill.lam, T=cfg.distill.T)
+    n_cls = ctx.layout.num_classes()
+    datasets = {"train": denoised_training_set(ctx, gpu=gpu), "val": ctx.layout.read_clean("val", ["image", "label"])}
+    teacher = train_classifier(ctx, teacher_args(cfg, num_classes=n_cls), datasets, gpu=gpu)
+    student = train_classifier(ctx, student_args(cfg, num_classes=n_cls), datasets, gpu=gpu)
     return {"teacher": teacher, "student": student}
 
 
-def run_baselines(ctx, *, gpu: bool) -> dict[str, Any]:
-    cfg = ctx.cfg
-    b = cfg.baselines
-    n_cls = _num_classes(ctx)
-    arch = cfg.models.target
-    train = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
-    val = read_split(ctx, "val", ["image", "label"])
-    out: dict[str, Any] = {}
-    if "dcn" in b.enabled:
-        out["dcn"] = train_classifier(ctx, task="dcn", arch=arch, num_classes=n_cls, train=b.train, train_ds=train,
-                                      val_ds=val, loss="dcn", init="target", gpu=gpu, dcn_weight=b.dcn_weight)
-    if "distillation" in b.enabled:
-        out["distill_teacher"] = train_classifier(ctx, task="distill_teacher", arch=arch, num_classes=n_cls, train=b.train,
-                                                  train_ds=train, val_ds=val, loss="temp_ce", init="target", gpu=gpu,
-                                                  T=b.distillation_T)
-        out["distillation"] = train_classifier(ctx, task="distillation", arch=arch, num_classes=n_cls, train=b.train,
-                                               train_ds=train, val_ds=val, loss="soft", init="target",
-                                               teacher="distill_teacher", gpu=gpu, T=b.distillation_T)
+def run_baselines(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
+    from raydefense.pipeline.models import clean_training_sets
+
+    datasets = clean_training_sets(ctx)
+    out = {args.artifact: train_classifier(ctx, args, datasets, gpu=gpu)
+           for args in baseline_args(ctx.cfg, num_classes=ctx.layout.num_classes())}
     if not out:
         ctx.echo("  no trained baselines enabled (baselines.enabled lists none of dcn, distillation)")
     return out

@@ -1,20 +1,5 @@
-"""Stage 7, evaluate: every trained defense over the test sets, on Ray Data actors.
-
-A defense is a preprocessing step (none, a denoiser, JPEG) in front of a classifier (the
-target, the KT student, or a baseline's classifier):
-
-=============  ==============  ==========
-defense        preprocess      classifier
-=============  ==============  ==========
-none           -               target
-dae            DAE             target
-pixel_guided   pixel UDDN      target
-uddn           UDDN            target
-uddn_kt        UDDN            student
-jpeg           real JPEG       target
-dcn            -               dcn
-distillation   -               distillation
-=============  ==============  ==========
+"""Stage 7, evaluate: every trained defense (:mod:`raydefense.pipeline.defended`) over the
+test sets, on Ray Data actors.
 
 One streaming pass of :class:`EvalActor` over the white- and black-box test rows gives
 Tables 1-3 (per-row correctness, L1 distance to the clean image) and Figure 7 (FGSM at the
@@ -32,68 +17,21 @@ import numpy as np
 import torch
 
 from raydefense.pipeline.artifacts import load_artifact
-from raydefense.pipeline.attack import adv_rel
+from raydefense.pipeline.run import RunContext, RunLayout
+from raydefense.pipeline.defended import DEFENSES, DENOISERS, available_defenses, load_parts  # noqa: F401  (re-exported)
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion, wilson  # noqa: F401  (wilson: re-exported)
 
-DEFENSES: dict[str, tuple[Optional[str], str]] = {
-    "none": (None, "target"),
-    "dae": ("dae", "target"),
-    "pixel_guided": ("pixel_guided", "target"),
-    "uddn": ("uddn", "target"),
-    "uddn_kt": ("uddn", "student"),
-    "jpeg": ("jpeg", "target"),
-    "dcn": (None, "dcn"),
-    "distillation": (None, "distillation"),
-}
-DENOISERS = ("dae", "pixel_guided", "uddn")
 TEST_SETS = {"white_box": "test_white", "black_box": "test_black"}
-
-
-def available_defenses(ctx) -> tuple[dict[str, tuple[Optional[str], str]], dict[str, str]]:
-    """Defenses whose parts were trained in this run, and why the others are missing."""
-    have, missing = {}, {}
-    cfg = ctx.cfg
-    for name, (pre, clf) in DEFENSES.items():
-        if name == "jpeg" and "jpeg" not in cfg.baselines.enabled:
-            missing[name] = "not in baselines.enabled"
-            continue
-        needed = [clf] + ([pre] if pre and pre != "jpeg" else [])
-        absent = [n for n in needed if not ctx.storage.exists(f"models/{n}.pt")]
-        if absent:
-            missing[name] = _why_missing(cfg, name)
-            continue
-        have[name] = (pre, clf)
-    return have, missing
-
-
-def _why_missing(cfg, name: str) -> str:
-    if name in ("dae", "pixel_guided") and name not in cfg.denoise.baselines:
-        return "left out by the config (denoise.baselines)"
-    if name in ("dcn", "distillation") and name not in cfg.baselines.enabled:
-        return "left out by the config (baselines.enabled)"
-    if name == "uddn_kt" and not cfg.distill.enabled:
-        return "left out by the config (distill.enabled: false)"
-    return "its models were not trained in this run"
 
 
 class DefenseBank:
     """Loads every part once and applies a defense to a batch, caching shared preprocessing."""
 
     def __init__(self, storage, defenses: dict[str, tuple[Optional[str], str]], *, jpeg_quality: int, device):
-        from raydefense.defenses import JPEG
-
         self.device = device
         self.defenses = defenses
-        self.pre: dict[str, Any] = {}
-        self.clf: dict[str, Any] = {}
-        for pre, clf in defenses.values():
-            if pre == "jpeg":
-                self.pre[pre] = JPEG(quality=jpeg_quality, mode="real")
-            elif pre and pre not in self.pre:
-                self.pre[pre] = load_artifact(storage, pre, device)
-            if clf not in self.clf:
-                self.clf[clf] = load_artifact(storage, clf, device)
+        self.pre, self.clf = load_parts(storage, defenses, jpeg_quality=jpeg_quality, jpeg_mode="real", device=device)
 
     @torch.no_grad()
     def preprocess_all(self, x: torch.Tensor) -> dict[Optional[str], torch.Tensor]:
@@ -169,7 +107,7 @@ class EvalActor:
         return out
 
 
-def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
+def evaluate_defenses(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     """Compute metrics.json's content (without timings) for a run whose training is done."""
     cfg = ctx.cfg
     defenses, missing = available_defenses(ctx)
@@ -179,13 +117,9 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
     l1: dict[str, dict[str, float]] = {d: {} for d in ("none",) + DENOISERS if d == "none" or d in defenses}
     l1_detail: dict[str, dict[str, Any]] = {d: {} for d in l1}
     first_method = cfg.attack.test_methods[0]
-    import ray
-    from ray.data.expressions import col
-
     # White- and black-box sets, clean images and Figure 7 in one pass through one actor pool.
     levels = list(cfg.eval.by_epsilon)
-    tests = ray.data.read_parquet(ctx.data_path("adv"), filesystem=ctx.storage.fs).filter(
-        expr=col("set").is_in(list(TEST_SETS.values())))
+    tests = ctx.layout.read_adv_sets(list(TEST_SETS.values()))
     kwargs = {**common, "levels": levels, "first_method": first_method}
     with user_errors():
         df_all = actor_map(tests, EvalActor, kwargs, cfg=cfg, gpu=gpu, batch_size=cfg.eval.batch_size).to_pandas()
@@ -229,18 +163,16 @@ def evaluate_defenses(ctx, *, gpu: bool) -> dict[str, Any]:
     }
 
 
-def figure6_examples(ctx, *, k: int) -> dict[str, np.ndarray]:
+def figure6_examples(ctx: RunContext, *, k: int) -> dict[str, np.ndarray]:
     """A few (clean, adversarial, UDDN-denoised) white-box test triples for Figure 6."""
-    import pyarrow.dataset as pads
-
     from raydefense.pipeline.runtime import tensor_to_images
 
-    table = pads.dataset(ctx.storage.path(adv_rel("test_white")), filesystem=ctx.storage.fs, format="parquet").head(k)
+    table = ctx.layout.table(RunLayout.adv_rel("test_white"), head=k)
     rows = table.to_pydict()
     clean = np.stack([np.asarray(v, dtype=np.uint8) for v in rows["clean"]])
     adv = np.stack([np.asarray(v, dtype=np.uint8) for v in rows["adv"]])
     out = {"clean": clean, "adv": adv, "eps": np.asarray(rows["eps"]), "method": np.asarray(rows["method"])}
-    if ctx.storage.exists("models/uddn.pt"):
+    if ctx.layout.has_model("uddn"):
         uddn = load_artifact(ctx.storage, "uddn")
         with torch.no_grad():
             out["denoised"] = tensor_to_images(uddn(images_to_tensor(adv)))
@@ -250,14 +182,12 @@ def figure6_examples(ctx, *, k: int) -> dict[str, np.ndarray]:
 def describe_models(storage) -> dict[str, dict[str, Any]]:
     """Every ``models/*.pt`` artifact of the run: kind, architecture, parameter count, final metrics."""
     out: dict[str, dict[str, Any]] = {}
-    for fname in storage.listdir("models"):
-        if not fname.endswith(".pt"):
-            continue
-        blob = storage.load_torch(f"models/{fname}")
+    for name in RunLayout(storage).model_names():
+        blob = storage.load_torch(RunLayout.model_rel(name))
         spec = blob.get("spec", {})
         params = sum(int(v.numel()) for k, v in blob.get("state_dict", {}).items()
                      if hasattr(v, "numel") and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-        out[fname[:-3]] = {"kind": spec.get("kind"), "arch": spec.get("arch"), "parameters": params,
+        out[name] = {"kind": spec.get("kind"), "arch": spec.get("arch"), "parameters": params,
                            "metrics": {k: v for k, v in blob.get("metrics", {}).items()
                                        if isinstance(v, (int, float, str, bool))}}
     return out
@@ -279,12 +209,12 @@ def table5_rows(cfg, parent_metrics: dict[str, Any], runs_root) -> list[dict[str
     rows = [run_row(parent_metrics, run=cfg.name)]
     for model in cfg.models.extra_targets:
         child = runs_root.child(child_run_name(cfg.name, model))
-        if child.exists("report/metrics.json"):
-            rows.append(run_row(child.read_json("report/metrics.json"), run=child_run_name(cfg.name, model)))
+        if child.exists(RunLayout.METRICS):
+            rows.append(run_row(child.read_json(RunLayout.METRICS), run=child_run_name(cfg.name, model)))
     return rows
 
 
-def run_evaluate(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     """The evaluate stage: Tables 1-3, Figures 6-7, whole-model attacks, report; returns its outputs."""
     from raydefense.report import write_report
     from raydefense.storage import Storage
@@ -300,7 +230,7 @@ def run_evaluate(ctx, *, gpu: bool) -> dict[str, Any]:
         metrics.update(run_adaptive(ctx, gpu=gpu, metrics=metrics))
         steps["whole-model attacks"] = time.perf_counter() - t1
     metrics["config"] = cfg.to_dict()
-    metrics["data"] = ctx.storage.read_json("data/meta.json")
+    metrics["data"] = ctx.layout.meta()
     metrics["models"] = describe_models(ctx.storage)
     if cfg.models.extra_targets:
         root = Storage.open(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
@@ -310,7 +240,7 @@ def run_evaluate(ctx, *, gpu: bool) -> dict[str, Any]:
     metrics["timings_s"] = {**ctx.timings, "evaluate": time.perf_counter() - t0}
     write_report(ctx.storage, metrics, examples)
     ctx.echo(summary_table(metrics))
-    return {"report": "report/report.md", "metrics": "report/metrics.json"}
+    return {"report": RunLayout.REPORT, "metrics": RunLayout.METRICS}
 
 
 def summary_table(metrics: dict[str, Any]) -> str:

@@ -18,9 +18,10 @@ import torch
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact
-from raydefense.pipeline.attack import adv_rel, count_rows, read_adv
-from raydefense.pipeline.prepare import read_split
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images, user_errors
+from raydefense.pipeline.loop_args import GnrArgs
+from raydefense.pipeline.run import RunContext, RunLayout
+from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
+from raydefense.seeding import seed_everything, torch_generator, worker_seed
 
 
 def _generator_spec(cfg) -> dict[str, Any]:
@@ -33,21 +34,21 @@ def gnr_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raydefense.gnr import Critic, critic_loss, generator_loss
-    from raydefense.pipeline.artifacts import build_network
+    from raydefense.gnr import Critic, critic_step, generator_step, make_optimizers
+    from raydefense.pipeline.artifacts import build_network, unwrap
 
     cfg = from_dict(config["cfg"])
+    args = GnrArgs.from_loop_config(config)
     g = cfg.gnr
     T.setup_worker(cfg)
     device = T.worker_device()
     rank, _ = T.world()
-    torch.manual_seed(cfg.seed + 101 + rank)
+    seed_everything(worker_seed(cfg.seed, "gnr", rank))
     spec = _generator_spec(cfg)
     gen = ray.train.torch.prepare_model(build_network(spec).to(device))
     critic = ray.train.torch.prepare_model(
         Critic(image_size=cfg.data.image_size, widths=tuple(g.critic_widths), norm=g.critic_norm).to(device))
-    opt_g = torch.optim.Adam(gen.parameters(), lr=g.lr, betas=(0.0, 0.9))
-    opt_c = torch.optim.Adam(critic.parameters(), lr=g.lr, betas=(0.0, 0.9))
+    opt_g, opt_c = make_optimizers(gen, critic, lr=g.lr)
     objects = {"gen": gen, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     progress = T.Progress(cfg, objects, config=config["cfg"], epochs=g.epochs)
     data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name="gnr")
@@ -57,29 +58,31 @@ def gnr_loop(config: dict[str, Any]) -> None:
         timer = T.EpochTimer()
         w_sum = gp_sum = g_sum = steps = g_steps = 0.0
         for i, step in enumerate(data.steps(batch_size=g.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + 11 + epoch)):
-            real = T.to_float_images(step["adv"]) - T.to_float_images(step["clean"])
+            real = images_to_tensor(step["adv"], device) - images_to_tensor(step["clean"], device)
             z = step.randn(g.z_dim, device=device)
             with torch.no_grad():
                 fake = gen(z)
-            loss_c, stats = critic_loss(critic, real, fake, gp_weight=g.gp_weight)
-            opt_c.zero_grad(set_to_none=True)
-            (loss_c * step.loss_weight).backward()
-            opt_c.step()
+            stats = critic_step(critic, opt_c, real, fake, gp_weight=g.gp_weight, loss_weight=step.loss_weight)
             w_sum += float(stats["wasserstein"]); gp_sum += float(stats["gradient_penalty"]); steps += 1
             if (i + 1) % g.n_critic == 0:
                 z = step.randn(g.z_dim, device=device)
-                loss_g = generator_loss(critic, gen(z))
-                opt_g.zero_grad(set_to_none=True)
-                (loss_g * step.loss_weight).backward()
-                opt_g.step()
+                # The bare critic: frozen for this step, it takes no part in DDP's gradient sync.
+                loss_g = generator_step(unwrap(critic), opt_g, lambda: gen(z), loss_weight=step.loss_weight)
                 g_sum += loss_g.item(); g_steps += 1
         w_sum, gp_sum, g_sum, steps, g_steps = T.allreduce_sum([w_sum, gp_sum, g_sum, steps, g_steps], device)
         metrics = {"wasserstein": w_sum / max(steps, 1), "gp": gp_sum / max(steps, 1),
                    "g_loss": g_sum / max(g_steps, 1), "epoch_s": timer.lap()}
         progress.report(epoch, metrics)
     if rank == 0:
-        save_artifact(config["storage"], "gnr_generator", gen, spec, config=config["cfg"],
+        save_artifact(config["storage"], args.artifact, gen, spec, config=config["cfg"],
                       metrics={**metrics, **progress.summary()})
+
+
+def gnr_task(ctx: RunContext) -> T.TrainingTask:
+    """The WGAN-GP's Ray Train task on the real noise of the attack's ``train`` set (checkpoints
+    under ``train/gnr``)."""
+    return T.TrainingTask(name="gnr", loop=gnr_loop, config=GnrArgs().loop_config(ctx.cfg, ctx.storage),
+                          datasets={"train": ctx.layout.read_adv("train", ["clean", "adv"])}, epochs=ctx.cfg.gnr.epochs)
 
 
 class AugmentActor:
@@ -99,7 +102,7 @@ class AugmentActor:
         for j in range(self.k):
             # Noise for image i, draw j depends only on (seed, index, j): reproducible at any batching.
             z = torch.stack([
-                torch.randn(self.gen.z_dim, generator=torch.Generator().manual_seed(self.seed * 7919 + int(idx) * 31 + j))
+                torch.randn(self.gen.z_dim, generator=torch_generator(self.seed * 7919 + int(idx) * 31 + j))
                 for idx in batch["index"]
             ]).to(self.device)
             noise = self.gen(z)
@@ -115,20 +118,18 @@ class AugmentActor:
         }
 
 
-def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
+def run_gnr(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     if not cfg.gnr.enabled:
         ctx.echo("  gnr disabled (gnr.enabled: false): the denoiser trains on real adversarial pairs only")
         return {"enabled": False}
-    if not ctx.storage.exists("models/gnr_generator.pt"):
+    if not ctx.layout.has_model("gnr_generator"):
         ctx.echo(f"  gnr: training the WGAN-GP for {cfg.gnr.epochs} epochs on Ray Train")
-        loop_config = {"cfg": cfg.to_dict(), "storage": ctx.storage}
-        metrics = T.fit(ctx, "gnr", gnr_loop, loop_config, {"train": read_adv(ctx, "train", ["clean", "adv"])}, gpu=gpu,
-                        epochs=cfg.gnr.epochs)
+        metrics = T.run_task(ctx, gnr_task(ctx), gpu=gpu)
         if metrics:
             ctx.echo(f"  gnr: Wasserstein estimate {metrics.get('wasserstein', float('nan')):.4f}, GP {metrics.get('gp', float('nan')):.4f}")
-    n_real = count_rows(ctx, adv_rel("train"))
-    clean = read_split(ctx, "denoise")
+    n_real = ctx.layout.count_rows(RunLayout.adv_rel("train"))
+    clean = ctx.layout.read_clean("denoise")
     n_clean = clean.count()
     k = max(1, math.ceil(cfg.gnr.augment_ratio * n_real / max(n_clean, 1))) if cfg.gnr.augment_ratio > 0 else 0
     if k == 0 or n_clean == 0:
@@ -136,9 +137,7 @@ def run_gnr(ctx, *, gpu: bool) -> dict[str, Any]:
         return {"generated": 0}
     ds = actor_map(clean, AugmentActor, {"storage": ctx.storage, "k": k, "seed": cfg.seed}, cfg=cfg, gpu=gpu,
                    batch_size=cfg.attack.batch_size)
-    ctx.storage.delete_dir("data/gnr_aug")
-    with user_errors():
-        ds.write_parquet(ctx.data_path("gnr_aug"), filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
-    generated = count_rows(ctx, "data/gnr_aug")
+    ctx.layout.write_dataset(ctx.layout.GNR_AUG, ds, min_rows_per_file=cfg.data.shard_size)
+    generated = ctx.layout.count_rows(ctx.layout.GNR_AUG)
     ctx.echo(f"  gnr: {generated} generated adversarial images ({k} per clean image) beside {n_real} real ones")
     return {"generated": generated, "real": n_real, "per_image": k}

@@ -7,20 +7,21 @@ from typing import Any, Optional
 
 from raydefense.pipeline.artifacts import save_artifact
 from raydefense.pipeline.classifiers import train_classifier
-from raydefense.pipeline.prepare import read_split
+from raydefense.pipeline.loop_args import ClassifierArgs
+from raydefense.pipeline.run import RunContext
 
 
-def _pretrained_init(ctx, name: str, arch: str, num_classes: int, pretrained: str) -> str:
+def _pretrained_init(ctx: RunContext, name: str, arch: str, num_classes: int, pretrained: str) -> str:
     """Build the model with its pretrained weights on the driver and store it as an artifact."""
     from raydefense.models import create_model
 
     art = f"{name}_pretrained"
-    if not ctx.storage.exists(f"models/{art}.pt"):
+    if not ctx.layout.has_model(art):
         kwargs: dict[str, Any] = {}
         if pretrained.startswith("s3://"):
-            from raydefense.storage import filesystem_for
+            from raydefense.storage import resolve
 
-            kwargs["filesystem"], _ = filesystem_for(pretrained, endpoint_url=ctx.cfg.storage.endpoint_url,
+            kwargs["filesystem"], _ = resolve(pretrained, endpoint_url=ctx.cfg.storage.endpoint_url,
                                                      region=ctx.cfg.storage.region)
         model = create_model(arch, num_classes=num_classes, pretrained=pretrained, **kwargs)
         spec = {"kind": "classifier", "arch": arch, "num_classes": num_classes}
@@ -28,32 +29,40 @@ def _pretrained_init(ctx, name: str, arch: str, num_classes: int, pretrained: st
     return art
 
 
-def train_or_load(ctx, *, task: str, arch: str, pretrained: Optional[str], train_cfg, num_classes: int, gpu: bool) -> dict[str, Any]:
-    train = read_split(ctx, ["gnr", "denoise"], ["image", "label"])
-    val = read_split(ctx, "val", ["image", "label"])
+def classifier_model_args(ctx: RunContext, which: str, *, init: Optional[str] = None) -> ClassifierArgs:
+    """The training of the target or the surrogate (``which``): cross-entropy, ``models.<which>_train``."""
+    m = ctx.cfg.models
+    return ClassifierArgs(task=which, artifact=which, arch=getattr(m, which), num_classes=ctx.layout.num_classes(),
+                          train=getattr(m, f"{which}_train"), loss="ce", init=init)
+
+
+def clean_training_sets(ctx: RunContext) -> dict[str, Any]:
+    """The clean GNR + denoise splits (``train``) and the clean validation split (``val``):
+    what the target, the surrogate and the classifier baselines train on."""
+    return {"train": ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"]),
+            "val": ctx.layout.read_clean("val", ["image", "label"])}
+
+
+def train_or_load(ctx: RunContext, which: str, *, gpu: bool) -> dict[str, Any]:
+    """Train the target or surrogate (``which``), from its pretrained weights when the config names
+    them, or keep those weights as they are (``models.finetune_pretrained: false``)."""
+    m = ctx.cfg.models
+    arch, pretrained = getattr(m, which), getattr(m, f"{which}_pretrained")
+    num_classes = ctx.layout.num_classes()
     init = None
     if pretrained:
-        init = _pretrained_init(ctx, task, arch, num_classes, pretrained)
-        if not ctx.cfg.models.finetune_pretrained:
+        init = _pretrained_init(ctx, which, arch, num_classes, pretrained)
+        if not m.finetune_pretrained:
             from raydefense.pipeline.artifacts import load_artifact
 
-            if not ctx.storage.exists(f"models/{task}.pt"):
+            if not ctx.layout.has_model(which):
                 model = load_artifact(ctx.storage, init, frozen=False)
                 spec = {"kind": "classifier", "arch": arch, "num_classes": num_classes}
-                save_artifact(ctx.storage, task, model, spec, config=ctx.cfg.to_dict(), metrics={"pretrained": pretrained})
-            ctx.echo(f"  {task}: using pretrained '{pretrained}' weights as they are")
+                save_artifact(ctx.storage, which, model, spec, config=ctx.cfg.to_dict(), metrics={"pretrained": pretrained})
+            ctx.echo(f"  {which}: using pretrained '{pretrained}' weights as they are")
             return {}
-    return train_classifier(ctx, task=task, arch=arch, num_classes=num_classes, train=train_cfg, train_ds=train,
-                            val_ds=val, loss="ce", init=init, gpu=gpu)
+    return train_classifier(ctx, classifier_model_args(ctx, which, init=init), clean_training_sets(ctx), gpu=gpu)
 
 
-def run_models(ctx, *, gpu: bool) -> dict[str, Any]:
-    m = ctx.cfg.models
-    n_cls = int(ctx.storage.read_json("data/meta.json")["num_classes"])
-    out = {
-        "target": train_or_load(ctx, task="target", arch=m.target, pretrained=m.target_pretrained,
-                                train_cfg=m.target_train, num_classes=n_cls, gpu=gpu),
-        "surrogate": train_or_load(ctx, task="surrogate", arch=m.surrogate, pretrained=m.surrogate_pretrained,
-                                   train_cfg=m.surrogate_train, num_classes=n_cls, gpu=gpu),
-    }
-    return out
+def run_models(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
+    return {"target": train_or_load(ctx, "target", gpu=gpu), "surrogate": train_or_load(ctx, "surrogate", gpu=gpu)}

@@ -15,8 +15,8 @@ import numpy as np
 
 from raydefense.config import Config
 from raydefense.errors import ConfigError, DataError
-from raydefense.pipeline.runtime import user_errors
 from raydefense.storage import Storage
+from raydefense.pipeline.run import RunContext
 
 
 class RenderSynthetic:
@@ -128,12 +128,11 @@ def check_source(cfg: Config) -> None:
     _plan(np.array([r.label for r in records], dtype=np.int64), cfg)
 
 
-def run_prepare(ctx, *, gpu: bool = False) -> dict[str, Any]:
+def run_prepare(ctx: RunContext, *, gpu: bool = False) -> dict[str, Any]:
     import ray
 
     cfg = ctx.cfg
-    out = ctx.data_path("clean")
-    ctx.storage.delete_dir("data/clean")
+    layout = ctx.layout
     meta: dict[str, Any] = {"source": cfg.data.source, "image_size": cfg.data.image_size}
 
     if cfg.data.source == "synthetic":
@@ -164,33 +163,18 @@ def run_prepare(ctx, *, gpu: bool = False) -> dict[str, Any]:
             num_cpus=cfg.scale.cpus_per_actor)
         meta.update(classes=classes, skipped_identities=list(listing.skipped_identities))
 
-    with user_errors():
-        ds.write_parquet(out, filesystem=ctx.storage.fs, min_rows_per_file=cfg.data.shard_size)
+    layout.write_dataset(layout.CLEAN, ds, min_rows_per_file=cfg.data.shard_size)
 
     counts = {s: int((plan.assignment == k).sum()) for k, s in enumerate(splits)}
     meta.update(num_classes=len(meta["classes"]), split_counts=counts, shortfalls=list(plan.shortfalls))
     if cfg.data.source != "synthetic" and cfg.data.align:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(out, filesystem=ctx.storage.fs, columns=["face_found"])
+        table = layout.table(layout.CLEAN, columns=["face_found"])
         meta["no_face_found"] = int(len(table) - int(np.asarray(table["face_found"]).sum()))
-    ctx.storage.write_json("data/meta.json", meta)
+    ctx.storage.write_json(layout.META, meta)
     ctx.echo(f"  prepared {sum(counts.values())} images of {meta['num_classes']} identities: "
              + ", ".join(f"{k} {v}" for k, v in counts.items()))
     for line in meta["shortfalls"]:
         ctx.echo(f"  note: {line}")
     if meta.get("no_face_found"):
         ctx.echo(f"  note: MTCNN found no face in {meta['no_face_found']} images; they were centre-cropped")
-    return {"meta": "data/meta.json", "clean": "data/clean"}
-
-
-def read_split(ctx, splits: list[str] | str, columns: list[str] | None = None):
-    """A lazy Ray Dataset of the clean images in the given split(s)."""
-    import ray
-
-    wanted = [splits] if isinstance(splits, str) else list(splits)
-    ds = ray.data.read_parquet(ctx.data_path("clean"), filesystem=ctx.storage.fs,
-                               columns=columns or ["image", "label", "split", "index"])
-    from ray.data.expressions import col
-
-    return ds.filter(expr=col("split").is_in(wanted))
+    return {"meta": layout.META, "clean": layout.CLEAN}

@@ -1,15 +1,25 @@
 """A run: its storage, its config, its stages, and the markers that make reruns resume.
 
-Layout under ``<storage>/<name>/``::
+:class:`RunLayout` is the one place that knows where a run's files live and how its data is
+read and written. Layout under ``<storage>/<name>/``::
 
     config.yaml            the resolved config (written first; a rerun must match it)
     stages/<stage>.json    written LAST by a stage, after all its outputs: the only proof
                            that the stage finished. A rerun skips stages that have one.
-    data/...               Parquet shards (clean split, adversarial sets, augmented set, ...)
+    data/meta.json         identities, image size, split counts (prepare)
+    data/clean/            Parquet: image, label, split, index (prepare)
+    data/adv/set=<set>/    Parquet: clean, adv, label, eps, method, index (attack)
+    data/gnr_aug/          Parquet, as data/adv, method 'gnr' (gnr)
+    data/denoised/         Parquet: image, label, denoised by the UDDN (distill)
     models/<name>.pt       final weights with the config that made them
     train/<task>/          Ray Train checkpoints (an interrupted training resumes from here)
+    tensorboard/<task>/    per-epoch scalars
     report/                report.md, metrics.json, figures
+    export/<defense>/      model.pt, model.onnx, card.json (jobs/export.py)
 
+What counts as finished: a file when it exists (every file is written atomically: a temporary
+name moved into place, or one S3 PUT); a dataset folder when its ``_SUCCESS`` exists
+(:meth:`RunLayout.write_dataset` writes it after the last shard); a stage when its marker exists.
 A stage that did not finish leaves no marker; the next run deletes its partial data
 outputs before redoing it (training checkpoints are kept so training resumes).
 """
@@ -30,6 +40,131 @@ log = logging.getLogger("raydefense")
 _RESUMABLE_PREFIXES = ("scale.", "storage.", "name", "eval.", "tune.")
 
 
+class RunLayout:
+    """Where each file of a run (or of a Tune trial's folder) lives, and the one way to read and
+    write its datasets. Paths are relative to ``storage`` (the run root); ``*_rel`` give them,
+    the other methods act on them. Ray is imported only by the dataset methods."""
+
+    CONFIG = "config.yaml"
+    META = "data/meta.json"
+    CLEAN = "data/clean"
+    ADV = "data/adv"
+    GNR_AUG = "data/gnr_aug"
+    DENOISED = "data/denoised"
+    METRICS = "report/metrics.json"
+    REPORT = "report/report.md"
+    MODELS = "models"
+    DONE = "_SUCCESS"  # a dataset folder's completion marker, written after its last shard
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    # ------------------------------------------------------------- relative paths
+
+    @staticmethod
+    def model_rel(name: str) -> str:
+        return f"models/{name}.pt"
+
+    @staticmethod
+    def marker_rel(stage: str) -> str:
+        return f"stages/{stage}.json"
+
+    @staticmethod
+    def adv_rel(name: str) -> str:
+        """An adversarial set: a partition of ``data/adv``, or ``gnr_aug`` (the GNR's pairs)."""
+        return RunLayout.GNR_AUG if name == "gnr_aug" else f"{RunLayout.ADV}/set={name}"
+
+    @staticmethod
+    def report_rel(name: str) -> str:
+        return f"report/{name}"
+
+    @staticmethod
+    def export_rel(defense: str) -> str:
+        """The folder of one defense's export (``model.pt``, ``model.onnx``, ``card.json``)."""
+        return f"export/{defense}"
+
+    @staticmethod
+    def tensorboard_rel(task: str, name: str = "") -> str:
+        return f"tensorboard/{task}/{name}" if name else f"tensorboard/{task}"
+
+    # ------------------------------------------------------------- models and small files
+
+    def has_model(self, name: str) -> bool:
+        return self.storage.exists(self.model_rel(name))
+
+    def model_names(self) -> list[str]:
+        return [f[:-3] for f in self.storage.listdir(self.MODELS) if f.endswith(".pt")]
+
+    def meta(self) -> dict[str, Any]:
+        """``data/meta.json`` (written by prepare)."""
+        return self.storage.read_json(self.META)
+
+    def num_classes(self) -> int:
+        return int(self.meta()["num_classes"])
+
+    # ------------------------------------------------------------- datasets
+
+    def has_dataset(self, rel: str) -> bool:
+        """True when the dataset at ``rel`` was written to the end by :meth:`write_dataset`."""
+        return self.storage.exists(f"{rel}/{self.DONE}")
+
+    def read(self, rel: str, columns: Optional[list[str]] = None):
+        """A lazy Ray Dataset of the Parquet shards under ``rel`` (markers are not read)."""
+        import ray
+
+        return ray.data.read_parquet(self.storage.path(rel), filesystem=self.storage.fs, columns=columns,
+                                     file_extensions=["parquet"])
+
+    def table(self, rel: str, *, columns: Optional[list[str]] = None, filter=None, head: Optional[int] = None):
+        """The Parquet shards under ``rel`` as a pyarrow Table, on the driver (small reads only)."""
+        import pyarrow.dataset as pads
+
+        ds = pads.dataset(self.storage.path(rel), filesystem=self.storage.fs, format="parquet")
+        if head is not None:
+            return ds.head(head, columns=columns, filter=filter)
+        return ds.to_table(columns=columns, filter=filter)
+
+    def count_rows(self, rel: str) -> int:
+        import pyarrow.dataset as pads
+
+        return pads.dataset(self.storage.path(rel), filesystem=self.storage.fs, format="parquet").count_rows()
+
+    def read_clean(self, splits: list[str] | str, columns: Optional[list[str]] = None):
+        """The clean images of the given split(s): ``image, label, split, index`` unless ``columns``."""
+        from ray.data.expressions import col
+
+        wanted = [splits] if isinstance(splits, str) else list(splits)
+        ds = self.read(self.CLEAN, columns or ["image", "label", "split", "index"])
+        return ds.filter(expr=col("split").is_in(wanted))
+
+    def read_adv(self, name: str, columns: Optional[list[str]] = None):
+        """An adversarial set by name (``train``, ``val_white``, ``test_black``, ``gnr_aug``, ...)."""
+        return self.read(self.adv_rel(name), columns)
+
+    def read_adv_sets(self, names: list[str], columns: Optional[list[str]] = None):
+        """Several attack partitions in one read, with their ``set`` column."""
+        from ray.data.expressions import col
+
+        return self.read(self.ADV, columns).filter(expr=col("set").is_in(list(names)))
+
+    def write_dataset(self, rel: str, ds, *, min_rows_per_file: Optional[int] = None,
+                      partition_cols: Optional[list[str]] = None) -> None:
+        """Write ``ds`` (a Ray Dataset) as Parquet under ``rel``, replacing what was there, then
+        the ``_SUCCESS`` marker: a reader that finds the marker finds every shard. Runs the
+        dataset under :func:`raydefense.pipeline.runtime.user_errors` (a bad image is one line)."""
+        from raydefense.pipeline.runtime import user_errors
+
+        self.storage.delete_dir(rel)
+        kwargs: dict[str, Any] = {"filesystem": self.storage.fs}
+        if min_rows_per_file is not None:
+            kwargs["min_rows_per_file"] = min_rows_per_file
+        if partition_cols:
+            kwargs["partition_cols"] = partition_cols
+        with user_errors():
+            ds.write_parquet(self.storage.path(rel), **kwargs)
+        self.storage.write_text(f"{rel}/{self.DONE}", "")
+
+
 @dataclass
 class RunContext:
     cfg: Config
@@ -37,15 +172,19 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=dict)
     echo: Callable[[str], None] = print
 
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.storage)
+
     # ------------------------------------------------------------- markers
 
     def is_done(self, stage: str) -> bool:
-        return self.storage.exists("stages", f"{stage}.json")
+        return self.storage.exists(RunLayout.marker_rel(stage))
 
     def marker(self, stage: str) -> dict[str, Any]:
         """The stage's marker; CorruptFileError naming the file (and what to do) when it is
         empty, truncated or not a marker."""
-        rel = f"stages/{stage}.json"
+        rel = RunLayout.marker_rel(stage)
         hint = f"delete it to redo stage '{stage}' (and the stages after it), or use another --name"
         marker = self.storage.read_json(rel, expect=dict, hint=hint)
         duration = marker.get("duration_s")
@@ -64,20 +203,9 @@ class RunContext:
 
     def mark_done(self, stage: str, *, duration_s: float, outputs: Optional[dict[str, Any]] = None) -> None:
         self.storage.write_json(
-            f"stages/{stage}.json",
+            RunLayout.marker_rel(stage),
             {"stage": stage, "finished_at": time.time(), "duration_s": duration_s, "outputs": outputs or {}},
         )
-
-    def clear(self, stage: str) -> None:
-        self.storage.delete_file(f"stages/{stage}.json")
-
-    # ------------------------------------------------------------- paths
-
-    def data_path(self, *parts: str) -> str:
-        return self.storage.path("data", *parts)
-
-    def model_rel(self, name: str) -> str:
-        return f"models/{name}.pt"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -96,7 +224,7 @@ def config_hint(run: Storage) -> str:
 def read_saved_config(run: Storage) -> dict[str, Any]:
     """The raw mapping of a run's ``config.yaml``; CorruptFileError naming the file when it is
     not UTF-8, not YAML or not a mapping (the one reader of saved configs)."""
-    return run.read_yaml("config.yaml", hint=config_hint(run))
+    return run.read_yaml(RunLayout.CONFIG, hint=config_hint(run))
 
 
 def saved_config(run: Storage, data: Optional[dict[str, Any]] = None) -> Config:
@@ -106,7 +234,7 @@ def saved_config(run: Storage, data: Optional[dict[str, Any]] = None) -> Config:
     try:
         return from_dict(data)
     except ConfigError as exc:
-        raise ConfigError(f"{run.display('config.yaml')}: {exc}; {config_hint(run)}") from exc
+        raise ConfigError(f"{run.display(RunLayout.CONFIG)}: {exc}; {config_hint(run)}") from exc
 
 
 def check_run(cfg: Config, storage: Storage) -> RunContext:
@@ -115,7 +243,7 @@ def check_run(cfg: Config, storage: Storage) -> RunContext:
     :func:`commit_run` then writes ``config.yaml``."""
     storage.check_writable()
     run = storage.child(cfg.name)
-    if run.exists("config.yaml"):
+    if run.exists(RunLayout.CONFIG):
         saved = saved_config(run)
         old, new = _flatten(saved.to_dict()), _flatten(cfg.to_dict())
         changed = sorted(
@@ -133,7 +261,7 @@ def check_run(cfg: Config, storage: Storage) -> RunContext:
 
 def commit_run(ctx: RunContext) -> None:
     """Write the run's ``config.yaml`` (after every input has been checked)."""
-    ctx.storage.write_text("config.yaml", ctx.cfg.to_yaml())
+    ctx.storage.write_text(RunLayout.CONFIG, ctx.cfg.to_yaml())
 
 
 def open_run(cfg: Config, storage: Storage) -> RunContext:

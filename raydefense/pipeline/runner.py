@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 from raydefense.config import Config
 from raydefense.errors import ClusterError, ConfigError, RayDefenseError
-from raydefense.pipeline.run import RunContext, check_run, commit_run, read_saved_config, saved_config
+from raydefense.pipeline.run import RunContext, RunLayout, check_run, commit_run, read_saved_config, saved_config
 from raydefense.pipeline.runtime import init_ray, use_gpu
 from raydefense.storage import Storage
 
@@ -108,7 +108,7 @@ def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callabl
             return {}
     if cfg.models.extra_targets:
         return run_extra_targets(cfg, echo=echo)
-    return ctx.storage.read_json("report/metrics.json", expect=dict, hint=_metrics_hint(cfg.name))
+    return ctx.storage.read_json(RunLayout.METRICS, expect=dict, hint=_metrics_hint(cfg.name))
 
 
 def load_run_config(name: str, *, storage: str, overrides: tuple[str, ...] | list[str] = (),
@@ -124,7 +124,7 @@ def load_run_config(name: str, *, storage: str, overrides: tuple[str, ...] | lis
     if problem:
         raise ConfigError(f"--name {name!r}: a run name {problem}")
     run = Storage.open(storage, endpoint_url=endpoint_url, region=region).child(name)
-    if not run.exists("config.yaml"):
+    if not run.exists(RunLayout.CONFIG):
         raise ConfigError(f"run '{name}' not found at {run.display()} (no config.yaml)")
     saved = read_saved_config(run)
     section = saved.get("storage")
@@ -147,7 +147,7 @@ def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[st
 
     storage = open_storage(cfg)
     run = storage.child(cfg.name)
-    if not run.exists("config.yaml"):
+    if not run.exists(RunLayout.CONFIG):
         raise ConfigError(f"run '{cfg.name}' not found at {run.display()} (no config.yaml)")
     saved = read_saved_config(run)
     fresh = cfg.to_dict()
@@ -168,7 +168,7 @@ def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[st
     t0 = time.perf_counter()
     out = run_evaluate(ctx, gpu=gpu)
     ctx.mark_done("evaluate", duration_s=time.perf_counter() - t0, outputs=out)
-    return ctx.storage.read_json("report/metrics.json", expect=dict, hint=_metrics_hint(cfg.name))
+    return ctx.storage.read_json(RunLayout.METRICS, expect=dict, hint=_metrics_hint(cfg.name))
 
 
 def _metrics_hint(name: str) -> str:
@@ -201,15 +201,16 @@ def child_config(cfg: Config, model: str) -> Config:
 
 def _share_prepared_data(parent: RunContext, child: Storage) -> None:
     """Give a child run the parent's prepared data (same data config and seed): copy, marker last."""
-    if child.exists("stages", "prepare.json"):
+    if child.exists(RunLayout.marker_rel("prepare")):
         return
-    child.delete_dir("data/clean")
-    for fname in parent.storage.listdir("data/clean"):
-        child.write_bytes(f"data/clean/{fname}", parent.storage.read_bytes(f"data/clean/{fname}"))
-    child.write_bytes("data/meta.json", parent.storage.read_bytes("data/meta.json"))
+    clean = RunLayout.CLEAN
+    child.delete_dir(clean)
+    for fname in parent.storage.listdir(clean):
+        child.write_bytes(f"{clean}/{fname}", parent.storage.read_bytes(f"{clean}/{fname}"))
+    child.write_bytes(RunLayout.META, parent.storage.read_bytes(RunLayout.META))
     marker = parent.marker("prepare")
     marker["outputs"] = {**marker.get("outputs", {}), "shared_from": parent.cfg.name}
-    child.write_json("stages/prepare.json", marker)
+    child.write_json(RunLayout.marker_rel("prepare"), marker)
 
 
 def run_extra_targets(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -228,7 +229,7 @@ def run_extra_targets(cfg: Config, *, echo: Callable[[str], None] = print) -> di
         echo(f"Table 5: target '{model}' as run '{child_cfg.name}'")
         _share_prepared_data(parent, root.child(child_run_name(cfg.name, model)))
         run_pipeline(child_cfg, echo=lambda line, m=model: echo(f"  [{m}] {line}"))
-    metrics = parent.storage.read_json("report/metrics.json", expect=dict, hint=_metrics_hint(cfg.name))
+    metrics = parent.storage.read_json(RunLayout.METRICS, expect=dict, hint=_metrics_hint(cfg.name))
     metrics["table5"] = table5_rows(cfg, metrics, root)
     rewrite_report(parent.storage, metrics)
     from raydefense.report.compare import format_rows

@@ -145,13 +145,15 @@ def compare_runs(storage, runs: Sequence[str], *, out: str = "comparison") -> di
     """
     if not runs:
         raise DataError("compare: name at least one run (--runs RUN1 RUN2 ...)")
+    from raydefense.pipeline.run import RunLayout
+
     rows = []
     for name in runs:
         run = storage.child(name)
-        if not run.exists("report/metrics.json"):
+        if not run.exists(RunLayout.METRICS):
             raise DataError(f"run '{name}': no report/metrics.json at {run.display()}; finish it with "
                             f"jobs/full_pipeline.py --name {name} or evaluate it with jobs/evaluate.py --name {name}")
-        rows.append(run_row(run.read_json("report/metrics.json"), run=name))
+        rows.append(run_row(run.read_json(RunLayout.METRICS), run=name))
     datasets = {r["dataset"] for r in rows}
     models = {r["model"] for r in rows}
     lines = ["# raydefense: runs compared", "",

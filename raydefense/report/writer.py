@@ -347,16 +347,18 @@ def render_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
 
 def write_report(storage, metrics: dict[str, Any], examples: dict[str, np.ndarray]) -> None:
     """Render the figures, then write ``report/metrics.json`` and ``report/report.md`` (in that order)."""
+    from raydefense.pipeline.run import RunLayout
+
     figures = []
-    storage.write_bytes("report/figure6_denoising.png", figure6(examples))
+    storage.write_bytes(RunLayout.report_rel("figure6_denoising.png"), figure6(examples))
     figures.append("figure6_denoising.png")
-    storage.write_bytes("report/figure7_accuracy_vs_eps.png",
+    storage.write_bytes(RunLayout.report_rel("figure7_accuracy_vs_eps.png"),
                         figure7(metrics["by_epsilon"], metrics.get("by_epsilon_black_box"),
                                 n=metrics.get("n_images", {}).get("by_epsilon")))
     figures.append("figure7_accuracy_vs_eps.png")
     if metrics.get("adaptive"):
         steps = metrics.get("config", {}).get("eval", {}).get("adaptive_steps", "?")
-        storage.write_bytes("report/adaptive_pgd.png", adaptive_figure(metrics["adaptive"], steps,
+        storage.write_bytes(RunLayout.report_rel("adaptive_pgd.png"), adaptive_figure(metrics["adaptive"], steps,
                                                                         detail=metrics.get("adaptive_detail")))
         figures.append("adaptive_pgd.png")
     metrics["figures"] = figures
@@ -365,5 +367,7 @@ def write_report(storage, metrics: dict[str, Any], examples: dict[str, np.ndarra
 
 def rewrite_report(storage, metrics: dict[str, Any]) -> None:
     """Write ``report/metrics.json`` then ``report/report.md`` (figures listed in ``metrics['figures']`` exist)."""
-    storage.write_json("report/metrics.json", metrics)
-    storage.write_text("report/report.md", render_markdown(metrics, list(metrics.get("figures", []))))
+    from raydefense.pipeline.run import RunLayout
+
+    storage.write_json(RunLayout.METRICS, metrics)
+    storage.write_text(RunLayout.REPORT, render_markdown(metrics, list(metrics.get("figures", []))))

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import yaml
 
+from raydefense.config import TUNE_METRIC_ALIASES as METRIC_ALIASES
+from raydefense.config import TUNE_REPORTED as REPORTED
 from raydefense.config import Config
 from raydefense.errors import ConfigError
 
@@ -34,12 +36,8 @@ KINDS = ("loguniform", "uniform", "int", "choice")
 TRIAL_SECTIONS = ("denoise.", "distill.")
 # Derived knob: every width of denoise.widths times this factor (the paper gives no widths).
 WIDTH_MULT = "denoise.width_mult"
-# Metrics every trial reports each epoch (see raydefense.tune.trial).
-REPORTED = ("val_white_acc", "val_clean_acc", "train_loss")
-# The config's spelling of the white-box validation accuracy.
 # Under the clean-accuracy floor the objective moves by more than the width of [0, 1].
 FLOOR_PENALTY = 2.0
-METRIC_ALIASES = {"val_white_box_acc": "val_white_acc", "val_clean_box_acc": "val_clean_acc"}
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """One trial of a defense search: the pipeline's own training loops, run from a Tune trainable.
 
 A trial takes sampled values (lambda, T, guidance layer, learning rates, width), applies
-them to the run's config, and trains, on Ray Train, with the loops the pipeline uses:
+them to the run's config, and trains, on Ray Train, the pipeline's own training tasks (the
+same functions build them; the trial adds only Tune's reporting and stopping):
 
-1. ``uddn``: the denoiser of section 3 with the trial's guidance (``denoiser_loop``);
+1. ``uddn``: the denoiser of section 3 with the trial's guidance (``denoise.denoiser_task``);
 2. ``teacher``: the target's architecture on images that trial's UDDN denoised, with
-   one-hot labels (section 4.2; ``classifier_loop``, loss ``ce``);
+   one-hot labels (section 4.2; ``distill.teacher_args``);
 3. ``student``: the same architecture with equation 6, KL(Pt||Ps) + lambda KL(Pt^T||Ps^T)
-   (``classifier_loop``, loss ``kt``). UDDN + student is the model the paper publishes.
+   (``distill.student_args``). UDDN + student is the model the paper publishes.
 
 Every epoch of every phase becomes one Tune result with ``val_white_acc`` and
 ``val_clean_acc`` (the accuracy of that phase's model behind the trial's UDDN on the
@@ -38,12 +39,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from ray import tune
 
 from raydefense.config import from_dict
+from raydefense.pipeline.run import RunContext
 from raydefense.storage import Storage
 from raydefense.tune.space import Knob, apply_params, objective, overrides_for
 
@@ -144,65 +146,44 @@ def _reporter(*, phase: str, last_epoch: int, spec: TrialSpec, trial: Storage, h
     return TrialReporter()
 
 
-def _fit(spec: TrialSpec, cfg, *, name: str, loop, loop_config: dict[str, Any], datasets: dict[str, Any],
-         callback, stopping: threading.Event) -> None:
-    """One inner Ray Train run (as the pipeline's ``fit``, plus the callback), under ``<search>/train/<name>``."""
+def _fit(spec: TrialSpec, cfg, task, *, callback, stopping: threading.Event) -> None:
+    """One inner Ray Train run of the pipeline's ``task`` (a TrainingTask), plus Tune's callback,
+    under ``<search>/train/<task.name>``."""
     from raydefense.pipeline.runtime import user_errors
-    from raydefense.pipeline.training import make_trainer
 
-    trainer = make_trainer(cfg, spec.search, name, loop, loop_config, datasets, gpu=spec.gpu, callbacks=[callback])
+    trainer = task.trainer(cfg, spec.search, gpu=spec.gpu, callbacks=[callback])
     try:
         with user_errors():
             trainer.fit()
-    except Exception:
+    except Exception as exc:
         if stopping.is_set():
-            raise _Stopped() from None  # the controller aborted itself as asked
+            # The controller aborted itself as asked, and the run fails because of that abort;
+            # the failure is kept as the cause so a real error at the same moment stays visible.
+            raise _Stopped() from exc
         raise
     if stopping.is_set():
         raise _Stopped()
 
 
-def _denoise(ds, *, spec: TrialSpec, cfg, denoiser: str, column: str):
-    """``ds`` with ``column`` replaced by the trial's UDDN output, as (image, label) rows."""
-    from raydefense.pipeline.distill import DenoiseActor
-    from raydefense.pipeline.runtime import actor_map
-
-    return actor_map(ds, DenoiseActor, {"storage": spec.run, "denoiser": denoiser, "column": column},
-                     cfg=cfg, gpu=spec.gpu, batch_size=cfg.attack.batch_size)
-
-
-def _denoised_sets(ctx, *, spec: TrialSpec, trial: Storage, denoiser: str) -> dict[str, Any]:
+def _denoised_sets(ctx: RunContext, *, spec: TrialSpec, trial: Storage, denoiser: str) -> dict[str, Any]:
     """Training and validation sets for the teacher and student, denoised by the trial's UDDN.
 
-    The training set (as the pipeline's ``data/denoised``: real and generated adversarial
-    images plus the clean training images) is written once under ``trials/<id>/denoised``;
-    the small validation sets are computed once per trial and kept in the object store.
-    Each Ray Data execution has a single denoising actor pool, so that it fits beside the
-    other trials' workers on a small cluster.
+    The training set is the pipeline's (:func:`raydefense.pipeline.distill.denoised_training_set`),
+    written once under ``trials/<id>/denoised``; the small validation sets are computed once per
+    trial and kept in the object store. Each Ray Data execution has a single denoising actor
+    pool, so that it fits beside the other trials' workers on a small cluster.
     """
-    import ray
-
-    from raydefense.pipeline.attack import read_adv
-    from raydefense.pipeline.denoise import training_pairs
-    from raydefense.pipeline.prepare import read_split
+    from raydefense.pipeline.distill import denoise_images, denoised_training_set
+    from raydefense.pipeline.run import RunLayout
     from raydefense.pipeline.runtime import user_errors
 
-    cfg = ctx.cfg
-    if not trial.exists("denoised/_SUCCESS"):
-        trial.delete_dir("denoised")
-        adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
-        inputs = adv.union(read_split(ctx, ["gnr", "denoise"], ["image", "label"]).select_columns(["image", "label"]))
-        with user_errors():
-            _denoise(inputs, spec=spec, cfg=cfg, denoiser=denoiser, column="image").write_parquet(
-                trial.path("denoised"), filesystem=trial.fs, min_rows_per_file=cfg.data.shard_size)
-        trial.write_text("denoised/_SUCCESS", "")
-    train = ray.data.read_parquet(trial.path("denoised"), filesystem=trial.fs, file_extensions=["parquet"])
+    train = denoised_training_set(ctx, gpu=spec.gpu, denoiser=denoiser, out=(RunLayout(trial), "denoised"))
     with user_errors():
-        val_white = _denoise(read_adv(ctx, "val_white", ["adv", "label"]), spec=spec, cfg=cfg, denoiser=denoiser,
-                             column="adv").materialize()
-        val_clean = _denoise(read_adv(ctx, "val_white", ["clean", "label"]), spec=spec, cfg=cfg, denoiser=denoiser,
-                             column="clean").materialize()
-    return {"train": train, "val": read_split(ctx, "val", ["image", "label"]), "val_white": val_white,
+        val_white = denoise_images(ctx, ctx.layout.read_adv("val_white", ["adv", "label"]), denoiser=denoiser,
+                                   column="adv", gpu=spec.gpu).materialize()
+        val_clean = denoise_images(ctx, ctx.layout.read_adv("val_white", ["clean", "label"]), denoiser=denoiser,
+                                   column="clean", gpu=spec.gpu).materialize()
+    return {"train": train, "val": ctx.layout.read_clean("val", ["image", "label"]), "val_white": val_white,
             "val_clean": val_clean}
 
 
@@ -212,18 +193,18 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
 
     Raises ``_Stopped`` when Tune stopped the trial.
     """
-    from raydefense.pipeline.attack import read_adv
-    from raydefense.pipeline.classifiers import classifier_loop
-    from raydefense.pipeline.denoise import denoiser_loop, training_pairs
-    from raydefense.pipeline.run import RunContext
+    from raydefense.pipeline.classifiers import classifier_task
+    from raydefense.pipeline.denoise import denoiser_args, denoiser_task
+    from raydefense.pipeline.distill import student_args, teacher_args
+    from raydefense.pipeline.run import RunLayout
 
     t0 = time.perf_counter()
     base = from_dict(spec.cfg)
     cfg = apply_params(base, params, spec.knobs)
     last_epoch = cfg.distill.student.epochs - 1
     trial = spec.search.child("trials", trial_id)
-    if not trial.exists("config.yaml"):
-        trial.write_text("config.yaml", cfg.to_yaml())
+    if not trial.exists(RunLayout.CONFIG):
+        trial.write_text(RunLayout.CONFIG, cfg.to_yaml())
     ctx = RunContext(cfg=cfg, storage=spec.run, echo=lambda _msg: None)
 
     def history() -> list[dict[str, Any]]:
@@ -243,33 +224,27 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
 
     uddn, teacher, student = (spec.artifact(trial_id, p) for p in PHASES)
     done = replay("uddn")
-    if not spec.run.exists(f"models/{uddn}.pt"):
-        loop_config = {"cfg": cfg.to_dict(), "storage": spec.run, "arch": "uddn", "loss": cfg.denoise.guidance,
-                       "artifact": uddn}
-        datasets = {"train": training_pairs(ctx), "val": read_adv(ctx, "val_white", ["clean", "adv", "label"])}
-        _fit(spec, cfg, name=f"{trial_id}_uddn", loop=denoiser_loop, loop_config=loop_config, datasets=datasets,
-             callback=_reporter(phase="uddn", last_epoch=last_epoch, spec=spec, trial=trial, history=done,
-                                channel=channel),
+    if not ctx.layout.has_model(uddn):
+        task = denoiser_task(ctx, denoiser_args(cfg, "uddn", artifact=uddn), name=f"{trial_id}_uddn")
+        _fit(spec, cfg, task, callback=_reporter(phase="uddn", last_epoch=last_epoch, spec=spec, trial=trial,
+                                                 history=done, channel=channel),
              stopping=stopping)
 
     sets: Optional[dict[str, Any]] = None
-    init = "target" if cfg.distill.init_from_target else None
-    common = {"cfg": cfg.to_dict(), "arch": cfg.models.target, "num_classes": spec.num_classes, "init": init,
-              "storage": spec.run, "val_sets": ["val", "val_white", "val_clean"]}
-    for phase, artifact, extra in (
-        ("teacher", teacher, {"train": asdict(cfg.distill.teacher), "loss": "ce", "teacher": None}),
-        ("student", student, {"train": asdict(cfg.distill.student), "loss": "kt", "teacher": teacher,
-                              "lam": cfg.distill.lam, "T": cfg.distill.T}),
+    val_sets = ("val", "val_white", "val_clean")
+    for phase, args in (
+        ("teacher", teacher_args(cfg, num_classes=spec.num_classes, artifact=teacher, val_sets=val_sets)),
+        ("student", student_args(cfg, num_classes=spec.num_classes, teacher=teacher, artifact=student,
+                                 val_sets=val_sets)),
     ):
         done = replay(phase)
-        if spec.run.exists(f"models/{artifact}.pt"):
+        if ctx.layout.has_model(args.artifact):
             continue
         if sets is None:
             sets = _denoised_sets(ctx, spec=spec, trial=trial, denoiser=uddn)
-        loop_config = {**common, **extra, "task": artifact, "artifact": artifact}
-        _fit(spec, cfg, name=f"{trial_id}_{phase}", loop=classifier_loop, loop_config=loop_config, datasets=sets,
-             callback=_reporter(phase=phase, last_epoch=last_epoch, spec=spec, trial=trial, history=done,
-                                channel=channel),
+        task = classifier_task(ctx, args, sets, name=f"{trial_id}_{phase}")
+        _fit(spec, cfg, task, callback=_reporter(phase=phase, last_epoch=last_epoch, spec=spec, trial=trial,
+                                                 history=done, channel=channel),
              stopping=stopping)
 
     final = [h for h in history() if h["phase"] == PHASES[-1]]

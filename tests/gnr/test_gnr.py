@@ -12,7 +12,9 @@ from raydefense.gnr import (
     DeconvUnit,
     Generator,
     critic_loss,
+    critic_step,
     generator_loss,
+    generator_step,
     gradient_penalty,
     make_optimizers,
     train_step,
@@ -231,3 +233,35 @@ def test_train_step_needs_enough_batches():
     g_opt, c_opt = make_optimizers(gen, critic)
     with pytest.raises(ValueError, match="ran out after 1"):
         train_step(gen, critic, g_opt, c_opt, [torch.randn(2, 1, 8, 8)], n_critic=2)
+
+
+def test_generator_step_freezes_the_critic_and_trains_only_the_generator():
+    """The standard WGAN-GP generator step: no gradient reaches the critic's parameters, the
+    critic is unchanged, the generator moves, and requires_grad is restored afterwards."""
+    torch.manual_seed(0)
+    gen = Generator(image_size=8, channels=1, **TINY_G)
+    critic = Critic(image_size=8, channels=1, **TINY_D)
+    g_opt, c_opt = make_optimizers(gen, critic, lr=1e-2)
+    before_c = [p.detach().clone() for p in critic.parameters()]
+    before_g = [p.detach().clone() for p in gen.parameters()]
+    z = torch.randn(4, TINY_G["z_dim"])
+    loss = generator_step(critic, g_opt, lambda: gen(z))
+    assert loss.ndim == 0 and not loss.requires_grad
+    assert all(p.grad is None for p in critic.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before_c, critic.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before_g, gen.parameters()))
+    assert all(p.requires_grad for p in critic.parameters())
+
+
+def test_critic_step_trains_only_the_critic_and_weights_its_loss():
+    torch.manual_seed(0)
+    critic = LinearCritic(torch.randn(16))
+    opt = torch.optim.SGD(critic.parameters(), lr=1.0)
+    real, fake = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4, requires_grad=True)
+    w0 = critic.w.detach().clone()
+    stats = critic_step(critic, opt, real, fake, gp_weight=0.0, loss_weight=0.5)
+    # d/dw (E[F(fake)] - E[F(real)]) = mean(fake) - mean(real); SGD lr 1 with weight 0.5.
+    expected = w0 - 0.5 * (fake.detach().flatten(1).mean(0) - real.flatten(1).mean(0))
+    assert torch.allclose(critic.w.detach(), expected, atol=1e-6)
+    assert fake.grad is None  # fake is detached: the critic step never trains the generator
+    assert set(stats) >= {"wasserstein", "gradient_penalty", "loss"}

@@ -1,0 +1,282 @@
+"""What runs inside a Ray Train worker: device and rank, per-worker setup, mixed precision,
+sums over the workers, optimizers by name, and :class:`EpochData`, the dataset every worker
+holds whole and cuts into the same global batches each epoch.
+
+(Split from :mod:`raydefense.pipeline.training`, which re-exports every name here.)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from raydefense.config import Config
+from raydefense.seeding import torch_generator
+
+
+def worker_device() -> torch.device:
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this Ray Train worker; (0, 1) outside a training."""
+    import ray.train
+
+    try:
+        c = ray.train.get_context()
+        return c.get_world_rank(), c.get_world_size()
+    except (RuntimeError, AttributeError, ValueError):  # not inside a Ray Train worker
+        return 0, 1
+
+
+def setup_worker(cfg: Config) -> None:
+    """Per-worker setup: use the CPUs this worker was given, and keep Ray Train's per-report
+    INFO lines out of the console (the driver prints one line per task instead)."""
+    import logging
+
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray.train") or "ray/train" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU when ``scale.amp``; a no-op elsewhere."""
+    if cfg.scale.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def allreduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over the workers (no-op for one worker)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- data on the workers
+
+
+@dataclass
+class Step:
+    """One optimizer step on one worker: this worker's rows of a global batch.
+
+    Every worker walks the same global batches (``global_size`` rows, split over
+    ``world_size`` workers by position: worker r takes positions r, r + W, ...). Random
+    draws that belong to rows (flips, which inputs stay clean, generator noise) are made for
+    the whole global batch from a generator seeded by (seed, step) that is the same on every
+    worker, then sliced: W workers with batch B / W see the same randomness as one with B.
+    """
+
+    data: dict[str, torch.Tensor]
+    rows: torch.Tensor  # positions of this worker's rows in the global batch, (b,) int64
+    global_size: int
+    world_size: int
+    seed: int
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.data[key]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def loss_weight(self) -> float:
+        """Multiply this worker's mean loss by this: DDP's average of the workers' gradients is
+        then the gradient of the global batch's mean loss, also when the workers' row counts
+        differ by one (b * W / G)."""
+        return len(self.rows) * self.world_size / self.global_size
+
+    @functools.cached_property
+    def generator(self) -> torch.Generator:
+        return torch_generator(self.seed)
+
+    def rand(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """U[0, 1) draws of shape ``(b, *shape)`` for this worker's rows."""
+        return torch.rand((self.global_size, *shape), generator=self.generator)[self.rows].to(device)
+
+    def randn(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """N(0, 1) draws of shape ``(b, *shape)`` for this worker's rows."""
+        return torch.randn((self.global_size, *shape), generator=self.generator)[self.rows].to(device)
+
+    def shared_randint(self, low: int, high: int, n: int) -> list[int]:
+        """``n`` integers in [low, high), the same on every worker (per-batch choices)."""
+        return torch.randint(low, high, (n,), generator=self.generator).tolist()
+
+
+def global_batches(n: int, global_batch: int, world_size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` bounds of the global batches over ``n`` rows.
+
+    A last batch too small to give every worker two rows (batch norm in train mode fails on
+    one; a worker with none would stall DDP) is merged into the one before it, so each epoch
+    sees every row exactly once.
+    """
+    bounds = [(i, min(i + global_batch, n)) for i in range(0, n, global_batch)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2 * world_size:
+        last = bounds.pop()
+        bounds[-1] = (bounds[-1][0], last[1])
+    return bounds
+
+
+def _row_keys(cols: dict[str, torch.Tensor], chunk: int = 512) -> torch.Tensor:
+    """A 64-bit content hash per row over every column: sorting by it gives one order of the
+    rows whatever order Ray Data's blocks arrived in (identical rows share a key, and their
+    order does not matter)."""
+    n = len(next(iter(cols.values())))
+    keys = torch.zeros(n, dtype=torch.int64)
+    gen = torch_generator(0x5EED)
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    for name in sorted(cols):
+        v = cols[name].reshape(n, -1).contiguous()
+        if v.is_floating_point():
+            v = v.view(as_int[v.element_size()])
+        w = torch.randint(1, 2**31 - 1, (v.shape[1],), generator=gen, dtype=torch.int64)
+        col = torch.cat([(v[i:i + chunk].to(torch.int64) * w).sum(1) for i in range(0, n, chunk)]) if n else keys
+        keys = keys * 1_000_003 + col  # int64 arithmetic wraps: a hash, not a number
+    return keys
+
+
+class EpochData:
+    """A whole dataset on every training worker, cut into global batches each epoch.
+
+    Every pass over a Ray Data iterator starts a streaming execution (seconds of overhead),
+    which dominates small trainings. A dataset whose tensors fit in ``cache_mb`` is therefore
+    streamed once, kept in this worker's memory (10k uint8 images of 80x80 take 190 MB) and
+    sorted by content, so every worker holds the same rows in the same order; each epoch
+    permutes them with a seed shared by all workers, cuts global batches of
+    ``batch_size * world_size`` rows and gives each worker its part (:class:`Step`). Each
+    row is seen exactly once per epoch across the workers; no row is dropped or repeated.
+
+    A larger dataset streams every epoch on every worker in the same order (``make_trainer``
+    sets ``preserve_order``) with the same seeded local shuffle, and each worker keeps its
+    positions of each global batch: the same guarantees at W times the reading.
+
+    Raises:
+        DataError: a training set with fewer than ``2 * world_size`` rows.
+    """
+
+    def __init__(self, dataset, *, cache_mb: float = 2048.0, name: str = "train",
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        self.dataset = dataset
+        self.name = name
+        self.cache_bytes = cache_mb * 1024 * 1024
+        self.cache: Optional[dict[str, torch.Tensor]] = None
+        self.streaming = cache_mb <= 0
+        here = world() if rank is None or world_size is None else (rank, world_size)
+        self.rank, self.world_size = here
+
+    def _fill(self) -> None:
+        if self.cache is not None or self.streaming:
+            return
+        cols: dict[str, list[torch.Tensor]] = {}
+        size = 0
+        for batch in self.dataset.iter_torch_batches(batch_size=512, drop_last=False):
+            for k, v in batch.items():
+                cols.setdefault(k, []).append(v)
+                size += v.element_size() * v.nelement()
+            if size > self.cache_bytes:
+                self.streaming = True
+                return
+        cache = {k: torch.cat(v) for k, v in cols.items()}
+        if cache:
+            order = torch.sort(_row_keys(cache), stable=True).indices
+            cache = {k: v[order] for k, v in cache.items()}
+        self.cache = cache
+
+    def __len__(self) -> int:
+        self._fill()
+        if self.streaming:
+            return self.dataset.count() if hasattr(self.dataset, "count") else 0
+        return 0 if not self.cache else len(next(iter(self.cache.values())))
+
+    def steps(self, *, batch_size: int, device: torch.device, shuffle: bool, seed: int) -> Iterator[Step]:
+        """This worker's part of each global batch of one epoch; ``batch_size`` is per worker."""
+        from raydefense.errors import DataError
+
+        self._fill()
+        g, w = batch_size * self.world_size, self.world_size
+        if self.streaming:
+            yield from self._streaming_steps(g, device=device, shuffle=shuffle, seed=seed)
+            return
+        n = len(self)
+        if n < 2 * w:
+            raise DataError(f"training set '{self.name}' has {n} rows: {w} training worker(s) need at least "
+                            f"{2 * w} (two per worker per step); lower scale.num_workers or add data")
+        order = torch.randperm(n, generator=torch_generator(seed)) if shuffle else torch.arange(n)
+        for i, (a, b) in enumerate(global_batches(n, g, w)):
+            rows = torch.arange(self.rank, b - a, w)
+            idx = order[a:b][rows]
+            yield Step({k: v[idx].to(device, non_blocking=True) for k, v in self.cache.items()}, rows=rows,
+                       global_size=b - a, world_size=w, seed=seed * 100_003 + i)
+
+    def _streaming_steps(self, g: int, *, device: torch.device, shuffle: bool, seed: int) -> Iterator[Step]:
+        kwargs: dict[str, Any] = {"batch_size": g, "drop_last": False}
+        if shuffle:
+            kwargs["local_shuffle_buffer_size"] = max(4 * g, 256)
+            kwargs["local_shuffle_seed"] = seed
+        w, pending, i = self.world_size, None, 0
+        for batch in self.dataset.iter_torch_batches(**kwargs):
+            n = len(next(iter(batch.values())))
+            if pending is not None and n < 2 * w:  # merge a too-small tail into the batch before
+                batch = {k: torch.cat([pending[k], v]) for k, v in batch.items()}
+                pending = None
+            if pending is not None:
+                yield self._step(pending, device, seed * 100_003 + i)
+                i += 1
+            pending = batch
+        if pending is not None:
+            yield self._step(pending, device, seed * 100_003 + i)
+
+    def _step(self, batch: dict[str, torch.Tensor], device: torch.device, seed: int) -> Step:
+        n = len(next(iter(batch.values())))
+        rows = torch.arange(self.rank, n, self.world_size)
+        return Step({k: v[rows].to(device) for k, v in batch.items()}, rows=rows, global_size=n,
+                    world_size=self.world_size, seed=seed)
+
+    def eval_batches(self, *, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        """This worker's share of the rows (positions r, r + W, ...), for metrics that are
+        summed over workers with :func:`allreduce_sum`. Use the unwrapped model here: DDP's
+        forward syncs buffers with the other workers, whose batch counts may differ."""
+        self._fill()
+        if self.streaming:
+            for batch in self.dataset.iter_torch_batches(batch_size=batch_size * self.world_size, drop_last=False):
+                n = len(next(iter(batch.values())))
+                rows = torch.arange(self.rank, n, self.world_size)
+                if len(rows):
+                    yield {k: v[rows].to(device) for k, v in batch.items()}
+            return
+        idx = torch.arange(self.rank, len(self), self.world_size)
+        for i in range(0, len(idx), batch_size):
+            part = idx[i:i + batch_size]
+            yield {k: v[part].to(device, non_blocking=True) for k, v in self.cache.items()}
+
+
+#: TrainConfig.optimizer -> ``fn(params, lr, weight_decay)``; each name is the torch class it says.
+OPTIMIZERS = {
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, nesterov=True),
+}
+
+
+def make_optimizer(params, *, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer ``name`` of :data:`OPTIMIZERS`; ValueError for any other name."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer '{name}' (known: {', '.join(OPTIMIZERS)})")
+    return OPTIMIZERS[name](params, lr, weight_decay)
+
+
+class EpochTimer:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def lap(self) -> float:
+        t, self.t0 = time.perf_counter() - self.t0, time.perf_counter()
+        return t

@@ -1,0 +1,50 @@
+"""RunLayout: where a run's files live (pure pyarrow here; the Ray reads run in the pipeline tests)."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raydefense.pipeline.run import RunLayout
+from raydefense.storage import Storage
+
+
+def _shard(st: Storage, rel: str, rows: dict) -> None:
+    st.fs.create_dir(st.path(rel).rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.table(rows), st.path(rel), filesystem=st.fs)
+
+
+def test_paths_are_the_documented_ones():
+    assert RunLayout.model_rel("uddn") == "models/uddn.pt"
+    assert RunLayout.marker_rel("attack") == "stages/attack.json"
+    assert RunLayout.adv_rel("test_white") == "data/adv/set=test_white"
+    assert RunLayout.adv_rel("gnr_aug") == RunLayout.GNR_AUG == "data/gnr_aug"
+    assert RunLayout.report_rel("a.png") == "report/a.png"
+    assert (RunLayout.CONFIG, RunLayout.META, RunLayout.METRICS) == ("config.yaml", "data/meta.json",
+                                                                     "report/metrics.json")
+
+
+def test_models_meta_and_small_reads(tmp_path):
+    st = Storage.open(str(tmp_path))
+    layout = RunLayout(st)
+    assert not layout.has_model("target") and layout.model_names() == []
+    st.write_bytes("models/target.pt", b"x")
+    st.write_bytes("models/notes.txt", b"x")
+    assert layout.has_model("target") and layout.model_names() == ["target"]
+    st.write_json(RunLayout.META, {"num_classes": 7})
+    assert layout.num_classes() == 7
+    _shard(st, "data/clean/part-0.parquet", {"split": ["test", "val", "test"], "label": [1, 2, 3]})
+    st.write_text("data/clean/_SUCCESS", "")  # the marker is not a shard
+    assert layout.count_rows(RunLayout.CLEAN) == 3
+    table = layout.table(RunLayout.CLEAN, columns=["label"], filter=pc.field("split") == "test")
+    assert table.column("label").to_pylist() == [1, 3]
+    assert layout.table(RunLayout.CLEAN, head=1).num_rows == 1
+
+
+def test_a_dataset_is_complete_only_with_its_marker(tmp_path):
+    st = Storage.open(str(tmp_path))
+    layout = RunLayout(st)
+    _shard(st, "data/denoised/part-0.parquet", {"label": [0]})
+    assert not layout.has_dataset(RunLayout.DENOISED)  # shards without the marker: interrupted
+    st.write_text("data/denoised/_SUCCESS", "")
+    assert layout.has_dataset(RunLayout.DENOISED)
