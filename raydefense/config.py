@@ -58,6 +58,25 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Optional experiment tracking beyond the console and TensorBoard (raydefense/tracking.py):
+    MLflow when ``mlflow_uri`` is set (off by default; needs ``pip install mlflow-skinny``)."""
+
+    mlflow_uri: Optional[str] = None  # e.g. http://mlflow:5000, databricks, file:///path/mlruns
+    mlflow_experiment: str = "raydefense"
+
+    def validate(self, prefix: str) -> None:
+        import importlib.util
+
+        if self.mlflow_uri is not None:
+            _check(bool(self.mlflow_uri.strip()), f"{prefix}.mlflow_uri", "must be null or an MLflow tracking URI")
+            # Checked here, at load, so that a missing MLflow fails before anything runs.
+            _check(importlib.util.find_spec("mlflow") is not None, f"{prefix}.mlflow_uri",
+                   "is set but MLflow is not installed: pip install mlflow-skinny (or raydefense[tracking])")
+        _check(bool(self.mlflow_experiment.strip()), f"{prefix}.mlflow_experiment", "must not be empty")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run."""
 
@@ -74,6 +93,7 @@ class Config:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self, prefix: str = "") -> None:
         problem = run_name_problem(self.name)

@@ -69,3 +69,48 @@ def test_uri_without_mlflow_is_a_one_line_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"tracking.mlflow_uri .* MLflow is not installed") as err:
         tracking.check_available("http://127.0.0.1:5000")
     assert "\n" not in str(err.value)
+
+
+def _cfg(store, *extra):
+    from raydefense.config import load_config
+    from tests.conftest import REPO
+
+    return load_config(f"{REPO}/configs/smoke.yaml", [f"tracking.mlflow_uri={store.mlflow_uri}",
+                                                      f"tracking.mlflow_experiment={store.mlflow_experiment}", *extra])
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_every_training_epoch_reaches_mlflow_from_the_driver(store, tmp_path, failed):
+    """EpochLog (what pipeline.training.fit wraps every Ray Train fit in) logs each epoch record
+    the Ray Train callback writes, and ends the MLflow run FINISHED, or FAILED when the fit failed."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from raydefense.pipeline.training import EpochLog
+    from raydefense.storage import Storage
+
+    cfg = _cfg(store, "name=exp7")
+    lines: list[str] = []
+    ctx = SimpleNamespace(cfg=cfg, storage=Storage.open(str(tmp_path / "exp7")), echo=lines.append)
+    with EpochLog(ctx, "target", epochs=2) as log:
+        with open(log.path, "a") as f:  # what the callback on the driver's node appends
+            for epoch in range(2):
+                f.write(json.dumps({"epoch": epoch, "train_loss": 1.0 - epoch / 2, "val_acc": 0.6 + epoch / 10,
+                                    "epoch_s": 0.5, "param_digest": 3.0}) + "\n")
+        log.poll()
+        log.failed = failed
+    assert len(lines) == 2 and lines[1].startswith("  target: epoch 2/2")
+    client = MlflowClient(tracking_uri=store.mlflow_uri)
+    exp = client.get_experiment_by_name(store.mlflow_experiment)
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.TASK_TAG}` = 'target'")
+    assert run.info.run_name == "exp7/target" and run.info.status == ("FAILED" if failed else "FINISHED")
+    assert run.data.params["models.target"] == cfg.models.target and run.data.params["name"] == "exp7"
+    hist = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
+    assert [m.step for m in hist] == [0, 1] and hist[1].value == pytest.approx(0.7)
+
+
+def test_config_refuses_a_uri_without_mlflow(store, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # importlib.util.find_spec -> None
+    with pytest.raises(ConfigError, match=r"tracking\.mlflow_uri.*not installed"):
+        _cfg(store)

@@ -37,7 +37,7 @@ from raydefense.storage import Storage
 log = logging.getLogger("raydefense")
 
 # Keys that may change between a run and its resumption without invalidating finished stages.
-_RESUMABLE_PREFIXES = ("scale.", "storage.", "name", "eval.", "tune.")
+_RESUMABLE_PREFIXES = ("scale.", "storage.", "name", "eval.", "tune.", "tracking.")
 
 
 class RunLayout:

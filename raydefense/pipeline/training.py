@@ -154,6 +154,7 @@ def fit(ctx: RunContext, task: str, loop: Callable[[dict], None], loop_config: d
             thread.join(0.5)
             log.poll()
         log.poll()
+        log.failed = "error" in box
     if "error" in box:
         _raise_training_error(ctx, task, box["error"])
     return dict(box["result"].metrics or {})
@@ -178,7 +179,8 @@ def _epoch_records_callback(path: str):
 
 
 class EpochLog:
-    """Follows one fit from the driver: a console line per epoch and TensorBoard scalars.
+    """Follows one fit from the driver: a console line per epoch, TensorBoard scalars, and
+    MLflow metrics when ``tracking.mlflow_uri`` is set (:mod:`raydefense.tracking`).
 
     Event files are written with tensorboardX (installed with ``ray[tune]``) into a local
     folder and copied to ``<run>/tensorboard/<task>/`` on the run's storage (local or S3) when
@@ -194,8 +196,14 @@ class EpochLog:
         self.path = os.path.join(self.dir, "epochs.jsonl")
         self.offset = 0
         self.writer = None
+        self.mlflow = None
+        self.failed = False  # set by fit(): the MLflow run ends FAILED
 
     def __enter__(self) -> "EpochLog":
+        from raydefense.tracking import task_run
+
+        cfg = self.ctx.cfg
+        self.mlflow = task_run(cfg.tracking, run_name=cfg.name, task=self.task, params=cfg.to_dict())
         try:
             from tensorboardX import SummaryWriter
 
@@ -226,6 +234,8 @@ class EpochLog:
                 for key, value in record.items():
                     if key not in ("epoch", "param_digest"):
                         self.writer.add_scalar(f"{self.task}/{key}", value, step)
+            if self.mlflow is not None:
+                self.mlflow.log(record)
 
     def format(self, record: dict[str, float]) -> str:
         epoch = int(record.get("epoch", 0)) + 1
@@ -235,7 +245,7 @@ class EpochLog:
         parts = [f"{k} {record[k]:.4f}" for k in keys]
         return f"  {self.task}: epoch {epoch}{total}  " + "  ".join(parts) + f"  ({record.get('epoch_s', 0.0):.1f} s)"
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         import shutil
 
         try:
@@ -245,6 +255,8 @@ class EpochLog:
                 for name in sorted(os.listdir(tb)) if os.path.isdir(tb) else []:
                     with open(os.path.join(tb, name), "rb") as f:
                         self.ctx.storage.write_bytes(RunLayout.tensorboard_rel(self.task, name), f.read())
+            if self.mlflow is not None:
+                self.mlflow.close(failed=self.failed or exc_type is not None)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 

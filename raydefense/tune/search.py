@@ -42,6 +42,7 @@ from ray.tune.search.optuna import OptunaSearch
 from raydefense.config import Config, from_dict
 from raydefense.errors import ConfigError, RayDefenseError
 from raydefense.storage import Storage
+from raydefense.tracking import tune_callbacks
 from raydefense.tune.space import Knob, build_knobs, param_space, resolve_metric
 from raydefense.tune.summary import (  # noqa: F401  (re-exported)
     _fmt,
@@ -384,7 +385,7 @@ def _new_tuner(cfg: Config, trainable, *, knobs: Sequence[Knob], sdir: Storage, 
             # each inner TorchTrainer also retries its own worker group (training.make_trainer).
             failure_config=tune.FailureConfig(max_failures=cfg.scale.max_failures),
             verbose=0,
-            callbacks=[_Progress(echo)],
+            callbacks=[_Progress(echo), *tune_callbacks(cfg.tracking, run_name=f"{cfg.name}/tune")],
         ),
     )
 
