@@ -27,6 +27,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data", help="image folder in the LFW layout (local path or s3:// URI); default: synthetic")
     p.add_argument("--storage", help="where runs live: a folder (default ./runs) or s3://bucket/prefix")
     p.add_argument("--name", help="run name; the same name resumes the run")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output too: workers' stdout/stderr, Ray's INFO lines, Ray Data's per-operator "
+                        "progress (the same as --set scale.worker_logs=true)")
     return p
 
 
@@ -61,7 +64,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():
         path = str(DEFAULT_CONFIG)
-    return load_config(path, list(args.overrides), values=values)
+    overrides = list(args.overrides) + (["scale.worker_logs=true"] if getattr(args, "verbose", False) else [])
+    return load_config(path, overrides, values=values)
 
 
 def quiet_logs() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -27,12 +28,17 @@ def init_ray(cfg: Config) -> dict[str, Any]:
     """
     import ray
 
+    verbose = cfg.scale.worker_logs
     if not ray.is_initialized():
         runtime_env = _driver_runtime_env()
+        # log_to_driver: workers' stdout/stderr; logging_level: the driver's "ray" logger (Ray's
+        # INFO lines: which cluster, Tune's result folders). Both stay off the console unless
+        # scale.worker_logs / --verbose.
+        quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=cfg.scale.worker_logs)
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **quiet)
         elif _running_local_cluster():
-            ray.init(address="auto", runtime_env=runtime_env, log_to_driver=cfg.scale.worker_logs)
+            ray.init(address="auto", runtime_env=runtime_env, **quiet)
         else:
             num_cpus = cfg.scale.num_cpus or max(2, (os.cpu_count() or 2) + 2)
             ray.init(
@@ -40,12 +46,47 @@ def init_ray(cfg: Config) -> dict[str, Any]:
                 object_store_memory=cfg.scale.object_store_memory_mb * 1024 * 1024,
                 include_dashboard=False,
                 runtime_env=runtime_env,
-                log_to_driver=cfg.scale.worker_logs,
+                **quiet,
             )
+    ray_data_console(verbose=verbose, tty=sys.stdout.isatty())
+    return ray.cluster_resources()
+
+
+# Ray Data logs its progress through this logger when stdout is not a terminal (a job's log).
+_RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
+
+
+def ray_data_console(*, verbose: bool, tty: bool) -> None:
+    """What Ray Data shows on the driver's console, set through Ray Data's own switches and
+    logging levels (no text filtering).
+
+    On a terminal: Ray Data's progress bars (one per operator), as always. Without one (``ray
+    job submit``, a CI log), Ray Data logs its progress every
+    ``RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL`` seconds instead; that stays, but as the dataset's
+    total only (``enable_operator_progress_bars`` off: per-operator lines are a dozen lines
+    every 10 s). Ray Data's other INFO records (execution summaries, sink statistics) go to its
+    own log file (``ray-data.log`` in the session's logs) and not to the console; ``verbose``
+    (``scale.worker_logs``, ``--verbose``) shows everything.
+    """
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    ctx.enable_operator_progress_bars = tty or verbose
     ctx.print_on_execution_start = False
-    return ray.cluster_resources()
+    data_logger = logging.getLogger("ray.data")
+    console_level = logging.INFO if verbose else logging.WARNING
+    for handler in data_logger.handlers:
+        # Ray Data's console handler is a StreamHandler; its ray-data.log handler is not one.
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(console_level)
+    progress = logging.getLogger(_RAY_DATA_PROGRESS_LOGGER)
+    if not verbose and not any(getattr(h, "_raydefense_progress", False) for h in progress.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        handler._raydefense_progress = True  # type: ignore[attr-defined]  (added once per process)
+        progress.addHandler(handler)  # and it still propagates to ray-data.log
 
 
 def _driver_runtime_env() -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -84,10 +85,11 @@ def clean_job(head, tmp_path_factory):
     rt.write_text(yaml.safe_dump(env))
     storage = tmp / "storage"
     sets = [a for s in SHRINK for a in ("--set", s)]
-    # Ray joins the entrypoint's words and runs them with a shell, so "&&" chains the two programs.
-    _, logs, took = _submit(head, rt, "python", "tests/cluster/probe_job.py", "&&",
-                            "python", "jobs/full_pipeline.py", "--config", "configs/smoke.yaml",
-                            "--storage", str(storage), "--name", "clean", *sets)
+    # `ray job submit` shell-quotes each word of the entrypoint (shlex.join), so the chain is one
+    # `bash -c` word.
+    pipeline = shlex.join(["python", "jobs/full_pipeline.py", "--config", "configs/smoke.yaml",
+                           "--storage", str(storage), "--name", "clean", *sets])
+    _, logs, took = _submit(head, rt, "bash", "-c", f"python tests/cluster/probe_job.py && {pipeline}")
     print(f"probe + smoke pipeline job: {took:.0f} s (includes building the job's pip environment)")
     return logs, storage
 
