@@ -13,9 +13,9 @@ import math
 import numpy as np
 import pytest
 
-from raydefense.report.significance import (PairedResult, clustered_accuracy, paired_comparisons, paired_seed_difference,
-                                            paired_test, render_paired_table, seed_summary, sign_flip_pvalues, t_cdf,
-                                            t_quantile)
+from raydefense.report.seeds import paired_seed_difference, seed_summary, t_cdf, t_quantile
+from raydefense.report.significance import (PairedResult, clustered_accuracy, paired_comparisons, paired_test,
+                                            render_paired_table, sign_flip_pvalues)
 from raydefense.report.stats import wilson
 
 
