@@ -69,6 +69,8 @@ def online_pgd(
 ) -> Tensor:
     """PGD examples for one training batch against the current ``model`` (Madry et al. 2018).
 
+    One cohesive thing (the PGD loop with its save/restore of the model state), hence its length.
+
     ``x_0 = clip(x + U(-eps, eps))`` (or ``x``), then ``steps`` times
     ``x_{k+1} = Proj_{B_inf(x, eps) and [0, 1]}(x_k + alpha * sign(grad_x L(x_k)))``, returning
     the last iterate (as Madry et al. train on it; no best-of selection, which would cost a

@@ -12,6 +12,8 @@ def trials_figure(rows: Sequence[dict[str, Any]], *, best_id: str | None, phase_
                   title: str = "") -> bytes:
     """PNG bytes with two panels.
 
+    One cohesive thing (one figure, drawn panel by panel), so it stays one function.
+
     Left: the objective of every trial per Tune iteration (one line per trial; the dotted
     lines separate the UDDN, teacher and student phases; a short line is a trial ASHA stopped).
     Right: every trial's last objective against lambda (or the first numeric parameter),
