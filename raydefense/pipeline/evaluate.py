@@ -20,6 +20,7 @@ from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.defended import DEFENSES, DENOISERS, available_defenses, load_parts  # noqa: F401  (re-exported)
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
+from raydefense.report.significance import clustered_accuracy, paired_comparisons
 from raydefense.report.stats import proportion, wilson  # noqa: F401  (wilson: re-exported)
 
 TEST_SETS = {"white_box": "test_white", "black_box": "test_black"}
@@ -126,12 +127,22 @@ def evaluate_defenses(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     frames = {key: df_all[df_all["set"] == name] for key, name in TEST_SETS.items()}
     # Clean accuracy: the test split's clean images, once per image.
     clean_rows = df_all[df_all["curve_row"].to_numpy(dtype=bool)]
+    paired: dict[str, list[dict[str, Any]]] = {}
     for key, df in (("clean", clean_rows), ("white_box", frames["white_box"]), ("black_box", frames["black_box"])):
         tag = "clean" if key == "clean" else "adv"
+        # White-/black-box rows are (image, method) pairs: intervals and paired tests resample
+        # images (report/significance.py); the clean set has one row per image.
+        images = None if key == "clean" else df["index"].to_numpy()
+        flags = {d: df[f"{tag}_ok_{d}"].to_numpy(dtype=bool) for d in defenses}
+        paired[key] = [r.to_dict() for r in paired_comparisons(flags, images, test_set=key, seed=cfg.seed)]
         for d in defenses:
-            ok = df[f"{tag}_ok_{d}"].to_numpy(dtype=bool)
+            ok = flags[d]
             entry: dict[str, Any] = proportion(ok)
             accuracy[d][key] = entry["accuracy"]
+            if images is not None and len(ok):
+                ca = clustered_accuracy(ok, images, seed=cfg.seed)
+                entry.update(ci95=list(ca.ci95), ci95_method=ca.method, n_images=ca.n_clusters,
+                             ci95_rows_independent=list(ca.ci95_rows_independent))
             if key != "clean":
                 # Attack success rate: of the images this defense gets right when clean,
                 # the fraction the attack makes it get wrong.
@@ -156,6 +167,7 @@ def evaluate_defenses(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
         "by_epsilon_black_box": by_eps_black,
         "by_epsilon_detail": {"white_box": by_eps_detail["white"], "black_box": by_eps_detail["black"]},
         "accuracy_detail": detail,
+        "paired_tests": paired,
         "l1_detail": l1_detail,
         "n_images": {"clean": int(len(clean_rows)), "white_box": int(len(frames["white_box"])),
                      "black_box": int(len(frames["black_box"])), "by_epsilon": int(len(clean_rows))},

@@ -4,7 +4,8 @@
 paper's Tables 1-3 (and 5 for a multi-model run) with the paper's numbers beside ours,
 Figures 6 and 7, the attacks on the whole defended model with a plain reading of what they
 mean, and the time every stage took. Every accuracy carries its number of test images and a
-Wilson 95% interval.
+95% interval (Wilson on one row per image; a bootstrap over images where an image has a row per
+attack method), and each defense is compared with no defense and with UDDN + KT by a paired test.
 
 Files are written figures first, then metrics.json, then report.md last: a report.md
 that exists is a finished report.
@@ -18,6 +19,7 @@ import yaml
 
 from raydefense.report.figures import adaptive_figure, figure6, figure7
 from raydefense.report.stats import wilson
+from raydefense.report.significance import render_paired_table
 from raydefense.report.paper import (DEFENSE_LABELS, HGD_ADAPTIVE, PAPER_TABLE1, PAPER_TABLE2, PAPER_TABLE3,
                                      TABLE2_ROWS, TABLE3_ROWS)
 
@@ -34,11 +36,14 @@ def pct(v: Optional[float], digits: int = 1) -> str:
 
 
 def acc_cell(det: Optional[dict[str, Any]]) -> str:
-    """An accuracy with its Wilson 95% interval and n: ``'62.5% (41-80, n=24)'``."""
+    """An accuracy with its 95% interval and n: ``'62.5% (41-80, n=24)'``, or
+    ``'62.5% (38-85, n=48 rows / 24 images)'`` where rows share images (the interval is then
+    over images: report/significance.clustered_accuracy)."""
     if not det:
         return "n/a"
     lo, hi = det["ci95"]
-    return f"{100 * det['accuracy']:.1f}% ({100 * lo:.0f}-{100 * hi:.0f}, n={det['n']})"
+    n = f"n={det['n']} rows / {det['n_images']} images" if det.get("n_images") else f"n={det['n']}"
+    return f"{100 * det['accuracy']:.1f}% ({100 * lo:.0f}-{100 * hi:.0f}, {n})"
 
 
 def _same_rows(v: Optional[float], n: int) -> str:
@@ -310,13 +315,27 @@ def _timings(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
+def _paired(metrics: dict[str, Any]) -> list[str]:
+    """Each defense against no defense and against UDDN + KT on the same rows."""
+    paired = metrics.get("paired_tests") or {}
+    rows = [r for key in ("clean", "white_box", "black_box") for r in paired.get(key, [])]
+    if not rows:
+        return []
+    return ["### Paired tests: is a defense's difference real?", "",
+            "Both defenses on the same rows. The p-value is the exact sign-flip test over images (McNemar's exact "
+            "test on the clean set, where each image is one row; its clustered form where an image has one row "
+            "per attack method); the interval is a paired bootstrap over images. No correction for the number "
+            "of comparisons.", "", render_paired_table(rows, labels=DEFENSE_LABELS), ""]
+
+
 def render_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
     """The whole report.md for one run's ``metrics`` and the figure files beside it."""
     cfg = metrics.get("config", {})
     out: list[str] = [f"# raydefense report: run `{cfg.get('name', '?')}`", "",
                       "Li & Wang (2019), *Defense Against Adversarial Attacks in Deep Learning*: GNR noise "
                       "reconstruction, the UDDN denoiser and knowledge transfer, reproduced with raydefense. Accuracies "
-                      "are given as `accuracy (95% Wilson interval, n = test images or rows)`; the paper's numbers "
+                      "are given as `accuracy (95% interval, n)`: a Wilson interval where each image is one row (clean), a bootstrap "
+                      "over images where an image has one row per attack method (white-/black-box); the paper's numbers "
                       "(LFW, FaceNet) stand beside ours.", ""]
     out += _summary(metrics)
     out += _run_section(metrics)
@@ -334,6 +353,7 @@ def render_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
         drop = acc["none"]["clean"] - acc["uddn_kt"]["clean"]
         out += [f"UDDN + KT against no defense: white-box accuracy {100 * gain:+.1f} points (paper: +38.9), clean "
                 f"accuracy {-100 * drop:+.1f} points (paper: -0.6).", ""]
+    out += _paired(metrics)
     out += _asr(metrics)
     out += _figures(figures)
     out += _whole_model(metrics, figures)

@@ -191,6 +191,37 @@ def test_every_table_cell_and_figure_exists(tiny):
             assert im.size[0] > 200 and im.size[1] > 100
 
 
+def test_intervals_resample_images_and_each_defense_gets_paired_tests(tiny):
+    """White-/black-box rows are (image, method) pairs: their intervals are over images, and each
+    defense is compared with no defense and UDDN + KT on the same rows (report/significance.py)."""
+    ctx, m = tiny
+    n_test = N_ID * TEST_PER_ID
+    for d in DEFENSES:
+        assert "n_images" not in m["accuracy_detail"][d]["clean"]
+        for s in ("white_box", "black_box"):
+            det = m["accuracy_detail"][d][s]
+            assert det["n_images"] == n_test and det["n"] == 2 * n_test
+            assert det["ci95_method"] and det["ci95"][0] <= det["accuracy"] <= det["ci95"][1]
+            assert len(det["ci95_rows_independent"]) == 2
+    for s in SETS:
+        pairs = m["paired_tests"][s]
+        seen = {(p["defense"], p["vs"]) for p in pairs}
+        assert {(d, "none") for d in DEFENSES if d != "none"} <= seen
+        assert {(d, "uddn_kt") for d in DEFENSES if d not in ("none", "uddn_kt")} <= seen
+        for p in pairs:
+            assert p["test_set"] == s and 0.0 <= p["p_value"] <= 1.0
+            diff = m["accuracy"][p["defense"]][s] - m["accuracy"][p["vs"]][s]
+            assert p["difference"] == pytest.approx(diff)
+            assert p["n_clusters"] == n_test and p["n_rows"] == (n_test if s == "clean" else 2 * n_test)
+            if p["a_only"] == p["b_only"] == 0:
+                assert p["p_value"] == 1.0 and p["difference"] == 0
+    # "student" and "target" are the same weights in this run: identical rows, no difference, p = 1.
+    same = [p for p in m["paired_tests"]["white_box"] if {p["defense"], p["vs"]} == {"distillation", "none"}]
+    assert same and same[0]["difference"] == 0 and same[0]["p_value"] == 1.0
+    report = ctx.storage.read_text("report/report.md")
+    assert "Paired tests" in report and "rows / " in report
+
+
 def test_whole_model_attacks_never_beat_clean_or_lose_to_the_pregenerated_attack(tiny):
     """Deterministic defenses: on the same rows, accuracy under any attack on the whole model is
     <= clean accuracy, and whole-model PGD <= the pre-generated white-box attack."""
