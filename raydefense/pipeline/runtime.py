@@ -179,15 +179,17 @@ def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_
     (``cls`` takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``).
 
     Fault tolerance is Ray's own: an actor that dies (its process killed, its node lost) is
-    restarted and its unfinished batches are retried on the pool (``max_restarts=-1``,
-    ``max_task_retries=-1``, Ray Data's defaults for actor pools, stated here so that they
-    stay); an exception raised by ``cls`` itself is a user error and is not retried."""
+    restarted and its unfinished batches are retried on the pool: Ray Data gives actor pools
+    ``max_restarts=-1`` and ``max_task_retries=-1`` unless told otherwise
+    (ray/data/_internal/execution/operators/actor_pool_map_operator.py; passing them again is a
+    deprecated ``ray_remote_args`` in Ray 2.60, so they are not restated here, and
+    tests/distributed/test_faults.py kills an actor to hold Ray to it); an exception raised by
+    ``cls`` itself is a user error and is not retried."""
     import ray
 
     return ds.map_batches(cls, fn_constructor_kwargs={**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)},
                           batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-                          num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None,
-                          max_restarts=-1, max_task_retries=-1)
+                          num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None)
 
 
 def device_for(gpu: bool) -> torch.device:
