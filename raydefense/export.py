@@ -72,9 +72,10 @@ def config_hash(config: dict[str, Any]) -> str:
     resumes (``scale.*``, ``storage.*``, ``name``, ``eval.*``, ``tune.*``; see
     :mod:`raydefense.pipeline.run`): two runs with equal hashes trained the same way.
     """
-    from raydefense.pipeline.run import _RESUMABLE_PREFIXES, _flatten
+    from raydefense.config import flatten
+    from raydefense.pipeline.run import _RESUMABLE_PREFIXES
 
-    kept = {k: v for k, v in _flatten(config).items() if not k.startswith(_RESUMABLE_PREFIXES)}
+    kept = {k: v for k, v in flatten(config).items() if not k.startswith(_RESUMABLE_PREFIXES)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -15,13 +15,16 @@ Two places log to MLflow, both on the driver:
 
 MLflow is not a dependency of raydefense: ``pip install mlflow-skinny`` (the ``tracking``
 extra) or the full ``mlflow``. A set ``mlflow_uri`` without MLflow installed is a
-:class:`~raydefense.errors.ConfigError` before anything runs (:func:`check_available`).
+:class:`~raydefense.errors.ConfigError` when the config loads (``TrackingConfig.validate``), before
+anything runs; :func:`check_available` repeats it for callers that build the tracking settings
+themselves.
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Mapping, Optional
 
+from raydefense.config import flatten
 from raydefense.errors import ConfigError
 
 RUN_TAG = "raydefense.run"
@@ -42,16 +45,9 @@ def check_available(mlflow_uri: Optional[str]) -> None:
                           "pip install mlflow-skinny (or raydefense[tracking])") from exc
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``: a nested config as MLflow params (strings)."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = str(value)[:_MAX_PARAM_CHARS]
-    return out
+def _params(tree: Mapping[str, Any]) -> dict[str, str]:
+    """A nested config as MLflow params: dotted keys, string values of MLflow's maximum length."""
+    return {k: str(v)[:_MAX_PARAM_CHARS] for k, v in flatten(tree).items()}
 
 
 class MLflowTaskRun:
@@ -74,7 +70,7 @@ class MLflowTaskRun:
         run = self.client.create_run(experiment_id, run_name=f"{run_name}/{task}",
                                      tags={RUN_TAG: run_name, TASK_TAG: task})
         self.run_id = run.info.run_id
-        items = sorted(flatten(params or {}).items())
+        items = sorted(_params(params or {}).items())
         for i in range(0, len(items), _MAX_PARAMS_PER_CALL):
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + _MAX_PARAMS_PER_CALL]],
                                   tags=[RunTag(TASK_TAG, task)] if i == 0 else [])

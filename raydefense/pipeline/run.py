@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from raydefense.config import Config, from_dict
+from raydefense.config import Config, flatten, from_dict
 from raydefense.errors import ConfigError, CorruptFileError
 from raydefense.storage import Storage
 
@@ -208,15 +208,6 @@ class RunContext:
         )
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
-
-
 def config_hint(run: Storage) -> str:
     return f"delete the run folder {run.display()} to start it again, or use another --name"
 
@@ -245,7 +236,7 @@ def check_run(cfg: Config, storage: Storage) -> RunContext:
     run = storage.child(cfg.name)
     if run.exists(RunLayout.CONFIG):
         saved = saved_config(run)
-        old, new = _flatten(saved.to_dict()), _flatten(cfg.to_dict())
+        old, new = flatten(saved.to_dict()), flatten(cfg.to_dict())
         changed = sorted(
             k for k in set(old) | set(new)
             if old.get(k) != new.get(k) and not k.startswith(_RESUMABLE_PREFIXES)
