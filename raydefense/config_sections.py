@@ -352,6 +352,11 @@ class ScaleConfig:
     max_failures: int = 3
     # Elastic training (max_workers > num_workers): how often Ray Train looks for room to grow.
     resize_interval_s: float = 60.0
+    # How often Ray Train's controller polls its workers (Ray's RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    # 2 s by default). A worker's result queue holds one report, so every ray.train.report (one
+    # per epoch) waits for the next poll: short epochs cost at least this much each. Raise it on
+    # clusters with hundreds of workers, where each poll is one actor call per worker.
+    health_check_interval_s: float = 0.2
     # Extra custom resources per training worker, e.g. {spot_gpu: 1} to pin workers to a node type.
     worker_resources: dict[str, float] = field(default_factory=dict)
     # A worker or actor that asks for more than the cluster has fails the run at once (0), or, on an
@@ -375,6 +380,7 @@ class ScaleConfig:
         _check(self.checkpoint_every_epochs >= 0, f"{prefix}.checkpoint_every_epochs", "must be >= 0")
         _check(self.max_failures >= -1, f"{prefix}.max_failures", "must be >= -1 (-1 = retry forever)")
         _check(self.resize_interval_s > 0, f"{prefix}.resize_interval_s", "must be > 0")
+        _check(self.health_check_interval_s > 0, f"{prefix}.health_check_interval_s", "must be > 0 (seconds)")
         for key, value in self.worker_resources.items():
             _check(isinstance(key, str) and key not in ("CPU", "GPU", "memory"), f"{prefix}.worker_resources",
                    f"'{key}': custom resource names only (CPU/GPU come from cpus_per_worker/gpus_per_worker)")

@@ -38,6 +38,9 @@ from raydefense.pipeline.worker import (  # noqa: F401  (re-exported)
 )
 
 
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
 def scaling_config(cfg: Config, *, gpu: bool):
     """Workers per training stage; elastic ``(min, max)`` when ``scale.max_workers`` is set.
 
@@ -70,6 +73,10 @@ def make_trainer(cfg: Config, storage, name: str, loop: Callable[[dict], None], 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train V2 reads its controller settings from the driver's environment and passes them on
+    # to the controller and the workers (ray.train.v2._internal.constants.ENV_VARS_TO_PROPAGATE);
+    # setting the variable here, in the process that calls fit(), is Ray's documented way.
+    os.environ[HEALTH_CHECK_INTERVAL_ENV] = str(cfg.scale.health_check_interval_s)
     for ds in datasets.values():
         # Training reads are short and repeated per worker: their progress bars are noise.
         ds.context.enable_progress_bars = False

@@ -10,7 +10,7 @@ from raydefense.errors import ConfigError, DataError
 from raydefense.pipeline.attack import attack_plan, per_image_eps
 from raydefense.pipeline.run import open_run
 from raydefense.pipeline.runtime import find_user_error, images_to_tensor, tensor_to_images
-from raydefense.pipeline.training import scaling_config
+from raydefense.pipeline.training import HEALTH_CHECK_INTERVAL_ENV, make_trainer, scaling_config
 from raydefense.storage import Storage
 from tests.conftest import REPO
 
@@ -21,6 +21,19 @@ def test_scaling_config_fixed_and_elastic():
     elastic = scaling_config(load_config(overrides=["scale.num_workers=2", "scale.max_workers=6",
                                                     "scale.gpus_per_worker=1"]), gpu=True)
     assert elastic.num_workers == (2, 6) and elastic.use_gpu and elastic.resources_per_worker["GPU"] == 1.0
+
+
+def test_the_trainer_carries_the_health_check_interval_to_ray_train(tmp_path, monkeypatch):
+    """Each ray.train.report waits for the controller's next poll: the interval must reach Ray
+    Train V2 through the driver's environment, which Ray passes on to controller and workers."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    monkeypatch.delenv(HEALTH_CHECK_INTERVAL_ENV, raising=False)
+    cfg = load_config(overrides=["scale.health_check_interval_s=0.3"])
+    make_trainer(cfg, Storage.open(str(tmp_path)), "t", lambda c: None, {}, {}, gpu=False)
+    assert get_env_vars_to_propagate()[HEALTH_CHECK_INTERVAL_ENV] == "0.3"
+    with pytest.raises(ConfigError, match="scale.health_check_interval_s"):
+        load_config(overrides=["scale.health_check_interval_s=0"])
 
 
 def test_per_image_eps_is_deterministic_and_in_range():
