@@ -1,0 +1,317 @@
+"""Sections 2 and 3: the Ray Data attack stage and Ray Train, each against a plain loop.
+
+Both run on a local Ray started by the project (:func:`raydefense.pipeline.runtime.init_ray`,
+through ``run_pipeline(cfg, stop_after='prepare')``, which also writes the run's clean Parquet
+data under a temporary storage folder: the real layout, the real shards). The target is the
+config's ``models.target`` (FaceNet by default) with random weights, stored as the run's
+``models/target.pt`` artifact, which is how the stages load it.
+
+**Section 2, attack stage** (seconds per pass, interleaved round by round):
+
+* *Ray Data*: what ``run_attack`` does, on one split: ``layout.read_clean(split)`` ->
+  ``actor_map(..., AttackActor, ...)`` (the stage's actor pool and actor class) ->
+  ``layout.write_dataset`` (Parquet + ``_SUCCESS``); with ``scale.attack_actors=1`` and the
+  config's ``scale.cpus_per_actor`` (the default run's setting), then with 2 actors sharing
+  the same CPUs (``cpus_per_actor / 2`` torch threads each).
+* *plain*: one process reads the same Parquet rows with pyarrow, calls the same
+  ``AttackActor`` (same model artifact, plan, per-image eps, batch size and torch threads)
+  batch after batch, and writes the result with pyarrow. The per-batch work is identical, so
+  the ratio ``plain seconds / Ray seconds`` (Ray's speed relative to the plain loop) is the
+  cost of Ray Data itself: actor start-up and model load, scheduling, object transfer, writes.
+
+**Section 3, Ray Train**:
+
+* *fixed cost*: wall seconds of ``training.fit`` (the project's TorchTrainer with its run config,
+  checkpoint settings and callbacks) of a loop that does nothing, 1 worker, no datasets.
+* *per epoch*: the target's training (``classifier_loop``, cross-entropy, the config's
+  ``models.target_train`` with ``epochs`` set here) on Ray Train against the same epochs in a
+  plain loop in this process: same model, data (the clean ``gnr`` + ``denoise`` rows, held by
+  the same :class:`~raydefense.pipeline.worker.EpochData`, so the batches are identical),
+  augmentation, loss, optimizer, schedule, validation and torch threads. Ray Train's epoch is
+  the time between two consecutive epoch reports of rank 0 (``history[k].time`` in the artifact
+  that ``classifier_loop`` writes), which includes the report and the checkpoints the config
+  asks for; the first epoch (data loading, warm-up) is left out on both sides. Ratio: Ray
+  epoch / plain epoch, per round, the two interleaved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .results import Row, Section
+from .stats import interleave, paired_ratios, summarize
+
+__all__ = ["prepare_run", "run_attack_stage", "run_train", "image_array", "LocalDataset", "plain_classifier_epochs"]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def prepare_run(cfg, root: str, *, log: Callable[[str], None]):
+    """Start the project's local Ray and run the prepare stage into ``<root>/bench``; store a
+    random-init target as ``models/target.pt``. Returns the run's ``RunContext``."""
+    from raydefense.models import create_model
+    from raydefense.pipeline.artifacts import save_artifact
+    from raydefense.pipeline.run import RunContext
+    from raydefense.pipeline.runner import open_storage, run_pipeline
+
+    cfg = cfg.replace([f"storage.path={root}"], name="bench")
+    run_pipeline(cfg, stop_after="prepare", echo=log)
+    ctx = RunContext(cfg=cfg, storage=open_storage(cfg).child(cfg.name), echo=log)
+    torch.manual_seed(0)
+    n = ctx.layout.num_classes()
+    model = create_model(cfg.models.target, num_classes=n)
+    save_artifact(ctx.storage, "target", model, {"kind": "classifier", "arch": cfg.models.target, "num_classes": n},
+                  config=cfg.to_dict())
+    return ctx
+
+
+def image_array(column, image_size: int) -> np.ndarray:
+    """A Parquet image column (Ray's tensor extension type or nested lists of uint8) as
+    ``uint8 (N, S, S, 3)``, without a Python loop over rows."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if isinstance(arr.type, pa.ExtensionType):
+        arr = arr.storage
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()
+    if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):  # one encoded buffer per row
+        flat = np.frombuffer(b"".join(arr.to_pylist()), dtype=np.uint8)
+    else:
+        flat = arr.to_numpy(zero_copy_only=False)
+    return flat.astype(np.uint8, copy=False).reshape(n, image_size, image_size, 3)
+
+
+def _read_clean(ctx, splits: list[str], columns: list[str]) -> dict[str, np.ndarray]:
+    """The clean rows of ``splits`` on this process (pyarrow, no Ray)."""
+    import pyarrow.compute as pc
+
+    table = ctx.layout.table(ctx.layout.CLEAN, columns=columns, filter=pc.field("split").isin(splits))
+    out = {}
+    for name in columns:
+        if name == "image":
+            out[name] = image_array(table.column(name), ctx.cfg.data.image_size)
+        else:
+            out[name] = table.column(name).to_numpy(zero_copy_only=False)
+    return out
+
+
+# ----------------------------------------------------------------------------- section 2
+
+
+def _write_plain(ctx, rel: str, out: dict[str, np.ndarray]) -> int:
+    """The attack rows as one Parquet file at ``<run>/<rel>/part-0.parquet`` (pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {}
+    for k, v in out.items():
+        if v.ndim > 1:  # images: one fixed-size list of uint8 per row
+            cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), int(np.prod(v.shape[1:])))
+        else:
+            cols[k] = pa.array(v.tolist() if v.dtype == object else v)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols), sink)
+    ctx.storage.write_bytes(f"{rel}/part-0.parquet", sink.getvalue().to_pybytes())
+    return len(out["label"])
+
+
+def run_attack_stage(section: Section, ctx, *, split: str, methods: list[str], rounds: int, warmup: int = 1,
+                     log: Callable[[str], None] = print) -> None:
+    """Fill ``section`` with section 2's rows (module docstring)."""
+    from raydefense.pipeline.attack import AttackActor
+    from raydefense.pipeline.runtime import actor_map
+
+    cfg = ctx.cfg
+    a = cfg.attack
+    plan = {split: [("bench", "target", list(methods))]}
+    kwargs = {"storage": ctx.storage, "plan": plan, "seed": a.seed, "eps_min": a.eps_min, "eps_max": a.eps_max}
+    threads = max(1, int(cfg.scale.cpus_per_actor))
+    one = cfg.replace(["scale.attack_actors=1"])
+    two = cfg.replace(["scale.attack_actors=2", f"scale.cpus_per_actor={max(1, threads // 2)}"])
+    rows: dict[str, list[int]] = {"ray_1_actor": [], "ray_2_actors": [], "plain": []}
+
+    def ray_stage(run_cfg, key: str) -> Callable[[], None]:
+        def run() -> None:
+            ds = actor_map(ctx.layout.read_clean(split), AttackActor, kwargs, cfg=run_cfg, gpu=False,
+                           batch_size=a.batch_size)
+            rel = f"bench/{key}"
+            ctx.layout.write_dataset(rel, ds)
+            rows[key].append(ctx.layout.count_rows(rel))
+        return run
+
+    def plain() -> None:
+        saved = torch.get_num_threads()
+        try:
+            data = _read_clean(ctx, [split], ["image", "label", "split", "index"])
+            actor = AttackActor(**kwargs, gpu=False, threads=threads)
+            n = len(data["label"])
+            parts = [actor({k: v[i:i + a.batch_size] for k, v in data.items()}) for i in range(0, n, a.batch_size)]
+            out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            rows["plain"].append(_write_plain(ctx, "bench/plain", out))
+        finally:
+            torch.set_num_threads(saved)
+
+    times = interleave({"ray_1_actor": ray_stage(one, "ray_1_actor"), "plain": plain,
+                        "ray_2_actors": ray_stage(two, "ray_2_actors")}, rounds=rounds, warmup=warmup)
+    if len({*rows["ray_1_actor"], *rows["ray_2_actors"], *rows["plain"]}) != 1:
+        raise RuntimeError(f"the three attack passes wrote different row counts: {rows}")
+    n_images = rows["plain"][0] // max(1, len(methods))
+    section.notes.append(f"split '{split}' ({n_images} images) x {methods} against the {cfg.models.target} target at "
+                         f"{cfg.data.image_size} px, batch {a.batch_size}; 1 actor x {threads} CPU(s) and 2 actors x "
+                         f"{max(1, threads // 2)} vs 1 process x {threads} torch thread(s); seconds per pass including "
+                         "Parquet read and write; ratio = plain seconds / Ray seconds (Ray's relative speed)")
+    section.rows.append(Row.of("Ray Data stage, 1 actor / plain loop speed",
+                               paired_ratios(times["plain"], times["ray_1_actor"]), "x", ratio=True))
+    section.rows.append(Row.of("Ray Data stage, 2 actors / plain loop speed",
+                               paired_ratios(times["plain"], times["ray_2_actors"]), "x", ratio=True))
+    for key, label in (("ray_1_actor", "Ray Data stage, 1 actor"), ("ray_2_actors", "Ray Data stage, 2 actors"),
+                       ("plain", "plain loop")):
+        section.rows.append(Row.of(f"{label}", [rows[key][0] / t for t in times[key]], "adv img/s", seconds=times[key]))
+    for r in section.rows:
+        log(f"  {r.name}: {r.summary.median:.4g} {r.unit}")
+
+
+# ----------------------------------------------------------------------------- section 3
+
+
+def _noop_loop(config: dict[str, Any]) -> None:
+    """A Ray Train loop that does nothing: what is left of a fit is its fixed cost."""
+    return None
+
+
+class LocalDataset:
+    """The one method of a Ray dataset shard that :class:`~raydefense.pipeline.worker.EpochData`
+    calls to fill its cache, over tensors held in this process."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False, **_: Any):
+        n = len(next(iter(self.tensors.values())))
+        for i in range(0, n, batch_size):
+            if drop_last and i + batch_size > n:
+                break
+            yield {k: v[i:i + batch_size] for k, v in self.tensors.items()}
+
+    def count(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+
+def plain_classifier_epochs(cfg, args, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor]) -> list[float]:
+    """``classifier_loop`` without Ray: the same model, optimizer, schedule, batches (one
+    :class:`EpochData` over the same rows), augmentation, loss and validation, one process with
+    ``scale.cpus_per_worker`` torch threads. Returns each epoch's seconds (train + validation)."""
+    from raydefense.models import create_model
+    from raydefense.pipeline import training as T
+    from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LossInputs
+    from raydefense.pipeline.classifiers import accuracy, augment
+    from raydefense.pipeline.runtime import images_to_tensor
+    from raydefense.seeding import seed_everything, torch_generator, worker_seed
+
+    tc = args.train
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    try:
+        device = torch.device("cpu")
+        gen = torch_generator(cfg.seed * 1000 + 17)
+        seed_everything(worker_seed(cfg.seed, "classifier", 0))
+        model = create_model(args.arch, num_classes=args.num_classes, **args.arch_options).to(device)
+        opt = T.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
+        train_data = T.EpochData(LocalDataset(train), cache_mb=cfg.scale.cache_mb, name="train", rank=0, world_size=1)
+        val_data = T.EpochData(LocalDataset(val), cache_mb=cfg.scale.cache_mb, name="val", rank=0, world_size=1)
+        loss_fn = CLASSIFIER_LOSSES[args.loss]
+        inputs = LossInputs(teacher=None, T=float(args.T), lam=float(args.lam), dcn_weight=float(args.dcn_weight),
+                            label_smoothing=tc.label_smoothing, generator=gen)
+        seconds = []
+        for epoch in range(tc.epochs):
+            model.train()
+            timer = T.EpochTimer()
+            for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + epoch):
+                x = augment(images_to_tensor(step["image"], device), step)
+                loss = loss_fn(model, x, step["label"], inputs)
+                opt.zero_grad(set_to_none=True)
+                (loss * step.loss_weight).backward()
+                opt.step()
+                loss.item()
+            sched.step()
+            accuracy(model, val_data, batch_size=tc.batch_size * 2, device=device)
+            seconds.append(timer.lap())
+        return seconds
+    finally:
+        torch.set_num_threads(saved)
+
+
+def run_train(section: Section, ctx, *, fixed_rounds: int, epochs: int, rounds: int, warmup: int = 1,
+              log: Callable[[str], None] = print) -> None:
+    """Fill ``section`` with section 3's rows (module docstring)."""
+    from raydefense.pipeline import training as T
+    from raydefense.pipeline.classifiers import classifier_task
+    from raydefense.pipeline.models import classifier_model_args, clean_training_sets
+    from raydefense.pipeline.run import RunLayout
+
+    cfg = ctx.cfg
+    count = {"noop": 0, "fit": 0}
+
+    def noop_fit() -> None:
+        count["noop"] += 1
+        T.fit(ctx, f"bench_noop_{count['noop']}", _noop_loop, {}, {}, gpu=False)
+
+    fixed = interleave({"noop": noop_fit}, rounds=fixed_rounds, warmup=warmup)["noop"]
+    section.rows.append(Row.of("Ray Train fixed cost: fit of an empty loop, 1 worker", fixed, "s"))
+    log(f"  Ray Train fixed cost: {summarize(fixed).median:.2f} s")
+
+    base = classifier_model_args(ctx, "target")
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=epochs))
+    as_tensors = {"image": lambda v: torch.from_numpy(np.ascontiguousarray(v)), "label": lambda v: torch.as_tensor(v, dtype=torch.int64)}
+    train_np = _read_clean(ctx, ["gnr", "denoise"], ["image", "label"])
+    val_np = _read_clean(ctx, ["val"], ["image", "label"])
+    train = {k: as_tensors[k](v) for k, v in train_np.items()}
+    val = {k: as_tensors[k](v) for k, v in val_np.items()}
+    extra: dict[str, list[float]] = {"fit_wall": [], "worker_epoch": [], "plain_first": []}
+
+    def ray_epoch(_: Callable[[], None]) -> float:
+        count["fit"] += 1
+        name = f"bench_target_{count['fit']}"
+        args = dataclasses.replace(base, task=name, artifact=name)
+        t0 = time.perf_counter()
+        T.run_task(ctx, classifier_task(ctx, args, clean_training_sets(ctx)), gpu=False)
+        extra["fit_wall"].append(time.perf_counter() - t0)
+        history = ctx.storage.load_torch(RunLayout.model_rel(name))["metrics"]["history"]
+        stamps = [h["time"] for h in history]
+        extra["worker_epoch"].append(float(np.median([h["epoch_s"] for h in history[1:]])))
+        return float(np.median(np.diff(stamps)))
+
+    def plain_epoch(_: Callable[[], None]) -> float:
+        seconds = plain_classifier_epochs(cfg, base, train, val)
+        extra["plain_first"].append(seconds[0])
+        return float(np.median(seconds[1:]))
+
+    if epochs < 2:
+        raise ValueError("the per-epoch comparison needs at least 2 epochs (the first is left out)")
+    per_epoch = interleave({"ray": lambda: None, "plain": lambda: None}, rounds=rounds, warmup=warmup,
+                           measure=lambda name, fn: ray_epoch(fn) if name == "ray" else plain_epoch(fn))
+    warm = slice(warmup, None)
+    n_train = len(train["label"])
+    section.notes.append(f"{cfg.models.target} at {cfg.data.image_size} px, {n_train} training / {len(val['label'])} "
+                         f"validation images, batch {base.train.batch_size}, {epochs} epochs per fit (epochs 2..{epochs} "
+                         f"timed), {max(1, int(cfg.scale.cpus_per_worker))} torch threads, 1 worker; checkpoint "
+                         f"every {cfg.scale.checkpoint_interval_s:g} s + first and last epoch; controller poll "
+                         f"{cfg.scale.health_check_interval_s:g} s")
+    section.rows.insert(0, Row.of("Ray Train epoch / plain PyTorch epoch", paired_ratios(per_epoch["ray"], per_epoch["plain"]),
+                                  "x", ratio=True))
+    section.rows.append(Row.of("Ray Train epoch (report to report)", per_epoch["ray"], "s"))
+    section.rows.append(Row.of("Ray Train epoch inside the worker (train + val)", extra["worker_epoch"][warm], "s"))
+    section.rows.append(Row.of("plain PyTorch epoch (train + val)", per_epoch["plain"], "s"))
+    section.rows.append(Row.of(f"Ray Train fit of {epochs} epochs, wall", extra["fit_wall"][warm], "s"))
+    section.rows.append(Row.of("plain PyTorch first epoch", extra["plain_first"][warm], "s"))
+    for r in section.rows:
+        log(f"  {r.name}: {r.summary.median:.4g} {r.unit}")

@@ -1,0 +1,169 @@
+"""Section 4: UDDN and GNR training throughput and defended-model evaluation throughput.
+
+Plain PyTorch in this process (no Ray), with the project's own networks, losses and steps, at the
+sizes of the config (``data.image_size``, ``denoise.widths`` / ``batch_size`` / ``guidance``,
+``gnr.*``, ``eval.batch_size``, ``models.target``) and ``scale.cpus_per_worker`` torch threads
+(what a Ray Train worker uses). The weights are random: the cost of a step does not depend on them.
+
+* **UDDN training** (images/s): one step of ``denoiser_loop`` = ``guided_loss(guidance, target,
+  uddn(x_adv), x)`` (equation 5; the frozen target's logits or features), ``backward``, Adam step.
+* **GNR training** (images/s of real noise consumed): one round of ``gnr_loop`` = ``n_critic``
+  ``critic_step`` calls (WGAN-GP critic loss with gradient penalty) and one ``generator_step``.
+* **Evaluation** (images/s): ``DefendedModel(target, Sequential(UDDN, UnitClamp()))`` forward
+  under ``torch.no_grad`` (the ``uddn`` / ``uddn_kt`` defense as the tables evaluate it), against
+  the undefended target; their ratio is the defense's cost at inference.
+
+Timing: ``steps`` steps per measurement (``time.perf_counter``), the three trainings/evaluations
+interleaved round by round after a warm-up round; images/s = steps x batch / seconds.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .results import Row, Section
+from .stats import interleave, paired_ratios
+
+__all__ = ["run_throughput", "uddn_trainer", "gnr_trainer", "evaluators"]
+
+
+def _target(cfg, num_classes: int, device: str) -> torch.nn.Module:
+    """The target classifier as ``load_artifact`` hands it to the loops: eval mode, frozen."""
+    from raydefense.models import create_model
+
+    model = create_model(cfg.models.target, num_classes=num_classes).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _uddn(cfg, device: str) -> torch.nn.Module:
+    from raydefense.pipeline.artifacts import build_network
+
+    return build_network({"kind": "denoiser", "arch": "uddn", "widths": list(cfg.denoise.widths)}).to(device)
+
+
+def _batch(n: int, size: int, device: str, *, eps: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean images ``x`` and ``x_adv = clip(x + noise)`` with L-inf noise at most ``eps``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g)
+    noise = (torch.rand(n, 3, size, size, generator=g) * 2 - 1) * eps
+    return x.to(device), (x + noise).clamp(0, 1).to(device)
+
+
+def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool = False,
+                 batch: int | None = None) -> tuple[Callable[[], None], int]:
+    """``(step, batch)``: one UDDN training step of ``denoiser_loop`` (guided loss, Adam) on
+    ``batch`` images (default ``denoise.batch_size``); ``amp``: bf16 autocast as ``scale.amp``
+    does on GPU (:func:`raydefense.pipeline.worker.autocast`)."""
+    from raydefense.denoise import guided_loss
+    from raydefense.pipeline.worker import autocast
+
+    d = cfg.denoise
+    target, model = _target(cfg, num_classes, device), _uddn(cfg, device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=d.lr)
+    batch = batch or d.batch_size
+    x, x_adv = _batch(batch, cfg.data.image_size, device, eps=cfg.attack.eps_max, seed=1)
+    run_cfg = cfg.replace([f"scale.amp={'true' if amp else 'false'}"])
+    dev = torch.device(device)
+
+    def step() -> None:
+        with autocast(run_cfg, dev):
+            loss = guided_loss(d.guidance, target, model(x_adv), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, batch
+
+
+def gnr_trainer(cfg, *, device: str = "cpu") -> tuple[Callable[[], None], int]:
+    """``(round, images)``: ``n_critic`` critic steps and one generator step of ``gnr_loop``;
+    ``images`` is the real-noise images the round consumes (``n_critic x batch``)."""
+    from raydefense.gnr import Critic, critic_step, generator_step, make_optimizers
+    from raydefense.pipeline.artifacts import build_network
+
+    g = cfg.gnr
+    gen = build_network({"kind": "generator", "image_size": cfg.data.image_size, "z_dim": g.z_dim,
+                         "widths": list(g.widths), "max_noise": cfg.attack.eps_max}).to(device).train()
+    critic = Critic(image_size=cfg.data.image_size, widths=tuple(g.critic_widths), norm=g.critic_norm).to(device).train()
+    opt_g, opt_c = make_optimizers(gen, critic, lr=g.lr)
+    x, x_adv = _batch(g.batch_size, cfg.data.image_size, device, eps=cfg.attack.eps_max, seed=2)
+    real = x_adv - x
+    gen_rng = torch.Generator(device=device).manual_seed(3)
+
+    def one_round() -> None:
+        for _ in range(g.n_critic):
+            z = torch.randn(g.batch_size, g.z_dim, device=device, generator=gen_rng)
+            with torch.no_grad():
+                fake = gen(z)
+            critic_step(critic, opt_c, real, fake, gp_weight=g.gp_weight)
+        z = torch.randn(g.batch_size, g.z_dim, device=device, generator=gen_rng)
+        generator_step(critic, opt_g, lambda: gen(z))
+
+    return one_round, g.n_critic * g.batch_size
+
+
+def evaluators(cfg, *, num_classes: int, device: str = "cpu") -> tuple[dict[str, Callable[[], Any]], int]:
+    """``({'defended': f, 'none': f}, batch)``: forward of UDDN + target as the tables build it
+    (:class:`raydefense.defenses.DefendedModel` with :class:`raydefense.pipeline.defended.UnitClamp`)
+    and of the bare target, under ``torch.no_grad``, at ``eval.batch_size``."""
+    from raydefense.defenses import DefendedModel
+    from raydefense.pipeline.defended import UnitClamp
+
+    target = _target(cfg, num_classes, device)
+    defended = DefendedModel(target, torch.nn.Sequential(_uddn(cfg, device).eval(), UnitClamp())).eval()
+    n = cfg.eval.batch_size
+    _, x_adv = _batch(n, cfg.data.image_size, device, eps=cfg.attack.eps_max, seed=4)
+
+    def forward(model: torch.nn.Module) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.no_grad():
+                return model(x_adv)
+        return call
+
+    return {"defended": forward(defended), "none": forward(target)}, n
+
+
+def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, rounds: int, warmup: int = 1,
+                   device: str = "cpu", log: Callable[[str], None] = print) -> None:
+    """Fill ``section`` with the rows of the module docstring."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    try:
+        torch.manual_seed(0)
+        uddn_step, uddn_batch = uddn_trainer(cfg, num_classes=num_classes, device=device)
+        gnr_round, gnr_images = gnr_trainer(cfg, device=device)
+        evals, eval_batch = evaluators(cfg, num_classes=num_classes, device=device)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else None
+
+        def repeat(fn: Callable[[], Any]) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(steps):
+                    fn()
+            return run
+
+        times = interleave({"uddn_train": repeat(uddn_step), "gnr_train": repeat(gnr_round),
+                            "eval_defended": repeat(evals["defended"]), "eval_none": repeat(evals["none"])},
+                           rounds=rounds, warmup=warmup, sync=sync)
+    finally:
+        torch.set_num_threads(threads)
+    size = cfg.data.image_size
+    section.notes.append(f"{cfg.models.target} target at {size} px, UDDN widths {list(cfg.denoise.widths)} "
+                         f"({cfg.denoise.guidance}-guided), GNR widths {list(cfg.gnr.widths)} / critic "
+                         f"{list(cfg.gnr.critic_widths)} (n_critic {cfg.gnr.n_critic}); {steps} steps per measurement, "
+                         f"{max(1, int(cfg.scale.cpus_per_worker))} torch threads, device {device}")
+    section.rows.append(Row.of("eval: UDDN + target / target alone speed",
+                               paired_ratios(times["eval_none"], times["eval_defended"]), "x", ratio=True))
+    section.rows.append(Row.of(f"UDDN training (batch {uddn_batch})", [steps * uddn_batch / t for t in times["uddn_train"]],
+                               "img/s", seconds=times["uddn_train"]))
+    section.rows.append(Row.of(f"GNR training (batch {cfg.gnr.batch_size}, n_critic {cfg.gnr.n_critic})",
+                               [steps * gnr_images / t for t in times["gnr_train"]], "img/s", seconds=times["gnr_train"]))
+    section.rows.append(Row.of(f"eval: UDDN + target forward (batch {eval_batch})",
+                               [steps * eval_batch / t for t in times["eval_defended"]], "img/s"))
+    section.rows.append(Row.of(f"eval: target alone forward (batch {eval_batch})",
+                               [steps * eval_batch / t for t in times["eval_none"]], "img/s"))
+    for r in section.rows:
+        log(f"  {r.name}: {r.summary.median:.4g} {r.unit}")
