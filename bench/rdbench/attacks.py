@@ -118,10 +118,12 @@ def _fooled(model: torch.nn.Module, adv: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def run_attacks(section: Section, *, sizes: list[int], batch: int, rounds: int, warmup: int = 1,
-                apgd_steps: int = 10, model_name: str = "facenet", num_classes: int = 12,
-                theirs: Any = None, device: str = "cpu", log: Callable[[str], None] = print) -> None:
+                large_rounds: Optional[int] = None, apgd_steps: int = 10, model_name: str = "facenet",
+                num_classes: int = 12, theirs: Any = None, device: str = "cpu",
+                log: Callable[[str], None] = print) -> None:
     """Fill ``section`` with the rows of the module docstring (``theirs``: the torchattacks module,
-    or a stand-in with the same classes in tests)."""
+    or a stand-in with the same classes in tests). ``large_rounds`` (default ``rounds``) applies
+    to sizes of 128 px and more, where one round costs about four times as much."""
     from raydefense.attacks import create_attack
     from raydefense.models import create_model
 
@@ -131,6 +133,9 @@ def run_attacks(section: Section, *, sizes: list[int], batch: int, rounds: int, 
     section.notes.append(f"{model_name} (random init, eval mode), batch {batch}, labels = the model's predictions, "
                          f"torch threads {torch.get_num_threads()}, device {device}; seconds per attack call, "
                          f"interleaved ours/theirs, {warmup} warm-up round(s) dropped")
+    section.notes.append("torchattacks' APGD returns the clean image where it fooled nothing (its perturb keeps "
+                         "adv = x there), ours the highest-loss point: linf_theirs can be 0 while both ran every step "
+                         "on every image (the labels make every image 'correct', so torchattacks attacks them all)")
     for size in sizes:
         torch.manual_seed(0)
         model = create_model(model_name, num_classes=num_classes).to(device).eval()
@@ -146,8 +151,9 @@ def run_attacks(section: Section, *, sizes: list[int], batch: int, rounds: int, 
             adv_theirs = their(x, y)
             check = check_pair(adv_ours, adv_theirs, x, eps=EPS, deterministic=pair.deterministic)
             check["fooled_ours"], check["fooled_theirs"] = _fooled(model, adv_ours, y), _fooled(model, adv_theirs, y)
+            n_rounds = large_rounds if large_rounds is not None and size >= 128 else rounds
             times = interleave({"ours": lambda: ours(x, y), "theirs": lambda: their(x, y)},
-                               rounds=rounds, warmup=warmup, sync=sync)
+                               rounds=n_rounds, warmup=warmup, sync=sync)
             name = f"{pair.label} @ {size} px"
             section.rows.append(Row.of(f"{name}: ours/torchattacks speed", paired_ratios(times["theirs"], times["ours"]),
                                        "x", ratio=True, check=check, batch=batch))

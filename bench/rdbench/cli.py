@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -45,6 +44,7 @@ class Settings:
     attack_sizes: tuple[int, ...] = (80, 160)
     attack_batch: int = 32  # attack.batch_size of the default run
     attack_rounds: int = 5
+    attack_rounds_large: int = 3  # at 160 px a round of the four pairs takes ~1.5 min on 2 cores
     apgd_steps: int = 10
     # Config overrides for the Ray sections' data (none: the default run's 12 x 45 images at 80 px).
     ray_overrides: tuple[str, ...] = ()
@@ -54,7 +54,7 @@ class Settings:
     fixed_rounds: int = 5
     epochs: int = 3
     epoch_rounds: int = 3
-    throughput_steps: int = 10
+    throughput_steps: int = 5
     throughput_rounds: int = 5
     gpu_batch: int = 128
     gpu_steps: int = 10
@@ -65,7 +65,7 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(
-    attack_sizes=(80,), attack_batch=8, attack_rounds=2,
+    attack_sizes=(80,), attack_batch=8, attack_rounds=2, attack_rounds_large=2,
     ray_overrides=("data.num_identities=4", "data.images_per_identity=12", "data.splits.gnr=4",
                    "data.splits.denoise=4", "data.splits.val=2", "data.splits.test=2"),
     stage_rounds=2, fixed_rounds=2, epochs=2, epoch_rounds=2,
@@ -102,7 +102,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def settings_for(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else FULL
     if args.rounds is not None:
-        s = dataclasses.replace(s, attack_rounds=args.rounds, stage_rounds=args.rounds, fixed_rounds=args.rounds,
+        s = dataclasses.replace(s, attack_rounds=args.rounds, attack_rounds_large=args.rounds, stage_rounds=args.rounds,
+                                fixed_rounds=args.rounds,
                                 epoch_rounds=args.rounds, throughput_rounds=args.rounds, gpu_rounds=args.rounds)
     if args.default_config:
         s = dataclasses.replace(s, default_config=args.default_config)
@@ -156,7 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             _run(sections["1"], lambda: run_attacks(
                 sections["1"], sizes=list(settings.attack_sizes), batch=settings.attack_batch,
-                rounds=settings.attack_rounds, apgd_steps=settings.apgd_steps, num_classes=num_classes,
+                rounds=settings.attack_rounds, large_rounds=settings.attack_rounds_large,
+                apgd_steps=settings.apgd_steps, num_classes=num_classes,
                 theirs=theirs, log=log), log)
     if "4" in sections:
         from .throughput import run_throughput
@@ -204,6 +206,12 @@ def _ray_sections(sections: dict[str, Section], cfg, settings: Settings, *, log:
 
     with tempfile.TemporaryDirectory(prefix="raydefense-bench-") as root:
         try:
+            from raydefense.pipeline.runtime import _running_local_cluster
+
+            joined = os.environ.get("RAY_ADDRESS") or ("a `ray start` cluster on this machine"
+                                                       if _running_local_cluster() else None)
+            if joined:  # init_ray joins it rather than starting a local Ray: say so beside the figures
+                log(f"  note: init_ray joins an existing cluster ({joined}); sections 2 and 3 share it with its other work")
             log("\n-- starting the project's local Ray and preparing the data (prepare stage)")
             t0 = time.perf_counter()
             try:
@@ -214,7 +222,13 @@ def _ray_sections(sections: dict[str, Section], cfg, settings: Settings, *, log:
                     if k in sections:
                         sections[k].error = f"setup (Ray start / prepare stage) failed: {type(exc).__name__}: {exc}"[:500]
                 return
-            log(f"   ready in {time.perf_counter() - t0:.1f} s")
+            resources = ray.cluster_resources()
+            where = f"Ray {'joined: ' + str(joined) if joined else 'started by this process'}, " \
+                    f"{resources.get('CPU', 0):g} logical CPUs"
+            for k in ("2", "3"):
+                if k in sections:
+                    sections[k].notes.append(where)
+            log(f"   ready in {time.perf_counter() - t0:.1f} s ({where})")
             if "2" in sections:
                 _run(sections["2"], lambda: run_attack_stage(
                     sections["2"], ctx, split=settings.stage_split, methods=list(settings.stage_methods),

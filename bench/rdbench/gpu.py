@@ -115,8 +115,8 @@ def run_gpu(section: Section, cfg, *, num_classes: int, batch: int, steps: int, 
                          f"{steps} calls per measurement; cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
                          f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}; peaks (dense TFLOP/s) {peaks}")
     for label in ("I-FGSM4", "PGD-10", "UDDN training"):
-        section.rows.append(Row.of(f"{label}: bf16 / fp32 speed", paired_ratios(times[f"{label} fp32"], times[f"{label} bf16"]),
-                                   "x", ratio=True))
+        section.rows.append(Row.of(f"{label}: bf16 / fp32 speed",
+                                   paired_ratios(times[f"{label} fp32"], times[f"{label} bf16"]), "x", ratio=True))
     for key, (_, n) in contenders.items():
         section.rows.append(Row.of(f"{key}{' @ 160 px' if 'UDDN' not in key else ''}",
                                    [steps * n / t for t in times[key]], "img/s", flops_per_call=flops[key]))

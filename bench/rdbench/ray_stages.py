@@ -235,7 +235,8 @@ def plain_classifier_epochs(cfg, args, train: dict[str, torch.Tensor], val: dict
         for epoch in range(tc.epochs):
             model.train()
             timer = T.EpochTimer()
-            for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + epoch):
+            for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True,
+                                         seed=cfg.seed * 1000 + epoch):
                 x = augment(images_to_tensor(step["image"], device), step)
                 loss = loss_fn(model, x, step["label"], inputs)
                 opt.zero_grad(set_to_none=True)
@@ -271,7 +272,8 @@ def run_train(section: Section, ctx, *, fixed_rounds: int, epochs: int, rounds: 
 
     base = classifier_model_args(ctx, "target")
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=epochs))
-    as_tensors = {"image": lambda v: torch.from_numpy(np.ascontiguousarray(v)), "label": lambda v: torch.as_tensor(v, dtype=torch.int64)}
+    as_tensors = {"image": lambda v: torch.from_numpy(np.ascontiguousarray(v)),
+                  "label": lambda v: torch.as_tensor(v, dtype=torch.int64)}
     train_np = _read_clean(ctx, ["gnr", "denoise"], ["image", "label"])
     val_np = _read_clean(ctx, ["val"], ["image", "label"])
     train = {k: as_tensors[k](v) for k, v in train_np.items()}
@@ -306,8 +308,8 @@ def run_train(section: Section, ctx, *, fixed_rounds: int, epochs: int, rounds: 
                          f"timed), {max(1, int(cfg.scale.cpus_per_worker))} torch threads, 1 worker; checkpoint "
                          f"every {cfg.scale.checkpoint_interval_s:g} s + first and last epoch; controller poll "
                          f"{cfg.scale.health_check_interval_s:g} s")
-    section.rows.insert(0, Row.of("Ray Train epoch / plain PyTorch epoch", paired_ratios(per_epoch["ray"], per_epoch["plain"]),
-                                  "x", ratio=True))
+    section.rows.insert(0, Row.of("Ray Train epoch / plain PyTorch epoch",
+                                  paired_ratios(per_epoch["ray"], per_epoch["plain"]), "x", ratio=True))
     section.rows.append(Row.of("Ray Train epoch (report to report)", per_epoch["ray"], "s"))
     section.rows.append(Row.of("Ray Train epoch inside the worker (train + val)", extra["worker_epoch"][warm], "s"))
     section.rows.append(Row.of("plain PyTorch epoch (train + val)", per_epoch["plain"], "s"))
