@@ -175,6 +175,38 @@ def test_plain_classifier_loop_and_image_column():
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
 
 
+def test_plain_attack_pass_reads_attacks_and_writes_parquet(tmp_path):
+    """Section 2's plain loop on a clean Parquet written here (the layout's columns), small_cnn target."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydefense.models import create_model
+    from raydefense.pipeline.artifacts import save_artifact
+    from raydefense.pipeline.run import RunContext, RunLayout
+    from raydefense.storage import Storage
+
+    cfg = _tiny_config()
+    storage = Storage.open(str(tmp_path))
+    images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    table = pa.table({"image": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), 32 * 32 * 3),
+                      "label": pa.array([0, 1, 2, 0, 1, 2], pa.int64()), "split": ["gnr"] * 4 + ["val"] * 2,
+                      "index": pa.array(range(6), pa.int64())})
+    (tmp_path / RunLayout.CLEAN).mkdir(parents=True)
+    pq.write_table(table, str(tmp_path / RunLayout.CLEAN / "part-0.parquet"))
+    save_artifact(storage, "target", create_model("small_cnn", num_classes=3), {"kind": "classifier", "arch": "small_cnn",
+                  "num_classes": 3}, config=cfg.to_dict())
+    ctx = RunContext(cfg=cfg, storage=storage)
+    kwargs = {"storage": storage, "plan": {"gnr": [("bench", "target", ["fgsm", "ifgsm2"])]}, "seed": 0,
+              "eps_min": 2 / 255, "eps_max": 8 / 255}
+    n = ray_stages.plain_attack_pass(ctx, kwargs, split="gnr", batch_size=3, threads=1, rel="bench/plain")
+    assert n == 8  # 4 gnr images x 2 methods; the val rows are not read
+    out = ctx.layout.table("bench/plain")
+    assert sorted(set(out.column("method").to_pylist())) == ["fgsm", "ifgsm2"]
+    adv = ray_stages.image_array(out.column("adv"), 32).astype(int)
+    clean = ray_stages.image_array(out.column("clean"), 32).astype(int)
+    assert np.abs(adv - clean).max() <= 8 + 1  # within eps_max (8/255) after rounding to uint8
+
+
 # ----------------------------------------------------------------------------- sections 5 and 6, the command
 
 

@@ -46,7 +46,8 @@ import torch
 from .results import Row, Section
 from .stats import interleave, paired_ratios, summarize
 
-__all__ = ["prepare_run", "run_attack_stage", "run_train", "image_array", "LocalDataset", "plain_classifier_epochs"]
+__all__ = ["prepare_run", "run_attack_stage", "run_train", "image_array", "LocalDataset", "plain_attack_pass",
+           "plain_classifier_epochs"]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -123,6 +124,24 @@ def _write_plain(ctx, rel: str, out: dict[str, np.ndarray]) -> int:
     return len(out["label"])
 
 
+def plain_attack_pass(ctx, actor_kwargs: dict[str, Any], *, split: str, batch_size: int, threads: int, rel: str) -> int:
+    """Section 2's plain loop: read ``split``'s clean rows with pyarrow, run the stage's
+    :class:`~raydefense.pipeline.attack.AttackActor` on batches of ``batch_size`` in this process
+    (``threads`` torch threads), write the rows as Parquet under ``rel``. Returns the row count."""
+    from raydefense.pipeline.attack import AttackActor
+
+    saved = torch.get_num_threads()
+    try:
+        data = _read_clean(ctx, [split], ["image", "label", "split", "index"])
+        actor = AttackActor(**actor_kwargs, gpu=False, threads=threads)
+        n = len(data["label"])
+        parts = [actor({k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, n, batch_size)]
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return _write_plain(ctx, rel, out)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def run_attack_stage(section: Section, ctx, *, split: str, methods: list[str], rounds: int, warmup: int = 1,
                      log: Callable[[str], None] = print) -> None:
     """Fill ``section`` with section 2's rows (module docstring)."""
@@ -148,16 +167,8 @@ def run_attack_stage(section: Section, ctx, *, split: str, methods: list[str], r
         return run
 
     def plain() -> None:
-        saved = torch.get_num_threads()
-        try:
-            data = _read_clean(ctx, [split], ["image", "label", "split", "index"])
-            actor = AttackActor(**kwargs, gpu=False, threads=threads)
-            n = len(data["label"])
-            parts = [actor({k: v[i:i + a.batch_size] for k, v in data.items()}) for i in range(0, n, a.batch_size)]
-            out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            rows["plain"].append(_write_plain(ctx, "bench/plain", out))
-        finally:
-            torch.set_num_threads(saved)
+        rows["plain"].append(plain_attack_pass(ctx, kwargs, split=split, batch_size=a.batch_size, threads=threads,
+                                               rel="bench/plain"))
 
     times = interleave({"ray_1_actor": ray_stage(one, "ray_1_actor"), "plain": plain,
                         "ray_2_actors": ray_stage(two, "ray_2_actors")}, rounds=rounds, warmup=warmup)
