@@ -165,7 +165,8 @@ def test_plain_classifier_loop_and_image_column():
     images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
     nested = pa.array(images.tolist())  # list<list<list<uint8>>>
     flat = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), 32 * 32 * 3)
-    for column in (nested, pa.chunked_array([flat[:5], flat[5:]])):
+    native = pa.FixedShapeTensorArray.from_numpy_ndarray(images)  # an extension type, as Ray's tensor columns
+    for column in (nested, pa.chunked_array([flat[:5], flat[5:]]), native):
         assert np.array_equal(ray_stages.image_array(column, 32), images)
     cfg = _tiny_config()
     args = ClassifierArgs(task="t", arch="small_cnn", num_classes=3, artifact="t",

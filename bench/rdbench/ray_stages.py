@@ -81,7 +81,7 @@ def image_array(column, image_size: int) -> np.ndarray:
 
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(arr)
-    if isinstance(arr.type, pa.ExtensionType):
+    if isinstance(arr.type, pa.BaseExtensionType):  # Ray's tensor types and Arrow's FixedShapeTensorType
         arr = arr.storage
     while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
         arr = arr.flatten()
