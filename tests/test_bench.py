@@ -239,6 +239,18 @@ def test_gpu_peaks():
     assert gpu.count_flops(lambda: torch.ones(4, 8) @ torch.ones(8, 2)) == 2 * 4 * 8 * 2
 
 
+def test_gpu_section_code_path_on_cpu():
+    """Section 6's code on CPU (bf16 autocast on CPU, a tiny model, a stated peak): the rows it makes."""
+    section = results.Section("6", "gpu")
+    gpu.run_gpu(section, _tiny_config(), num_classes=3, batch=4, steps=1, rounds=1, warmup=0, peak_override=1.0,
+                log=lambda _: None, device="cpu", model_name="small_cnn", attack_size=32)
+    names = [r.name for r in section.rows]
+    assert names[:3] == ["I-FGSM4: bf16 / fp32 speed", "PGD-10: bf16 / fp32 speed", "UDDN training: bf16 / fp32 speed"]
+    mfu = [r for r in section.rows if r.name.endswith("model FLOP utilisation")]
+    assert len(mfu) == 6 and all(0 < r.summary.median < 100 for r in mfu)
+    assert all(r.detail["flops_per_call"] > 0 for r in section.rows if r.unit == "img/s")
+
+
 def test_cli_arguments():
     args = cli.parse_args(["--quick", "--sections", "4, 1", "--rounds", "3"])
     assert args.chosen == ["1", "4"]

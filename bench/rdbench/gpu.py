@@ -54,39 +54,65 @@ def peak_for(device_name: str, *, override_bf16: Optional[float] = None) -> Opti
     return None
 
 
+class _TotalsOnly:
+    """Stands in for ``FlopCounterMode``'s module tracker: every FLOP goes to the 'Global' total.
+
+    The tracker attributes FLOPs to modules with backward hooks, and those fail under
+    ``torch.autograd.grad`` on a leaf input ("A leaf node was passed to _will_engine_execute_node
+    ...", torch 2.14), which is how every attack takes its input gradient. Only the total is used."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> "_TotalsOnly":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs of one call of ``fn`` as ``FlopCounterMode`` counts them (forward and backward)."""
+    """FLOPs of one call of ``fn`` as ``FlopCounterMode`` counts them (forward and backward;
+    totals only, see :class:`_TotalsOnly`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalsOnly()
+    with counter:
         fn()
     return int(counter.get_total_flops())
 
 
-def _bf16() -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16)
+def _bf16(device_type: str) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def run_gpu(section: Section, cfg, *, num_classes: int, batch: int, steps: int, rounds: int, warmup: int = 1,
-            peak_override: Optional[float] = None, log: Callable[[str], None] = print) -> None:
-    """Fill ``section`` (module docstring), or mark it skipped without CUDA."""
-    if not torch.cuda.is_available():
-        section.skipped = "no CUDA device (torch.cuda.is_available() is False): bf16 and FLOP-utilisation figures need a GPU"
-        log(f"  skipped: {section.skipped}")
-        return
+            peak_override: Optional[float] = None, log: Callable[[str], None] = print, device: Optional[str] = None,
+            model_name: str = "facenet", attack_size: int = 160) -> None:
+    """Fill ``section`` (module docstring), or mark it skipped without CUDA. ``device``,
+    ``model_name`` and ``attack_size`` exist for the suite's own tests (``device='cpu'`` runs the
+    same code with CPU bf16 autocast; the UDDN step then stays fp32, as ``scale.amp`` is GPU-only)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            section.skipped = ("no CUDA device (torch.cuda.is_available() is False): bf16 and FLOP-utilisation "
+                               "figures need a GPU")
+            log(f"  skipped: {section.skipped}")
+            return
+        device = "cuda"
     from raydefense.attacks import create_attack
     from raydefense.models import create_model
 
     from .attacks import EPS, PGD_ALPHA, _images
     from .throughput import uddn_trainer
 
-    device = "cuda"
-    name = torch.cuda.get_device_name(0)
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name(0) if cuda else device
     peaks = peak_for(name, override_bf16=peak_override)
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if cuda else None
+    device_type = "cuda" if cuda else "cpu"
     torch.manual_seed(0)
-    model = create_model("facenet", num_classes=num_classes).to(device).eval()
-    x = _images(batch, 160).to(device)
+    model = create_model(model_name, num_classes=num_classes).to(device).eval()
+    x = _images(batch, attack_size).to(device)
     with torch.no_grad():
         y = model(x).argmax(1)
     attacks = {"I-FGSM4": create_attack("ifgsm4", model, eps=EPS),
@@ -96,7 +122,7 @@ def run_gpu(section: Section, cfg, *, num_classes: int, batch: int, steps: int, 
         contenders[f"{label} fp32"] = ((lambda a=attack: a(x, y)), batch)
 
         def bf16_call(a=attack) -> Any:
-            with _bf16():
+            with _bf16(device_type):
                 return a(x, y)
         contenders[f"{label} bf16"] = (bf16_call, batch)
     for precision in ("fp32", "bf16"):
@@ -111,14 +137,14 @@ def run_gpu(section: Section, cfg, *, num_classes: int, batch: int, steps: int, 
 
     flops = {k: count_flops(fn) for k, (fn, _) in contenders.items()}
     times = interleave({k: repeat(fn) for k, (fn, _) in contenders.items()}, rounds=rounds, warmup=warmup, sync=sync)
-    section.notes.append(f"{name}; FaceNet attacks at 160 px and UDDN training at {cfg.data.image_size} px, batch {batch}, "
+    section.notes.append(f"{name}; {model_name} attacks at {attack_size} px and UDDN training at {cfg.data.image_size} px, batch {batch}, "
                          f"{steps} calls per measurement; cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
                          f"matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}; peaks (dense TFLOP/s) {peaks}")
     for label in ("I-FGSM4", "PGD-10", "UDDN training"):
         section.rows.append(Row.of(f"{label}: bf16 / fp32 speed",
                                    paired_ratios(times[f"{label} fp32"], times[f"{label} bf16"]), "x", ratio=True))
     for key, (_, n) in contenders.items():
-        section.rows.append(Row.of(f"{key}{' @ 160 px' if 'UDDN' not in key else ''}",
+        section.rows.append(Row.of(f"{key}{f' @ {attack_size} px' if 'UDDN' not in key else ''}",
                                    [steps * n / t for t in times[key]], "img/s", flops_per_call=flops[key]))
         achieved = [steps * flops[key] / t / 1e12 for t in times[key]]
         section.rows.append(Row.of(f"{key}: achieved", achieved, "TFLOP/s"))
