@@ -105,11 +105,15 @@ def test_elastic_training_loses_a_node_and_grows_back(cluster, tmp_path):
 
     nodes = [_worker_node(cluster), _worker_node(cluster)]
     cluster.wait_for_nodes()
-    epochs = 60
+    # Each epoch's report waits for the controller's next poll (scale.health_check_interval_s):
+    # at 1 s per poll, 100 epochs of a tiny model last at least 100 s, long enough for a node to
+    # go, the group to restart small, a node to come and the group to grow back, even on a loaded
+    # machine (the epochs themselves take milliseconds).
+    epochs = 100
     cfg = load_config(f"{REPO}/configs/smoke.yaml", [
         "scale.num_workers=1", "scale.max_workers=2", "scale.cpus_per_worker=1", "scale.worker_resources={train_slot: 1}",
         "scale.max_failures=5", "scale.resize_interval_s=2", "scale.checkpoint_interval_s=1000",
-        "scale.checkpoint_every_epochs=5"])
+        "scale.checkpoint_every_epochs=5", "scale.health_check_interval_s=1.0"])
     storage = Storage.open(str(tmp_path))
     lc = _classifier_config(cfg, storage, "target", batch=4, epochs=epochs)
     reports = tmp_path / "reports.jsonl"
