@@ -54,6 +54,8 @@ def init_ray(cfg: Config) -> dict[str, Any]:
 
 # Ray Data logs its progress through this logger when stdout is not a terminal (a job's log).
 _RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
+# ... and says through this one (its parent) how it chose what to show.
+_RAY_DATA_PROGRESS_NOTICE_LOGGER = "ray.data._internal.progress"
 
 
 def ray_data_console(*, verbose: bool, tty: bool) -> None:
@@ -80,7 +82,13 @@ def ray_data_console(*, verbose: bool, tty: bool) -> None:
         # Ray Data's console handler is a StreamHandler; its ray-data.log handler is not one.
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(console_level)
+    # With the operator bars off on purpose, Ray Data's notice that they are off ("Progress bars
+    # for operators disabled. To enable, ...", a WARNING of this logger, logged once) is not for
+    # the user; its child logger, which carries the progress lines, keeps INFO.
+    logging.getLogger(_RAY_DATA_PROGRESS_NOTICE_LOGGER).setLevel(
+        logging.NOTSET if ctx.enable_operator_progress_bars else logging.ERROR)
     progress = logging.getLogger(_RAY_DATA_PROGRESS_LOGGER)
+    progress.setLevel(logging.INFO)
     if not verbose and not any(getattr(h, "_raydefense_progress", False) for h in progress.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setLevel(logging.INFO)

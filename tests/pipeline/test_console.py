@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from raydefense.cli import common_parser, config_from_args
-from raydefense.pipeline.runtime import _RAY_DATA_PROGRESS_LOGGER, ray_data_console
+from raydefense.pipeline.runtime import _RAY_DATA_PROGRESS_LOGGER, _RAY_DATA_PROGRESS_NOTICE_LOGGER, ray_data_console
 from tests.conftest import REPO
 
 
@@ -19,12 +19,16 @@ def restore_ray_data_logging():
     progress = logging.getLogger(_RAY_DATA_PROGRESS_LOGGER)
     levels = [(h, h.level) for h in data.handlers]
     handlers = list(progress.handlers)
+    notice = logging.getLogger(_RAY_DATA_PROGRESS_NOTICE_LOGGER)
+    logger_levels = [(lg, lg.level) for lg in (progress, notice)]
     ctx = ray.data.DataContext.get_current()
     op_bars = ctx.enable_operator_progress_bars
     yield
     for h, level in levels:
         h.setLevel(level)
     progress.handlers[:] = handlers
+    for lg, level in logger_levels:
+        lg.setLevel(level)
     ctx.enable_operator_progress_bars = op_bars
 
 
@@ -45,6 +49,10 @@ def test_quiet_console_keeps_the_file_and_the_dataset_progress(restore_ray_data_
     progress = logging.getLogger(_RAY_DATA_PROGRESS_LOGGER)
     ours = [h for h in progress.handlers if getattr(h, "_raydefense_progress", False)]
     assert len(ours) == 1 and ours[0].level == logging.INFO and progress.propagate
+    # Ray Data's notice that the operator bars are off (a WARNING) stays off the console; its
+    # progress lines (INFO, a child logger) still flow.
+    notice = logging.getLogger(_RAY_DATA_PROGRESS_NOTICE_LOGGER)
+    assert not notice.isEnabledFor(logging.WARNING) and progress.isEnabledFor(logging.INFO)
     ray_data_console(verbose=False, tty=False)  # a second init_ray in the same process adds nothing
     assert len([h for h in progress.handlers if getattr(h, "_raydefense_progress", False)]) == 1
 
@@ -56,6 +64,7 @@ def test_a_terminal_keeps_operator_bars_and_verbose_shows_everything(restore_ray
     assert ray.data.DataContext.get_current().enable_operator_progress_bars
     ray_data_console(verbose=True, tty=False)
     assert ray.data.DataContext.get_current().enable_operator_progress_bars
+    assert logging.getLogger(_RAY_DATA_PROGRESS_NOTICE_LOGGER).isEnabledFor(logging.INFO)
     assert all(h.level == logging.INFO for h in _console_handlers())
 
 
