@@ -220,7 +220,12 @@ def find_user_error(exc: BaseException) -> RayDefenseError | None:
         worker_failures = getattr(e, "worker_failures", None)
         if isinstance(worker_failures, Mapping):
             stack.extend(worker_failures.values())
-        # RayTaskError's str carries the remote traceback: recover our error class from it.
+        # Ray Data re-raises an error of a map UDF as UserCodeException("UDF failed to process a
+        # data block") from the original, and the cause does not survive the pickling back to the
+        # driver; only the remote traceback's text (in RayTaskError's str) names our class. Ray
+        # Data's own switch (DataContext.raise_original_map_exception) keeps the type but then
+        # logs the whole traceback on the console (tried: test_identity_folder_of_unreadable_files
+        # fails), so the class is recovered from its name here.
         text = str(e)
         for cls in _user_error_classes():
             marker = f"{cls.__module__}.{cls.__name__}: "
