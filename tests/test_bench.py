@@ -172,8 +172,9 @@ def test_plain_classifier_loop_and_image_column():
     args = ClassifierArgs(task="t", arch="small_cnn", num_classes=3, artifact="t",
                           train=TrainConfig(epochs=2, batch_size=4))
     data = {"image": torch.from_numpy(images), "label": torch.arange(12) % 3}
-    seconds = ray_stages.plain_classifier_epochs(cfg, args, data, data)
+    seconds, losses = ray_stages.plain_classifier_epochs(cfg, args, data, data)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 def test_plain_attack_pass_reads_attacks_and_writes_parquet(tmp_path):

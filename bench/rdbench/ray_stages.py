@@ -218,10 +218,12 @@ class LocalDataset:
         return len(next(iter(self.tensors.values())))
 
 
-def plain_classifier_epochs(cfg, args, train: dict[str, torch.Tensor], val: dict[str, torch.Tensor]) -> list[float]:
+def plain_classifier_epochs(cfg, args, train: dict[str, torch.Tensor],
+                            val: dict[str, torch.Tensor]) -> tuple[list[float], list[float]]:
     """``classifier_loop`` without Ray: the same model, optimizer, schedule, batches (one
     :class:`EpochData` over the same rows), augmentation, loss and validation, one process with
-    ``scale.cpus_per_worker`` torch threads. Returns each epoch's seconds (train + validation)."""
+    ``scale.cpus_per_worker`` torch threads. Returns each epoch's seconds (train + validation)
+    and mean training loss (which equals the Ray Train run's when both did the same work)."""
     from raydefense.models import create_model
     from raydefense.pipeline import training as T
     from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LossInputs
@@ -244,10 +246,11 @@ def plain_classifier_epochs(cfg, args, train: dict[str, torch.Tensor], val: dict
         loss_fn = CLASSIFIER_LOSSES[args.loss]
         inputs = LossInputs(teacher=None, T=float(args.T), lam=float(args.lam), dcn_weight=float(args.dcn_weight),
                             label_smoothing=tc.label_smoothing, generator=gen)
-        seconds = []
+        seconds, losses = [], []
         for epoch in range(tc.epochs):
             model.train()
             timer = T.EpochTimer()
+            loss_sum = seen = 0.0
             for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True,
                                          seed=cfg.seed * 1000 + epoch):
                 x = augment(images_to_tensor(step["image"], device), step)
@@ -255,11 +258,13 @@ def plain_classifier_epochs(cfg, args, train: dict[str, torch.Tensor], val: dict
                 opt.zero_grad(set_to_none=True)
                 (loss * step.loss_weight).backward()
                 opt.step()
-                loss.item()
+                loss_sum += loss.item() * len(step)
+                seen += len(step)
             sched.step()
             accuracy(model, val_data, batch_size=tc.batch_size * 2, device=device)
             seconds.append(timer.lap())
-        return seconds
+            losses.append(loss_sum / max(seen, 1.0))
+        return seconds, losses
     finally:
         torch.set_num_threads(saved)
 
@@ -285,13 +290,14 @@ def run_train(section: Section, ctx, *, fixed_rounds: int, epochs: int, rounds: 
 
     base = classifier_model_args(ctx, "target")
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=epochs))
-    as_tensors = {"image": lambda v: torch.from_numpy(np.ascontiguousarray(v)),
+    as_tensors = {"image": lambda v: torch.from_numpy(np.array(v, copy=True)),
                   "label": lambda v: torch.as_tensor(v, dtype=torch.int64)}
     train_np = _read_clean(ctx, ["gnr", "denoise"], ["image", "label"])
     val_np = _read_clean(ctx, ["val"], ["image", "label"])
     train = {k: as_tensors[k](v) for k, v in train_np.items()}
     val = {k: as_tensors[k](v) for k, v in val_np.items()}
-    extra: dict[str, list[float]] = {"fit_wall": [], "worker_epoch": [], "plain_first": [], "ray_mean": []}
+    extra: dict[str, list[float]] = {"fit_wall": [], "worker_epoch": [], "plain_first": [], "ray_mean": [],
+                                     "ray_loss": [], "plain_loss": []}
 
     def ray_epoch(_: Callable[[], None]) -> float:
         count["fit"] += 1
@@ -304,11 +310,13 @@ def run_train(section: Section, ctx, *, fixed_rounds: int, epochs: int, rounds: 
         stamps = [h["time"] for h in history]
         extra["worker_epoch"].append(float(np.median([h["epoch_s"] for h in history[1:]])))
         extra["ray_mean"].append(float(np.mean(np.diff(stamps))))
+        extra["ray_loss"].append(float(history[-1]["train_loss"]))
         return float(np.median(np.diff(stamps)))
 
     def plain_epoch(_: Callable[[], None]) -> float:
-        seconds = plain_classifier_epochs(cfg, base, train, val)
+        seconds, losses = plain_classifier_epochs(cfg, base, train, val)
         extra["plain_first"].append(seconds[0])
+        extra["plain_loss"].append(losses[-1])
         return float(np.median(seconds[1:]))
 
     if epochs < 2:
@@ -322,8 +330,12 @@ def run_train(section: Section, ctx, *, fixed_rounds: int, epochs: int, rounds: 
                          f"timed), {max(1, int(cfg.scale.cpus_per_worker))} torch threads, 1 worker; checkpoint "
                          f"every {cfg.scale.checkpoint_interval_s:g} s + first and last epoch; controller poll "
                          f"{cfg.scale.health_check_interval_s:g} s")
+    # Same work on both sides: the last epoch's mean training loss agrees (same seeds, batches, model).
+    same_work = {"last_train_loss_ray": extra["ray_loss"][-1], "last_train_loss_plain": extra["plain_loss"][-1]}
     section.rows.insert(0, Row.of("Ray Train epoch / plain PyTorch epoch",
-                                  paired_ratios(per_epoch["ray"], per_epoch["plain"]), "x", ratio=True))
+                                  paired_ratios(per_epoch["ray"], per_epoch["plain"]), "x", ratio=True, **same_work))
+    log(f"  same work: last-epoch training loss {same_work['last_train_loss_ray']:.6f} on Ray Train, "
+        f"{same_work['last_train_loss_plain']:.6f} in the plain loop")
     section.rows.append(Row.of("Ray Train epoch (report to report, median over the fit)", per_epoch["ray"], "s"))
     section.rows.append(Row.of("Ray Train epoch (report to report, mean: the first checkpoint spread)",
                                extra["ray_mean"][warm], "s"))
