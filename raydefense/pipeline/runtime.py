@@ -29,6 +29,7 @@ def init_ray(cfg: Config) -> dict[str, Any]:
     import ray
 
     verbose = cfg.scale.worker_logs
+    ray_notices(verbose=verbose)
     if not ray.is_initialized():
         runtime_env = _driver_runtime_env()
         # log_to_driver: workers' stdout/stderr; logging_level: the driver's "ray" logger (Ray's
@@ -56,6 +57,16 @@ def init_ray(cfg: Config) -> dict[str, Any]:
 _RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress.logging_progress"
 # ... and says through this one (its parent) how it chose what to show.
 _RAY_DATA_PROGRESS_NOTICE_LOGGER = "ray.data._internal.progress"
+
+
+# Ray's notice, each time a driver starts a local cluster, that token authentication is on (a
+# WARNING of this logger): about Ray's defaults, not the run. --verbose shows it.
+_RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def ray_notices(*, verbose: bool) -> None:
+    """Ray's start-up notices on the driver's console: only with ``verbose``, by logging level."""
+    logging.getLogger(_RAY_TOKEN_NOTICE_LOGGER).setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
 def ray_data_console(*, verbose: bool, tty: bool) -> None:

@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from raydefense.cli import common_parser, config_from_args
-from raydefense.pipeline.runtime import _RAY_DATA_PROGRESS_LOGGER, _RAY_DATA_PROGRESS_NOTICE_LOGGER, ray_data_console
+from raydefense.pipeline.runtime import (_RAY_DATA_PROGRESS_LOGGER, _RAY_DATA_PROGRESS_NOTICE_LOGGER,
+                                        _RAY_TOKEN_NOTICE_LOGGER, ray_data_console, ray_notices)
 from tests.conftest import REPO
 
 
@@ -73,3 +74,15 @@ def test_verbose_flag_is_scale_worker_logs():
     smoke = f"{REPO}/configs/smoke.yaml"
     assert config_from_args(p.parse_args(["--config", smoke, "--verbose"])).scale.worker_logs is True
     assert config_from_args(p.parse_args(["--config", smoke])).scale.worker_logs is False
+
+
+def test_the_token_notice_is_shown_only_when_verbose():
+    notice = logging.getLogger(_RAY_TOKEN_NOTICE_LOGGER)
+    level = notice.level
+    try:
+        ray_notices(verbose=False)
+        assert not notice.isEnabledFor(logging.WARNING) and notice.isEnabledFor(logging.ERROR)
+        ray_notices(verbose=True)
+        assert notice.level == logging.NOTSET
+    finally:
+        notice.setLevel(level)
