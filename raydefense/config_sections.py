@@ -11,7 +11,7 @@ from typing import Optional
 
 from raydefense.errors import ConfigError
 
-ATTACK_METHODS = ("fgsm", "ifgsm2", "ifgsm4", "ifgsm8")
+ATTACK_METHODS = ("fgsm", "ifgsm2", "ifgsm4", "ifgsm8")  # the paper's (section 5.1): the default train_methods
 GUIDANCE = ("logits", "features", "pixel")
 DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
 OPTIMIZERS = ("adamw", "adam", "sgd")  # TrainConfig.optimizer: each name is the torch.optim class it says
@@ -178,11 +178,16 @@ class AttackConfig:
     seed: int = 1
 
     def validate(self, prefix: str) -> None:
+        # Any attack of the registry (raydefense.attacks, filled on import; it imports nothing of
+        # config), checked at load like the model names.
+        from raydefense.attacks import list_attacks
+
+        known = list_attacks()
         for key in ("train_methods", "test_methods"):
             methods = getattr(self, key)
             _check(len(methods) >= 1, f"{prefix}.{key}", "must list at least one method")
             for m in methods:
-                _check(m in ATTACK_METHODS, f"{prefix}.{key}", f"unknown method '{m}' (known: {', '.join(ATTACK_METHODS)})")
+                _check(m in known, f"{prefix}.{key}", f"unknown method '{m}' (known: {', '.join(known)})")
         _check(self.eps_min >= 0, f"{prefix}.eps_min", "must be >= 0")
         _check(self.eps_max >= self.eps_min, f"{prefix}.eps_max", "must be >= eps_min")
         _check(self.eps_max <= 1, f"{prefix}.eps_max", "must be <= 1")

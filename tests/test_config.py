@@ -242,3 +242,32 @@ def test_bad_flags_are_named(argv, flag):
     with pytest.raises(ConfigError) as info:
         config_from_args(common_parser("t").parse_args(argv))
     assert str(info.value).startswith(flag) and "\n" not in str(info.value)
+
+
+def test_attack_sets_take_any_registered_attack():
+    """attack.train_methods / test_methods are checked against the attack registry (not a fixed
+    list), and the attack stage's actor runs any of them with each image's own eps."""
+    import numpy as np
+    import torch
+
+    from raydefense.attacks import list_attacks
+    from raydefense.models import create_model
+    from raydefense.pipeline import attack as attack_stage
+
+    cfg = load_config(overrides=["attack.test_methods=[pgd, apgd, square]"])
+    assert cfg.attack.test_methods == ("pgd", "apgd", "square")
+    with pytest.raises(ConfigError, match="unknown method 'bogus'.*pgd"):
+        load_config(overrides=["attack.test_methods=[bogus]"])
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=3).eval()
+    actor = attack_stage.AttackActor.__new__(attack_stage.AttackActor)  # without loading artifacts
+    actor.device, actor.models, actor.seed, actor.lo, actor.hi = torch.device("cpu"), {"target": model}, 1, 4 / 255, 8 / 255
+    actor.plan = {"test": [("test_white", "target", list(list_attacks()))]}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    rows = actor({"image": images, "label": np.array([0, 1, 2, 0]), "index": np.arange(4), "split": np.array(["test"] * 4)})
+    assert set(rows["method"]) == set(actor.plan["test"][0][2])
+    diff = np.abs(rows["adv"].astype(int) - rows["clean"].astype(int)).max(axis=(1, 2, 3))
+    assert np.all(diff <= np.ceil(rows["eps"] * 255) + 1)  # each image within its own eps (uint8 rounding)
+    assert diff.max() > 0

@@ -25,10 +25,11 @@ LAYERS = [
                      "raydefense.serve", "raydefense.tracking")),
     ("entry", ("raydefense.cli", "raydefense.jobs_impl", "raydefense.__main__", "raydefense")),
 ]
-# The one upward edge kept: config validates model names and the synthetic split plan when a
-# config is loaded, by a function-level import of the registry and the split planner (neither
+# The upward edges kept: config validates model and attack names and the synthetic split plan
+# when a config is loaded, by function-level imports of the registries and the split planner (neither
 # imports config back), so that a bad name fails before anything runs.
 ALLOWED_UPWARD = {("raydefense.config_sections", "raydefense.models"),
+                  ("raydefense.config_sections", "raydefense.attacks"),
                   ("raydefense.config_sections", "raydefense.data.splits")}
 
 
