@@ -229,6 +229,7 @@ def table5_rows(cfg, parent_metrics: dict[str, Any], runs_root) -> list[dict[str
 def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     """The evaluate stage: Tables 1-3, Figures 6-7, whole-model attacks, report; returns its outputs."""
     from raydefense.report import write_report
+    from raydefense.report.writer import black_box_check, black_box_sentence
     from raydefense.storage import Storage
 
     cfg = ctx.cfg
@@ -244,6 +245,7 @@ def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     metrics["config"] = cfg.to_dict()
     metrics["data"] = ctx.layout.meta()
     metrics["models"] = describe_models(ctx.storage)
+    metrics["black_box_check"] = black_box_check(metrics, min_drop=cfg.eval.black_box_min_drop)
     if cfg.models.extra_targets:
         root = Storage.open(cfg.storage.path, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
         metrics["table5"] = table5_rows(cfg, metrics, root)
@@ -252,6 +254,9 @@ def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     metrics["timings_s"] = {**ctx.timings, "evaluate": time.perf_counter() - t0}
     write_report(ctx.storage, metrics, examples)
     ctx.echo(summary_table(metrics))
+    check = metrics["black_box_check"]
+    if check and not check["informative"]:
+        ctx.echo("warning: " + black_box_sentence(check, cfg.models.surrogate).replace("**", ""))
     return {"report": RunLayout.REPORT, "metrics": RunLayout.METRICS}
 
 

@@ -180,7 +180,11 @@ def test_every_table_cell_and_figure_exists(tiny):
         assert [r["n"] for r in m["adaptive_detail"][d]] == [n_test]
     for key in ("config", "data", "models", "timings_s", "eval_timings_s", "figures"):
         assert m[key]
+    check = m["black_box_check"]
+    assert check["no_defense_drop"] == pytest.approx(m["accuracy"]["none"]["clean"] - m["accuracy"]["none"]["black_box"])
+    assert check["informative"] == (check["no_defense_drop"] >= check["min_drop"])
     report = ctx.storage.read_text("report/report.md")
+    assert "Black-box column" in report
     for heading in ("Table 1", "Tables 2 and 3", "Table 2", "Table 3", "Attacks on the whole defended model", "Timings"):
         assert heading in report
     from PIL import Image
