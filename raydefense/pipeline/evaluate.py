@@ -256,7 +256,7 @@ def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     ctx.echo(summary_table(metrics))
     check = metrics["black_box_check"]
     if check and not check["informative"]:
-        ctx.echo("warning: " + black_box_sentence(check, cfg.models.surrogate).replace("**", ""))
+        ctx.echo("warning: " + black_box_sentence(check, cfg.models.surrogate, markdown=False))
     return {"report": RunLayout.REPORT, "metrics": RunLayout.METRICS}
 
 
