@@ -83,3 +83,29 @@ def tune_defense_main(argv: Sequence[str]) -> int:
                       best_config_path=args.best_config)
     print(format_summary(best))
     return 0
+
+
+def ablate_main(argv: Sequence[str]) -> int:
+    p = common_parser("Ablation of the defense on Ray: the full defense against variants without GNR, with other "
+                      "guided losses, the DAE, without KT and with KT at other (lambda, T), each over several seeds; "
+                      "writes <storage>/<name>/ablation.md, ablation.json and ablation.png.")
+    next(a for a in p._actions if a.dest == "name").help = (
+        "the ablation's name: its folder under the storage (default <config name>-ablation); the same name resumes")
+    p.add_argument("--seeds", type=int, default=3, metavar="N",
+                   help="seeds per variant: the config's seed and the next N-1 (default 3)")
+    p.add_argument("--variants", default="", metavar="A,B,...",
+                   help="comma-separated variants (default: full, none, no_kt, no_gnr, the two other guidance "
+                        "layers, dae, kt); also real_noise, pixel_guided, kt_lam<L>_T<T>, all")
+    p.add_argument("--kt", default=None, metavar="L:T,...",
+                   help="the (lambda, T) pairs of the 'kt' variants (default 1:1,1:16,4:4)")
+    p.add_argument("--concurrency", type=int, default=0, metavar="N",
+                   help="runs at once (default 0: as many as the cluster fits; on a local Ray counted by cores)")
+    args = p.parse_args(list(argv))
+    quiet_logs()
+    cfg = config_from_args(args)
+    from raydefense.ablation import DEFAULT_KT, parse_kt, run_ablation
+
+    run_ablation(cfg, name=args.name or f"{cfg.name}-ablation", seeds=args.seeds,
+                 variants=args.variants.split(","), kt=parse_kt(args.kt) if args.kt is not None else DEFAULT_KT,
+                 concurrency=args.concurrency)
+    return 0

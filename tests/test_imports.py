@@ -21,8 +21,8 @@ LAYERS = [
                 # Wilson intervals and proportions: pure numbers, used by blocks and the report alike.
                 "raydefense.report.stats")),
     # The report reads and writes a run's files (pipeline.run.RunLayout): it sits with the pipeline.
-    ("application", ("raydefense.pipeline", "raydefense.tune", "raydefense.report", "raydefense.export",
-                     "raydefense.serve", "raydefense.tracking")),
+    ("application", ("raydefense.pipeline", "raydefense.tune", "raydefense.ablation", "raydefense.report",
+                     "raydefense.export", "raydefense.serve", "raydefense.tracking")),
     ("entry", ("raydefense.cli", "raydefense.jobs_impl", "raydefense.__main__", "raydefense")),
 ]
 # The upward edges kept: config validates model and attack names and the synthetic split plan
