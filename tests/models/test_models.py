@@ -3,6 +3,7 @@ and weight loading (local files, URIs through a pyarrow filesystem, the pretrain
 from __future__ import annotations
 
 import copy
+import math
 import os
 import urllib.error
 
@@ -388,3 +389,15 @@ def test_s3_uri_through_moto_server(monkeypatch):
             create_model("small_cnn", num_classes=NUM_CLASSES, pretrained="s3://weights-bucket/runs/a/absent.pt")
     finally:
         server.stop()
+
+
+def test_untrained_inception_v3_starts_near_chance_loss():
+    """torchvision's std-0.1 init of the 2048 -> C classifier gave initial logits with std ~4
+    and a cross-entropy of ~8 (ln 12 = 2.5); the surrogate then trained to 50% on the default
+    preset. With PyTorch's default Linear init the first loss is near ln C."""
+    torch.manual_seed(0)
+    model = create_model("inception_v3", num_classes=12).train()
+    with torch.no_grad():
+        logits = model(torch.rand(8, 3, 80, 80))
+    assert logits.std() < 1.5
+    assert torch.nn.functional.cross_entropy(logits, torch.arange(8)) < math.log(12) + 1.0
