@@ -3,6 +3,7 @@
     raydefense run       the whole defense (= python jobs/full_pipeline.py)
     raydefense evaluate  evaluate a finished run again (= python jobs/evaluate.py)
     raydefense tune      search lambda, T, ... with Ray Tune (= python jobs/tune_defense.py)
+    raydefense ablate    the ablation over seeds (= python jobs/ablate.py)
     raydefense compare   finished runs side by side (= python jobs/compare.py)
     raydefense export    TorchScript / ONNX + model card (= python jobs/export.py)
     raydefense serve     HTTP inference with Ray Serve (= python jobs/serve.py)
@@ -75,11 +76,19 @@ def _tune(argv: Sequence[str]) -> int:
     return tune_defense_main(argv)
 
 
+def _ablate(argv: Sequence[str]) -> int:
+    from raydefense.jobs_impl import ablate_main
+
+    return ablate_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "run": (_run, "run (or resume) the whole defense: prepare, models, attack, gnr, denoise, distill, baselines, "
                   "evaluate"),
     "evaluate": (evaluate_main, "evaluate a finished run again (tables, figures, whole-model attacks)"),
     "tune": (_tune, "search lambda, T, the guidance layer and more with Ray Tune + Optuna + ASHA"),
+    "ablate": (_ablate, "the full defense against variants (no GNR, other losses, DAE, no KT, other lambda/T) "
+                        "over seeds"),
     "compare": (compare_main, "finished runs side by side: Table 4 (datasets), Table 5 (target models)"),
     "export": (export_main, "write a run's defended model as TorchScript / ONNX with a JSON model card"),
     "serve": (serve_main, "serve an exported model over HTTP with Ray Serve"),

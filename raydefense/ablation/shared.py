@@ -37,7 +37,8 @@ class SharedStorage(Storage):
             if not rel or rel.startswith("/") or rel != posixpath.normpath(rel):
                 raise ValueError(f"SharedStorage: '{rel}' is not a run-relative path")
             if type(src.fs) is not type(own.fs) or src.endpoint_url != own.endpoint_url:
-                raise ValueError(f"SharedStorage: '{rel}' comes from {src.display()}, another filesystem than {own.display()}")
+                raise ValueError(f"SharedStorage: '{rel}' comes from {src.display()}, another filesystem than "
+                                 f"{own.display()}")
         self.shared = dict(shared)
 
     # Pickled into Ray tasks, actors and training workers with the table.
