@@ -238,6 +238,9 @@ class DenoiseConfig:
     lr_min: float = 1e-4
     plateau_patience: int = 1  # epochs without improvement before the decay
     include_clean: bool = True  # also train on clean images (x* = x) so clean accuracy is kept
+    # Weight of an L1 pixel term added to the logits-/feature-guided loss (not in the paper; it
+    # keeps x_hat near the clean image, Table 1; see raydefense.denoise.losses.guided_loss).
+    pixel_weight: float = 0.0
     baselines: tuple[str, ...] = ("dae", "pixel_guided")
 
     def validate(self, prefix: str) -> None:
@@ -248,6 +251,7 @@ class DenoiseConfig:
         _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         _check(0 < self.lr_min <= self.lr, f"{prefix}.lr_min", "must be in (0, lr]")
         _check(self.plateau_patience >= 0, f"{prefix}.plateau_patience", "must be >= 0")
+        _check(self.pixel_weight >= 0, f"{prefix}.pixel_weight", "must be >= 0")
         for b in self.baselines:
             _check(b in ("dae", "pixel_guided"), f"{prefix}.baselines", f"unknown denoiser baseline '{b}' (known: dae, pixel_guided)")
 

@@ -11,6 +11,7 @@ Two kinds of randomness, two helpers:
 from __future__ import annotations
 
 import random
+import zlib
 
 import numpy as np
 import torch
@@ -29,9 +30,15 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch_generator(seed)
 
 
-def worker_seed(seed: int, loop: str, rank: int) -> int:
-    """The global seed of training loop ``loop`` (a key of :data:`STREAMS`) on worker ``rank``."""
-    return seed + STREAMS[loop] + rank
+def worker_seed(seed: int, loop: str, rank: int, task: str = "") -> int:
+    """The global seed of training loop ``loop`` (a key of :data:`STREAMS`) on worker ``rank``.
+
+    ``task`` (e.g. 'target', 'surrogate') gives each training of the same loop its own stream:
+    without it a surrogate of the target's architecture started from the target's very weights
+    and saw the same batches, i.e. it *was* the target and its "black-box" attacks were white-box.
+    The offset is a CRC-32 of the name (stable across processes, unlike ``hash``)."""
+    offset = zlib.crc32(task.encode()) % 100_003 * 1_000 if task else 0
+    return seed + STREAMS[loop] + rank + offset
 
 
 def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -43,3 +50,14 @@ def numpy_rng(*keys: int) -> np.random.Generator:
     """A NumPy Generator derived from ``keys`` (e.g. seed, image index, purpose): the same keys
     give the same stream on any worker, in any batch."""
     return np.random.default_rng([int(k) for k in keys])
+
+
+def row_seeds(indices, *keys: int) -> np.ndarray:
+    """One seed per row, int64 in ``[0, 2**63)``: a pure function of ``keys`` (e.g. the run's seed
+    and a purpose) and the row's stable id in ``indices`` (the data's ``index`` column).
+
+    Ray Data promises neither which batch a row lands in, nor its position there, nor which actor
+    runs it; randomness keyed this way (e.g. :meth:`raydefense.attacks.Attack.with_image_seeds`)
+    is the same under all of them, unlike draws from one generator per batch."""
+    return np.array([numpy_rng(*keys, int(i)).integers(0, 2**63 - 1) for i in np.asarray(indices).reshape(-1)],
+                    dtype=np.int64)

@@ -69,7 +69,7 @@ def classifier_loop(config: dict[str, Any]) -> None:
     device = T.worker_device()
     rank, _ = T.world()
     gen = torch_generator(cfg.seed * 1000 + rank + 17)  # DCN's random projections
-    seed_everything(worker_seed(cfg.seed, "classifier", rank))
+    seed_everything(worker_seed(cfg.seed, "classifier", rank, task=args.task))
 
     model = create_model(args.arch, num_classes=args.num_classes, **args.arch_options)
     if args.init:

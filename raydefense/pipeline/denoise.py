@@ -90,7 +90,7 @@ def denoiser_loop(config: dict[str, Any]) -> None:
                 keep_clean = (step.rand(device=device) < 0.2).view(-1, 1, 1, 1)
                 x_adv = torch.where(keep_clean, x, x_adv)
             with T.autocast(cfg, device):
-                loss = guided_loss(args.loss, target, model(x_adv), x)
+                loss = guided_loss(args.loss, target, model(x_adv), x, pixel_weight=d.pixel_weight)
             opt.zero_grad(set_to_none=True)
             (loss * step.loss_weight).backward()
             opt.step()
