@@ -124,6 +124,9 @@ def evaluate_defenses(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     kwargs = {**common, "levels": levels, "first_method": first_method}
     with user_errors():
         df_all = actor_map(tests, EvalActor, kwargs, cfg=cfg, gpu=gpu, batch_size=cfg.eval.batch_size).to_pandas()
+    # Rows in a fixed order (set, image, method), not the order they came back in: the means, stds
+    # and row bootstraps below then depend only on which rows there are, not on the storage layout.
+    df_all = df_all.sort_values(["set", "index", "method"], kind="stable", ignore_index=True)
     frames = {key: df_all[df_all["set"] == name] for key, name in TEST_SETS.items()}
     # Clean accuracy: the test split's clean images, once per image.
     clean_rows = df_all[df_all["curve_row"].to_numpy(dtype=bool)]
@@ -256,7 +259,7 @@ def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     ctx.echo(summary_table(metrics))
     check = metrics["black_box_check"]
     if check and not check["informative"]:
-        ctx.echo("warning: " + black_box_sentence(check, cfg.models.surrogate, markdown=False))
+        ctx.echo("warning: " + black_box_sentence(check, cfg.models.surrogate, target=cfg.models.target, markdown=False))
     return {"report": RunLayout.REPORT, "metrics": RunLayout.METRICS}
 
 

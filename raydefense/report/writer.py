@@ -110,11 +110,15 @@ def black_box_check(metrics: dict[str, Any], *, min_drop: float) -> dict[str, An
             "surrogate_val_acc": val_acc("surrogate"), "target_val_acc": val_acc("target")}
 
 
-def black_box_sentence(check: dict[str, Any], surrogate: str, *, markdown: bool = True) -> str:
+def black_box_sentence(check: dict[str, Any], surrogate: str, *, target: str | None = None,
+                       markdown: bool = True) -> str:
     """One plain sentence on the black-box column (:func:`black_box_check`), set against the
-    paper's no-defense drop (Table 2); ``markdown=False`` for the console."""
+    paper's no-defense drop (Table 2); says so when the surrogate has the target's architecture
+    (its own weights: the attacker knows the architecture and data, not the weights);
+    ``markdown=False`` for the console."""
     acc = check.get("surrogate_val_acc")
-    source = f"the surrogate (`{surrogate}`" + (f", {pct(acc)} validation accuracy)" if acc is not None else ")")
+    same = " (the target's architecture, its own weights)" if target is not None and target == surrogate else ""
+    source = f"the surrogate (`{surrogate}`{same}" + (f", {pct(acc)} validation accuracy)" if acc is not None else ")")
     drop = f"{100 * check['no_defense_drop']:.1f} points"
     p = PAPER_TABLE2["none"]
     paper = f"{100 * (p['clean'] - p['black_box']):.1f} points, {pct(p['clean'])} -> {pct(p['black_box'])}"
@@ -380,7 +384,8 @@ def render_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
                       "(LFW, FaceNet) stand beside ours.", ""]
     out += _summary(metrics)
     if metrics.get("black_box_check"):
-        out += [black_box_sentence(metrics["black_box_check"], cfg.get("models", {}).get("surrogate", "?")), ""]
+        out += [black_box_sentence(metrics["black_box_check"], cfg.get("models", {}).get("surrogate", "?"),
+                                  target=cfg.get("models", {}).get("target")), ""]
     out += _run_section(metrics)
     out += _table1(metrics)
     out += ["## Tables 2 and 3: accuracy per defense", ""]

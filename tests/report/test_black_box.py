@@ -26,6 +26,8 @@ def test_a_transferring_surrogate_makes_the_column_informative():
     check = black_box_check(_metrics(0.845, 0.690), min_drop=0.10)
     assert check["informative"] and check["no_defense_drop"] == pytest.approx(0.155)
     assert "uninformative" not in black_box_sentence(check, "inception_v3")
+    assert "architecture" not in black_box_sentence(check, "inception_v3", target="facenet")
+    assert "the target's architecture, its own weights" in black_box_sentence(check, "facenet", target="facenet")
     # At the threshold exactly: informative; a pretrained surrogate used as it is has no val_acc.
     edge = black_box_check(_metrics(0.9, 0.8, surrogate_acc=None), min_drop=0.1)
     assert edge["surrogate_val_acc"] is None and "validation accuracy" not in black_box_sentence(edge, "x")
