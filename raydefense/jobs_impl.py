@@ -98,14 +98,17 @@ def ablate_main(argv: Sequence[str]) -> int:
                         "layers, dae, kt); also real_noise, pixel_guided, kt_lam<L>_T<T>, all")
     p.add_argument("--kt", default=None, metavar="L:T,...",
                    help="the (lambda, T) pairs of the 'kt' variants (default 1:1,1:16,4:4)")
+    p.add_argument("--custom", action="append", default=[], metavar="NAME=KEY=VALUE[;KEY=VALUE]",
+                   help="one more variant: the full defense with these denoise.* / distill.* / gnr.augment_ratio "
+                        "settings, e.g. --custom 'pix0=denoise.pixel_weight=0' (repeatable)")
     p.add_argument("--concurrency", type=int, default=0, metavar="N",
                    help="runs at once (default 0: as many as the cluster fits; on a local Ray counted by cores)")
     args = p.parse_args(list(argv))
     quiet_logs()
     cfg = config_from_args(args)
-    from raydefense.ablation import DEFAULT_KT, parse_kt, run_ablation
+    from raydefense.ablation import DEFAULT_KT, parse_custom, parse_kt, run_ablation
 
     run_ablation(cfg, name=args.name or f"{cfg.name}-ablation", seeds=args.seeds,
                  variants=args.variants.split(","), kt=parse_kt(args.kt) if args.kt is not None else DEFAULT_KT,
-                 concurrency=args.concurrency)
+                 custom=[parse_custom(c) for c in args.custom], concurrency=args.concurrency)
     return 0

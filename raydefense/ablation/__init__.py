@@ -6,9 +6,9 @@ configs. ``raydefense.ablation.shared``: a run that reads its shared stages from
 base run. ``raydefense.ablation.execute``: ``run_ablation``, the driver (one Ray task per run).
 ``raydefense.ablation.summary`` / ``plot``: statistics over seeds, ``ablation.md``, ``ablation.png``.
 """
-from raydefense.ablation.variants import DEFAULT_KT, build_plan, parse_kt, run_config
+from raydefense.ablation.variants import DEFAULT_KT, build_plan, parse_custom, parse_kt, run_config
 
-__all__ = ["DEFAULT_KT", "build_plan", "parse_kt", "run_config", "run_ablation"]
+__all__ = ["DEFAULT_KT", "build_plan", "parse_custom", "parse_kt", "run_config", "run_ablation"]
 
 
 def __getattr__(name: str):

@@ -314,22 +314,22 @@ def open_ablation(cfg: Config, name: str) -> AblationLayout:
 
 
 def run_ablation(cfg: Config, *, name: Optional[str] = None, seeds: int = 3, variants: Sequence[str] = (),
-                 kt: Sequence[tuple[float, float]] = DEFAULT_KT, concurrency: int = 0,
-                 echo: Callable[[str], None] = print) -> dict[str, Any]:
+                 kt: Sequence[tuple[float, float]] = DEFAULT_KT, custom: Sequence[tuple[str, Sequence[str]]] = (),
+                 concurrency: int = 0, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the ablation of ``cfg``; returns ``ablation.json``'s content.
 
     Args:
         cfg: the config of the full defense; every run is this config plus its overrides.
         name: the ablation's folder under ``storage.path`` (default ``<cfg.name>-ablation``).
         seeds: replicates: seeds ``cfg.seed`` .. ``cfg.seed + seeds - 1``.
-        variants, kt: see :func:`raydefense.ablation.variants.build_plan`.
+        variants, kt, custom: see :func:`raydefense.ablation.variants.build_plan`.
         concurrency: runs at once; 0 = as many as the cluster fits (see :func:`job_concurrency`).
         echo: progress lines.
     """
     if concurrency < 0:
         raise ConfigError(f"--concurrency {concurrency}: must be >= 0 (0 = as many as the cluster fits)")
     name = name or f"{cfg.name}-ablation"
-    plan = build_plan(cfg, seeds=seeds, variants=variants, kt=kt)
+    plan = build_plan(cfg, seeds=seeds, variants=variants, kt=kt, custom=custom)
     layout = open_ablation(cfg, name)
     jobs = plan_jobs(cfg, plan)
     for job in jobs:  # a changed setting fails now, naming the run and key, before Ray starts

@@ -22,6 +22,8 @@ dae                dae                     dae         the paper's DAE baseline:
                                                        pixel loss, in front of the target (no KT)
 pixel_guided       pixel_guided            pixel_...   the paper's pixel-guided baseline + target (optional)
 kt_lam<l>_T<t>     kt_lam<l>_T<t>          uddn_kt     ``distill.lam=<l>``, ``distill.T=<t>``
+<name> (custom)    <name>                  uddn_kt     ``--custom NAME=KEY=VALUE;...``: any ``denoise.*``,
+                                                       ``distill.*`` or ``gnr.augment_ratio`` settings
 =================  ======================  ==========  ==================================================
 
 Why these mappings:
@@ -137,6 +139,11 @@ def kt_name(lam: float, T: float) -> str:
 
 
 _KT_NAME = re.compile(r"^kt_lam([0-9.eE+-]+)_T([0-9.eE+-]+)$")
+_CUSTOM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What a custom variant may change: settings of the stages after gnr (and the GNR's augmentation,
+# which then runs again). Not denoise.baselines / distill.enabled: the variant is always uddn_kt.
+CUSTOM_KEYS = ("denoise.", "distill.", "gnr.augment_ratio")
+CUSTOM_FORBIDDEN = ("denoise.baselines", "distill.enabled")
 
 
 def parse_kt(text: str) -> tuple[tuple[float, float], ...]:
@@ -156,6 +163,20 @@ def parse_kt(text: str) -> tuple[tuple[float, float], ...]:
     if not pairs:
         raise ConfigError("--kt: no LAMBDA:T pair given")
     return tuple(pairs)
+
+
+def parse_custom(item: str) -> tuple[str, tuple[str, ...]]:
+    """``"pix0=denoise.pixel_weight=0;distill.T=2"`` -> ("pix0", ("denoise.pixel_weight=0", "distill.T=2")):
+    one ``--custom`` variant (checked against a config by :func:`build_plan`)."""
+    name, sep, rest = item.partition("=")
+    name = name.strip()
+    overrides = tuple(o.strip() for o in rest.split(";") if o.strip())
+    if not sep or not overrides or "=" not in overrides[0]:
+        raise ConfigError(f"--custom '{item}': expected NAME=KEY=VALUE[;KEY=VALUE...], e.g. "
+                          "--custom 'pix0=denoise.pixel_weight=0'")
+    if not _CUSTOM_NAME.match(name) or len(name) > 100:
+        raise ConfigError(f"--custom '{item}': the name '{name}' must be letters, digits, '_', '.' or '-'")
+    return name, overrides
 
 
 # ----------------------------------------------------------------------------- runs
@@ -215,8 +236,34 @@ def known_variants(cfg: Config) -> tuple[str, ...]:
     return tuple(variants) + ("kt", "kt_lam<L>_T<T>")
 
 
+def custom_run(cfg: Config, name: str, overrides: Sequence[str]) -> RunSpec:
+    """A ``--custom`` variant's run: the full defense with ``overrides``; ConfigError naming the
+    key when one is outside :data:`CUSTOM_KEYS` or invalid, or when nothing changes."""
+    from raydefense.config import flatten, parse_override
+
+    keys = []
+    for item in overrides:
+        key = parse_override(item)[0]
+        if not key.startswith(CUSTOM_KEYS) or key.startswith(CUSTOM_FORBIDDEN):
+            raise ConfigError(f"--custom {name}: '{key}' cannot vary in the ablation (allowed: denoise.*, distill.*, "
+                              "gnr.augment_ratio, but not denoise.baselines or distill.enabled; the stages before "
+                              "are shared by every variant of a seed)")
+        keys.append(key)
+    try:
+        changed = cfg.replace(list(overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"--custom {name}: {exc}") from None
+    if flatten(changed.to_dict()) == flatten(cfg.to_dict()):
+        raise ConfigError(f"--custom {name}: {'; '.join(overrides)} changes nothing: it is the full defense")
+    if any(k.startswith("gnr.") for k in keys):  # its GNR augmentation runs again, with the base's generator
+        return RunSpec(name, tuple(overrides), base_stages=("prepare", "models", "attack"),
+                       borrows=((BASE, RunLayout.model_rel("gnr_generator")),))
+    return RunSpec(name, tuple(overrides))
+
+
 def build_plan(cfg: Config, *, seeds: int, variants: Sequence[str] = (),
-               kt: Sequence[tuple[float, float]] = DEFAULT_KT) -> Plan:
+               kt: Sequence[tuple[float, float]] = DEFAULT_KT,
+               custom: Sequence[tuple[str, Sequence[str]]] = ()) -> Plan:
     """The ablation of ``cfg``: the variants asked for and the runs they need, for ``seeds`` seeds
     (``cfg.seed``, ``cfg.seed + 1``, ...).
 
@@ -225,6 +272,7 @@ def build_plan(cfg: Config, *, seeds: int, variants: Sequence[str] = (),
             (one pair) or ``all``; empty: :func:`default_variants`. ``full`` is always included
             (the paired differences are taken against it).
         kt: the (lambda, T) pairs that ``kt`` stands for.
+        custom: ``(name, overrides)`` variants (``--custom``), added to the selection.
 
     Raises:
         ConfigError: an unknown variant, a variant equal to the full defense, fewer than one seed,
@@ -274,6 +322,13 @@ def build_plan(cfg: Config, *, seeds: int, variants: Sequence[str] = (),
         chosen[spec.key] = Variant(spec.key, spec.key, "uddn_kt",
                                    f"KT with lambda {lam:g}, T {T:g} (full: lambda {cfg.distill.lam:g}, "
                                    f"T {cfg.distill.T:g})")
+    for name, overrides in custom:
+        if name in runs or name in chosen or name in fixed or name in GUIDANCE or name in ("kt", "all", BASE) \
+                or _KT_NAME.match(name):
+            raise ConfigError(f"--custom {name}: the name of a built-in variant or run; choose another")
+        spec = custom_run(cfg, name, overrides)
+        runs[name] = spec
+        chosen[name] = Variant(name, name, "uddn_kt", "custom: " + "; ".join(overrides))
     if FULL not in chosen:
         notes.append("the full defense is added: every variant is compared with it")
     chosen = {FULL: fixed[FULL], **{k: v for k, v in chosen.items() if k != FULL}}

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from raydefense.ablation.variants import (BASE, BASE_STAGES, COMMON_OVERRIDES, DEFAULT_KT, FULL, build_plan,
-                                          default_variants, kt_name, parse_kt, run_config, run_name)
+                                          default_variants, kt_name, parse_custom, parse_kt, run_config, run_name)
 from raydefense.config import load_config
 from raydefense.errors import ConfigError
 from raydefense.pipeline.run import RunLayout
@@ -171,3 +171,33 @@ def test_a_full_defense_without_a_part_is_refused(cfg, override, key):
 
 def test_common_overrides_leave_out_what_the_ablation_does_not_measure():
     assert "baselines.enabled=[]" in COMMON_OVERRIDES and "models.extra_targets=[]" in COMMON_OVERRIDES
+
+
+def test_custom_variants(cfg):
+    assert parse_custom("pix0=denoise.pixel_weight=0; distill.T=2") == ("pix0", ("denoise.pixel_weight=0",
+                                                                               "distill.T=2"))
+    plan = build_plan(cfg, seeds=1, variants=["full"], custom=[("wide", ("denoise.widths=[16, 32, 64, 128, 128]",)),
+                                                               ("aug2", ("gnr.augment_ratio=2",))])
+    assert [v.name for v in plan.variants] == ["full", "wide", "aug2"]
+    c = configs(cfg, plan)
+    assert c["wide"].denoise.widths == (16, 32, 64, 128, 128) and c["wide"].name == "s0-wide"
+    assert plan.run("wide").base_stages == BASE_STAGES
+    # A new augment ratio reruns the GNR's augmentation with the base's generator.
+    assert c["aug2"].gnr.augment_ratio == 2 and plan.run("aug2").base_stages == ("prepare", "models", "attack")
+    assert plan.run("aug2").borrows == ((BASE, RunLayout.model_rel("gnr_generator")),)
+
+
+@pytest.mark.parametrize("custom, culprit", [
+    (("x", ("models.target=small_cnn",)), "'models.target' cannot vary"),
+    (("x", ("distill.enabled=false",)), "'distill.enabled' cannot vary"),
+    (("x", ("denoise.epochs=0",)), "denoise.epochs"),
+    (("x", ("distill.lam=1.0",)), "changes nothing"),
+    (("dae", ("distill.lam=2",)), "built-in variant"),
+])
+def test_bad_custom_variants_name_the_culprit(cfg, custom, culprit):
+    with pytest.raises(ConfigError) as info:
+        build_plan(cfg, seeds=1, custom=[custom])
+    assert culprit in str(info.value) and "\n" not in str(info.value)
+    for bad in ("x", "x=", "a b=distill.T=2", "=distill.T=2"):
+        with pytest.raises(ConfigError, match="--custom"):
+            parse_custom(bad)
