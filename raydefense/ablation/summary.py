@@ -167,9 +167,15 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines.append(f"| {v} | `{row['defense']}` | `{row['run']}` | " + " | ".join(cells) + " |")
     lines += ["", "## Notes", ""]
     lines += [f"- **{TITLES[m]}**: {DEFINITIONS[m]}." for m in METRICS]
-    lines.append("- Rows `none` and `no_kt` are the full run's own rows (same target, UDDN and test sets); `dae` and "
-                 "`pixel_guided` are the paper's baselines in front of the target, without KT; KT variants reuse the "
-                 "full run's UDDN, denoised images and teacher and train only their student.")
+    present = set(order)
+    if present & {"none", "no_kt"}:
+        lines.append("- `none` and `no_kt` are rows of the full run itself (the same target, UDDN and test sets).")
+    if present & {"dae", "pixel_guided"}:
+        lines.append("- `dae` and `pixel_guided` are the paper's denoiser baselines in front of the target, without KT: "
+                     "compare them with `no_kt` for the denoiser alone.")
+    if any(v.startswith("kt_") for v in order):
+        lines.append("- KT variants reuse the full run's UDDN, denoised images and teacher, and train only their "
+                     "student (equation 6 with their lambda and T).")
     uninformative = [s for s, ok in result.get("black_box_informative", {}).items() if ok is False]
     if uninformative:
         lines.append(f"- The black-box column is uninformative for seed(s) {', '.join(uninformative)}: the surrogate's "
