@@ -201,3 +201,9 @@ def test_bad_custom_variants_name_the_culprit(cfg, custom, culprit):
     for bad in ("x", "x=", "a b=distill.T=2", "=distill.T=2"):
         with pytest.raises(ConfigError, match="--custom"):
             parse_custom(bad)
+
+
+def test_the_base_stages_are_the_pipeline_s_first_four():
+    from raydefense.pipeline.runner import STAGE_NAMES
+
+    assert BASE_STAGES == STAGE_NAMES[:4] and STAGE_NAMES[4:] == ("denoise", "distill", "baselines", "evaluate")
