@@ -121,11 +121,11 @@ class APGD(Attack):
         best_loss = torch.full((b,), -math.inf, device=images.device, dtype=images.dtype)
         fooled = torch.zeros(b, dtype=torch.bool, device=images.device)
         step_size = torch.zeros(b, device=images.device, dtype=images.dtype)
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             todo = (~fooled).nonzero().flatten()
             if todo.numel() == 0:
                 break
-            adv, loss, hit, step = self._run(images[todo], labels[todo], eps[todo])
+            adv, loss, hit, step = self._run(images[todo], labels[todo], eps[todo], restart=restart, rows=todo)
             better = (hit & ~fooled[todo]) | (~hit & (loss > best_loss[todo]))
             idx = todo[better]
             best[idx], best_loss[idx] = adv[better], loss[better]
@@ -134,13 +134,15 @@ class APGD(Attack):
         self.last_step_size = step_size
         return best
 
-    def _run(self, x: Tensor, y: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One APGD run: ``(adv, its loss, fooled, final step)``, each with leading dim B."""
+    def _run(self, x: Tensor, y: Tensor, eps: Tensor, *, restart: int = 0,
+             rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One APGD run: ``(adv, its loss, fooled, final step)``, each with leading dim B; ``rows``:
+        the positions of ``x``'s images in the batch (for image-keyed random starts)."""
         b = x.shape[0]
         step = 2 * eps.clone()  # eta^(0) = 2 eps
         adv = x
         if self.random_start:
-            adv = self.project(x + (2 * torch.rand_like(x) - 1) * eps, x, eps)
+            adv = self.uniform_start(x, eps, restart=restart, rows=rows)
         loss, hit, grad = self._loss_grad(adv, y)
         best_adv, fooled = adv.clone(), hit.clone()  # a point that fools the model, once met
         x_best, loss_best, grad_best = adv.clone(), loss.clone(), grad.clone()

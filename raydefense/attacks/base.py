@@ -110,6 +110,9 @@ class Attack:
         targeted: if ``True`` the labels are target classes and the attack pulls towards them;
             otherwise it pushes away from the (true) labels.
 
+    Random starts (PGD, APGD) draw from torch's global generator, unless the attack is keyed by
+    image with :meth:`with_image_seeds`: then image i's start is a function of its seed only.
+
     ``__call__`` checks the inputs (4-D float tensor in ``[0, 1]``, labels ``(B,)`` integers),
     moves them to the model's device, puts every submodule of the model in eval mode and
     restores each one's mode afterwards, runs :meth:`forward` with gradients enabled (also
@@ -124,6 +127,22 @@ class Attack:
         self.model = model
         self.eps = _check_budget(eps, what="eps", owner=type(self).__name__)
         self.targeted = bool(targeted)
+        self.image_seeds: Tensor | None = None  # see with_image_seeds
+
+    def with_image_seeds(self, seeds: Sequence[int] | Tensor) -> "Attack":
+        """Key this attack's random starts by image: ``seeds`` ``(B,)`` integers in ``[0, 2**63)``, one
+        per image of the batch it is called with (e.g. :func:`raydefense.seeding.row_seeds` of a
+        stable row id). Image i's start in restart r is then a function of ``(seeds[i], r)`` only:
+        the same whichever other images share its batch and at whatever position, so a pipeline
+        that batches rows differently from run to run still attacks each image the same way.
+        Returns ``self``."""
+        t = torch.as_tensor(seeds, dtype=torch.int64).detach().cpu()
+        if t.ndim != 1:
+            raise ValueError(f"{type(self).__name__}: image seeds must be 1-D (one per image), got shape {tuple(t.shape)}")
+        if t.numel() and int(t.min()) < 0:
+            raise ValueError(f"{type(self).__name__}: image seeds must be >= 0, got min {int(t.min())}")
+        self.image_seeds = t
+        return self
 
     # ------------------------------------------------------------------ to implement
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -191,7 +210,7 @@ class Attack:
             raise ValueError(f"{name}: labels must be integer class indices, got dtype {labels.dtype}")
         if labels.numel() and int(labels.min()) < 0:
             raise ValueError(f"{name}: labels must be class indices >= 0, got min {int(labels.min())}")
-        for what in ("eps", "alpha"):
+        for what in ("eps", "alpha", "image_seeds"):
             value = getattr(self, what, None)
             if isinstance(value, Tensor) and value.shape[0] != images.shape[0]:
                 raise ValueError(f"{name}: per-image {what} has {value.shape[0]} values for a batch of {images.shape[0]} images")
@@ -216,6 +235,23 @@ class Attack:
             objective = attack_loss(self.model(x), labels, loss=loss, targeted=self.targeted).sum()
             total += torch.autograd.grad(objective, x)[0]
         return total / samples
+
+    def uniform_start(self, images: Tensor, eps: Tensor, *, restart: int = 0, rows: Tensor | None = None) -> Tensor:
+        """A uniform random point of the eps-ball around ``images``, inside ``[0, 1]``: the random
+        start of restart ``restart``. Drawn from torch's global generator, or with image seeds
+        (:meth:`with_image_seeds`) from one generator per image seeded by (its seed, ``restart``).
+        ``rows``: the positions, in the batch the attack was called with, of ``images``' rows
+        when they are a subset of it (APGD's later restarts)."""
+        if self.image_seeds is None:
+            noise = torch.rand_like(images)
+        else:
+            seeds = self.image_seeds if rows is None else self.image_seeds[rows.cpu()]
+            gen = torch.Generator()
+            # splitmix64's increment separates the restarts of one image (a 64-bit seed).
+            draws = [torch.rand(images.shape[1:], generator=gen.manual_seed((s + restart * 0x9E3779B97F4A7C15) % 2**64),
+                                dtype=images.dtype) for s in seeds.tolist()]
+            noise = torch.stack(draws).to(images.device) if draws else torch.empty_like(images)
+        return self.project(images + (2 * noise - 1) * eps, images, eps)
 
     @staticmethod
     def project(adv: Tensor, images: Tensor, eps: Tensor) -> Tensor:

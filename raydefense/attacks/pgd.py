@@ -70,8 +70,8 @@ class PGD(Attack):
         eps = self.budget(self.eps, images)
         alpha = self.budget(self.alpha, images)
         best = best_score = best_fooled = None
-        for _ in range(self.restarts):
-            adv = self._run(images, labels, eps, alpha)
+        for restart in range(self.restarts):
+            adv = self._run(images, labels, eps, alpha, restart=restart)
             if self.restarts == 1:
                 return adv
             score, fooled = self._evaluate(adv, labels)
@@ -84,10 +84,10 @@ class PGD(Attack):
             best_fooled = best_fooled | fooled
         return best
 
-    def _run(self, images: Tensor, labels: Tensor, eps: Tensor, alpha: Tensor) -> Tensor:
+    def _run(self, images: Tensor, labels: Tensor, eps: Tensor, alpha: Tensor, *, restart: int = 0) -> Tensor:
         adv = images
         if self.random_start:
-            adv = self.project(images + (2 * torch.rand_like(images) - 1) * eps, images, eps)
+            adv = self.uniform_start(images, eps, restart=restart)
         for _ in range(self.steps):
             grad = self.gradient(adv, labels, loss=self.loss, samples=self.eot_samples)
             adv = self.project(adv + alpha * grad.sign(), images, eps)

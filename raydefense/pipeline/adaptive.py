@@ -39,6 +39,7 @@ clean image lies in its own eps-ball), as AutoAttack does.
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any, Optional
 
 import numpy as np
@@ -49,7 +50,7 @@ from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.defended import available_defenses, build_defended_models
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion
-from raydefense.seeding import numpy_rng, seed_everything
+from raydefense.seeding import numpy_rng, row_seeds, seed_everything
 
 APGD_LOSSES = ("ce", "dlr")  # AutoAttack's 'rand' version: APGD-CE, then APGD-DLR
 
@@ -106,11 +107,23 @@ class WholeModelActor:
         self.apgd_steps, self.apgd_restarts, self.autoattack = apgd_steps, apgd_restarts, autoattack
         self.seed = seed
 
-    def _pgd(self, model, x, y, eps, eot) -> torch.Tensor:
+    def _pgd(self, model, x, y, eps, eot, seeds) -> torch.Tensor:
         from raydefense.attacks import PGD
 
         return PGD(model, eps=eps, alpha=pgd_step_size(eps, self.steps), steps=self.steps, random_start=True,
-                   restarts=self.restarts, eot_samples=eot)(x, y)
+                   restarts=self.restarts, eot_samples=eot).with_image_seeds(seeds)(x, y)
+
+    def _start_seeds(self, batch: dict[str, np.ndarray], defense: str, attack: str) -> np.ndarray:
+        """Per row, the seed of its random starts under ``attack`` on ``defense``: a function of (seed,
+        image index, test method, defense, attack) only. Rows arrive in batches that Ray Data may
+        form differently from run to run; a start drawn by batch position would differ with them."""
+        methods = np.asarray(batch["method"]).astype(str)
+        seeds = np.zeros(len(methods), dtype=np.int64)
+        for method in np.unique(methods):
+            rows = methods == method
+            seeds[rows] = row_seeds(np.asarray(batch["index"])[rows], self.seed,
+                                    zlib.crc32(f"{defense}/{attack}/{method}".encode()))
+        return seeds
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raydefense.attacks.apgd import APGD
@@ -123,6 +136,8 @@ class WholeModelActor:
         out: dict[str, np.ndarray] = {k: batch[k] for k in ("label", "eps", "method", "index")}
         out["budget"] = budget.cpu().numpy()
         out["curve_row"] = curve
+        # Random starts are keyed by row (_start_seeds); this seeds only what draws from torch's
+        # global generator, i.e. randomised defenses (EOT).
         seed_everything(self.seed + int(np.min(batch["index"])))
         num_classes = None
         for name, model in self.models.items():
@@ -135,7 +150,8 @@ class WholeModelActor:
             # PGD at each row's own budget (rows wrong when clean are broken already).
             ok = np.zeros_like(clean_ok)
             if rows.numel():
-                adv = self._pgd(model, x[rows], y[rows], budget[rows], eot)
+                seeds = self._start_seeds(batch, name, "pgd")[rows.cpu().numpy()]
+                adv = self._pgd(model, x[rows], y[rows], budget[rows], eot, seeds)
                 ok[rows.cpu().numpy()] = _correct(model, adv, y[rows])
             out[f"{name}:pgd"] = ok
             # APGD-CE then APGD-DLR on the rows each earlier attack left standing.
@@ -150,7 +166,8 @@ class WholeModelActor:
                         ok[left.cpu().numpy()] = True
                     elif left.numel():
                         attack = APGD(model, eps=budget[left], steps=self.apgd_steps, restarts=self.apgd_restarts,
-                                      loss=loss, eot_samples=eot)
+                                      loss=loss, eot_samples=eot).with_image_seeds(
+                                          self._start_seeds(batch, name, f"apgd_{loss}")[left.cpu().numpy()])
                         ok[left.cpu().numpy()] = _correct(model, attack(x[left], y[left]), y[left])
                     out[f"{name}:apgd_{loss}"] = ok
                     left = torch.as_tensor(np.flatnonzero(ok), device=self.device, dtype=torch.long)
@@ -161,7 +178,8 @@ class WholeModelActor:
                 if curve_rows.numel():
                     if level > 0:
                         eps = torch.full((curve_rows.numel(),), float(level), device=self.device)
-                        adv = self._pgd(model, x[curve_rows], y[curve_rows], eps, eot)
+                        seeds = self._start_seeds(batch, name, f"level{k}")[curve_rows.cpu().numpy()]
+                        adv = self._pgd(model, x[curve_rows], y[curve_rows], eps, eot, seeds)
                         ok[curve_rows.cpu().numpy()] = _correct(model, adv, y[curve_rows])
                     else:
                         ok[curve_rows.cpu().numpy()] = True

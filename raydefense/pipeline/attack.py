@@ -25,13 +25,23 @@ from raydefense.config import ATTACK_METHODS
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
-from raydefense.seeding import numpy_rng
+from raydefense.seeding import numpy_rng, row_seeds, seed_everything
+
+
+def _method_key(method: str) -> int:
+    return ATTACK_METHODS.index(method) if method in ATTACK_METHODS else zlib.crc32(method.encode()) % 1000
 
 
 def per_image_eps(indices: np.ndarray, method: str, *, seed: int, lo: float, hi: float) -> np.ndarray:
     """eps for each image: U[lo, hi], a pure function of (seed, image index, method)."""
-    mid = ATTACK_METHODS.index(method) if method in ATTACK_METHODS else zlib.crc32(method.encode()) % 1000
+    mid = _method_key(method)
     return np.array([numpy_rng(seed, i, mid).uniform(lo, hi) for i in indices], dtype=np.float32)
+
+
+def start_seeds(indices: np.ndarray, method: str, set_name: str, *, seed: int) -> np.ndarray:
+    """Seeds of the random starts (PGD, APGD) of each image: a pure function of (seed, image
+    index, method, set), so an image is attacked the same whatever batch Ray Data puts it in."""
+    return row_seeds(indices, seed, _method_key(method), zlib.crc32(set_name.encode()))
 
 
 class AttackActor:
@@ -54,6 +64,10 @@ class AttackActor:
         from raydefense.attacks import create_attack
 
         out: dict[str, list[Any]] = {k: [] for k in ("set", "clean", "adv", "label", "eps", "method", "index")}
+        # Draws of attacks that take no image seeds (Square, randomised models) come from torch's
+        # global generator: seeded here from the batch's row ids, not left to whatever batches this
+        # actor process ran before (which Ray Data does not fix).
+        seed_everything(self.seed + (int(np.min(batch["index"])) if len(batch["index"]) else 0))
         for split in np.unique(batch["split"]):
             rows = np.flatnonzero(batch["split"] == split)
             images, labels, indices = batch["image"][rows], batch["label"][rows], batch["index"][rows]
@@ -62,7 +76,9 @@ class AttackActor:
             for set_name, model, methods in self.plan.get(str(split), []):
                 for method in methods:
                     eps = per_image_eps(indices, method, seed=self.seed, lo=self.lo, hi=self.hi)
-                    adv = create_attack(method, self.models[model], eps=torch.as_tensor(eps, device=self.device))(x, y)
+                    attack = create_attack(method, self.models[model], eps=torch.as_tensor(eps, device=self.device))
+                    attack.with_image_seeds(start_seeds(indices, method, set_name, seed=self.seed))
+                    adv = attack(x, y)
                     out["set"].append(np.array([set_name] * len(rows)))
                     out["clean"].append(images)
                     out["adv"].append(tensor_to_images(adv))

@@ -50,7 +50,22 @@ def init_ray(cfg: Config) -> dict[str, Any]:
                 **quiet,
             )
     ray_data_console(verbose=verbose, tty=sys.stdout.isatty())
+    keep_order(ray.data.DataContext.get_current())  # every dataset this driver makes from now on
     return ray.cluster_resources()
+
+
+def keep_order(context) -> None:
+    """Make the datasets of Ray Data ``context`` (a ``DataContext``) execute in order, so that two
+    runs of one config batch and write the same rows the same way.
+
+    Ray Data's default (``preserve_order`` off) passes blocks on as they finish: which rows share
+    a ``map_batches`` batch, the batch sizes, and which rows land in which Parquet shard vary from
+    run to run (four executions of one actor-pool ``map_batches`` over six files gave three
+    different batchings). Per-row randomness is keyed by row id (``raydefense.seeding.row_seeds``),
+    but float results still depend on the batch: FaceNet's logits differ by ~2e-8 between
+    batches of 8 and 32, which an attack's sign() or an argmax can turn into another pixel or
+    label. In order, a slow batch holds back the ones after it: a small cost for small runs."""
+    context.execution_options.preserve_order = True
 
 
 # Ray Data logs its progress through this logger when stdout is not a terminal (a job's log).
@@ -206,6 +221,7 @@ def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_
     ``cls`` itself is a user error and is not retried."""
     import ray
 
+    keep_order(ds.context)  # also where no init_ray ran in this process (a Tune trial, a test)
     return ds.map_batches(cls, fn_constructor_kwargs={**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)},
                           batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
                           num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None)
