@@ -220,11 +220,13 @@ def test_whole_model_attacks_do_not_depend_on_the_batch(monkeypatch):
 # ----------------------------------------------------------------------------- Ray Data batches
 
 
+# The smoke preset without the trained baselines (every stage still runs), a random-start attack
+# in the training set, several shards, and evaluation in several batches.
 TINY = [
-    "name=repro", "data.shard_size=8", "scale.attack_actors=2", "scale.cpus_per_actor=1",
-    "scale.object_store_memory_mb=256", "baselines.enabled=[jpeg]", "denoise.baselines=[]",
-    "attack.train_methods=[fgsm, pgd]", "eval.batch_size=8", "eval.adaptive_defenses=[none, uddn_kt]",
-    "eval.autoattack_steps=5", "eval.adaptive_steps=3", "eval.by_epsilon=[0.0, 0.0313725490]",
+    "name=repro", "data.shard_size=8", "scale.object_store_memory_mb=256", "baselines.enabled=[jpeg]",
+    "denoise.baselines=[]", "attack.train_methods=[fgsm, pgd]", "eval.batch_size=8",
+    "eval.adaptive_defenses=[none, uddn_kt]", "eval.autoattack_steps=5", "eval.adaptive_steps=3",
+    "eval.by_epsilon=[0.0, 0.0313725490]",
 ]
 
 
@@ -268,7 +270,7 @@ def test_actor_stages_batch_the_same_rows_on_every_execution(tmp_path, pipeline_
         idx = np.arange(20 * f, 20 * f + 20)
         pq.write_table(pa.table({"index": idx, "split": np.where(idx % 3 == 0, "test", "gnr")}),
                        tmp_path / f"part-{f}.parquet")
-    cfg = load_config(SMOKE, TINY)
+    cfg = load_config(SMOKE, [*TINY, "scale.attack_actors=2"])
 
     def once() -> list[tuple[int, int, int]]:
         reads = [ray.data.read_parquet(str(tmp_path)).filter(expr=col("split").is_in([s])) for s in ("gnr", "test")]
