@@ -149,7 +149,9 @@ def test_two_workers_with_half_the_batch_track_one_worker(ray_local, tmp_path, b
     curves = {}
     for workers, batch in ((1, 8), (2, 4)):
         cfg = _cfg(workers)
-        lc = _classifier_config(cfg, storage, f"w{workers}", batch=batch, epochs=4,
+        # One task name for both: the seed of a training is keyed by its task (seeding.worker_seed),
+        # so both runs start from the same weights; only the artifact differs.
+        lc = _classifier_config(cfg, storage, "target", batch=batch, epochs=4, artifact=f"w{workers}",
                                 arch_options={"batch_norm": batch_norm, "dropout": 0.0})
         _fit(cfg, storage, f"w{workers}", classifier_loop, lc,
              {"train": _classifier_ds(64, 2), "val": _classifier_ds(16, 3)}, tmp_path / f"w{workers}.jsonl")
