@@ -53,7 +53,7 @@ from raydefense.config import Config, from_dict, run_name_problem
 from raydefense.errors import ConfigError, CorruptFileError, RayDefenseError, StorageError
 from raydefense.pipeline.resources import TRIAL_DRIVER_CPU
 from raydefense.pipeline.run import RunContext, RunLayout, check_run, commit_run
-from raydefense.pipeline.runner import STAGE_NAMES, open_storage, start_ray
+from raydefense.pipeline.runner import STAGE_NAMES, open_storage, run_stages, start_ray
 from raydefense.storage import Storage
 
 LAST_STAGE = "evaluate"
@@ -115,30 +115,6 @@ def shared_paths(job: Job, root: Storage) -> dict[str, Storage]:
     return shared
 
 
-def run_stages(ctx: RunContext, *, gpu: bool, stop_after: Optional[str] = None) -> list[str]:
-    """The pipeline's stages in order, as ``pipeline.runner.run_pipeline`` runs them (a stage with
-    a marker is skipped, a finished one gets its marker), without starting Ray; returns the
-    stages run now."""
-    from raydefense.pipeline.runner import _stages
-
-    stages = _stages()
-    ran = []
-    for i, (name, fn) in enumerate(stages, 1):
-        if ctx.is_done(name):
-            ctx.timings[name] = float(ctx.marker(name).get("duration_s", 0.0))
-        else:
-            ctx.echo(f"[{i}/{len(stages)}] {name}")
-            t0 = time.perf_counter()
-            outputs = fn(ctx, gpu=gpu)
-            ctx.timings[name] = time.perf_counter() - t0
-            ctx.mark_done(name, duration_s=ctx.timings[name], outputs=outputs)
-            ctx.echo(f"[{i}/{len(stages)}] {name}: done in {ctx.timings[name]:.1f} s")
-            ran.append(name)
-        if name == stop_after:
-            break
-    return ran
-
-
 def run_job(job: Job, root: Storage, *, gpu: bool, log: Any = None) -> dict[str, Any]:
     """Run (or resume) one run of the ablation; what each Ray task does.
 
@@ -160,7 +136,7 @@ def run_job(job: Job, root: Storage, *, gpu: bool, log: Any = None) -> dict[str,
     ctx = RunContext(cfg=cfg, storage=SharedStorage(own, shared) if shared else own, echo=echo)
     ctx.check_markers(STAGE_NAMES)
     commit_run(ctx)
-    ran = run_stages(ctx, gpu=gpu, stop_after=job.spec.stop_after)
+    ran = run_stages(ctx, gpu=gpu, stop_after=job.spec.stop_after, echo_skips=False)
     return {"run": job.name, "stages_run": ran, "seconds": time.perf_counter() - t0}
 
 

@@ -56,21 +56,18 @@ class SharedStorage(Storage):
                 return src
         return None
 
+    def _redirect(self, parts: tuple[str, ...]) -> tuple[Optional[Storage], str]:
+        """(the run ``parts`` is read from or None, its run-relative path)."""
+        rel = posixpath.join(*parts) if parts else ""
+        return (self.source(rel) if parts else None), rel
+
     def path(self, *parts: str) -> str:
-        if parts:
-            rel = posixpath.join(*parts)
-            src = self.source(rel)
-            if src is not None:
-                return src.path(rel)
-        return super().path(*parts)
+        src, rel = self._redirect(parts)
+        return src.path(rel) if src is not None else super().path(*parts)
 
     def display(self, *parts: str) -> str:
-        if parts:
-            rel = posixpath.join(*parts)
-            src = self.source(rel)
-            if src is not None:
-                return src.display(rel)
-        return super().display(*parts)
+        src, rel = self._redirect(parts)
+        return src.display(rel) if src is not None else super().display(*parts)
 
     def listdir(self, rel: str = "") -> list[str]:
         """The run's own names under ``rel`` and the shared paths directly under it."""

@@ -82,6 +82,31 @@ def preflight(cfg: Config, *, echo: Callable[[str], None] = print,
     return ctx, resources, gpu
 
 
+def run_stages(ctx: RunContext, *, gpu: bool, stop_after: Optional[str] = None,
+               echo_skips: bool = True) -> list[str]:
+    """The stages in order on an opened run (Ray already started): a stage with a marker is
+    skipped (``echo_skips``: say so), a finished one gets its marker; stops after ``stop_after``.
+    Returns the stages run now. What :func:`run_pipeline` and the ablation's runs execute."""
+    stages = _stages()
+    ran = []
+    for i, (name, fn) in enumerate(stages, 1):
+        if ctx.is_done(name):
+            ctx.timings[name] = float(ctx.marker(name).get("duration_s", 0.0))
+            if echo_skips:
+                ctx.echo(f"[{i}/{len(stages)}] {name}: finished earlier, skipping")
+        else:
+            ctx.echo(f"[{i}/{len(stages)}] {name}")
+            t0 = time.perf_counter()
+            outputs = fn(ctx, gpu=gpu)
+            ctx.timings[name] = time.perf_counter() - t0
+            ctx.mark_done(name, duration_s=ctx.timings[name], outputs=outputs)
+            ctx.echo(f"[{i}/{len(stages)}] {name}: done in {ctx.timings[name]:.1f} s")
+            ran.append(name)
+        if name == stop_after:
+            break
+    return ran
+
+
 def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callable[[str], None] = print,
                  tune: bool = False) -> dict[str, Any]:
     """Run (or resume) every stage of the defense; returns metrics.json's content (``{}`` with
@@ -91,21 +116,10 @@ def run_pipeline(cfg: Config, *, stop_after: Optional[str] = None, echo: Callabl
     ctx, resources, gpu = preflight(cfg, echo=echo, tune=tune)
     echo(f"raydefense run '{cfg.name}' at {ctx.storage.display()} on Ray "
          f"({resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU; training on {'GPU' if gpu else 'CPU'})")
-    stages = _stages()
-    for i, (name, fn) in enumerate(stages, 1):
-        if ctx.is_done(name):
-            ctx.timings[name] = float(ctx.marker(name).get("duration_s", 0.0))
-            echo(f"[{i}/{len(stages)}] {name}: finished earlier, skipping")
-        else:
-            echo(f"[{i}/{len(stages)}] {name}")
-            t0 = time.perf_counter()
-            outputs = fn(ctx, gpu=gpu)
-            ctx.timings[name] = time.perf_counter() - t0
-            ctx.mark_done(name, duration_s=ctx.timings[name], outputs=outputs)
-            echo(f"[{i}/{len(stages)}] {name}: done in {ctx.timings[name]:.1f} s")
-        if name == stop_after:
-            echo(f"stopping after '{name}' as asked; run again with the same --name to go on")
-            return {}
+    run_stages(ctx, gpu=gpu, stop_after=stop_after)
+    if stop_after is not None:
+        echo(f"stopping after '{stop_after}' as asked; run again with the same --name to go on")
+        return {}
     if cfg.models.extra_targets:
         return run_extra_targets(cfg, echo=echo)
     return ctx.storage.read_json(RunLayout.METRICS, expect=dict, hint=_metrics_hint(cfg.name))
