@@ -29,6 +29,8 @@ from raydefense.config_sections import (  # noqa: F401  (re-exported: every sect
     ATTACK_METHODS,
     GUIDANCE,
     DEFENSES,
+    ROBUST_DEFENSES,
+    ROBUST_INNER_LOSSES,
     OPTIMIZERS,
     TUNE_REPORTED,
     TUNE_METRIC_ALIASES,
@@ -47,6 +49,7 @@ from raydefense.config_sections import (  # noqa: F401  (re-exported: every sect
     DistillConfig,
     BaselinesConfig,
     EvalConfig,
+    RobustConfig,
     ScaleConfig,
     StorageConfig,
     TuneConfig,
@@ -90,6 +93,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -103,6 +107,9 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        # uddn_kt_adv fine-tunes the UDDN and the KT student behind it, taught by the KT teacher.
+        _check(self.distill.enabled or "uddn_kt_adv" not in self.robust.defenses, "robust.defenses",
+               "'uddn_kt_adv' needs the knowledge-transfer teacher and student (distill.enabled: true)")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

@@ -13,7 +13,9 @@ from raydefense.errors import ConfigError
 
 ATTACK_METHODS = ("fgsm", "ifgsm2", "ifgsm4", "ifgsm8")  # the paper's (section 5.1): the default train_methods
 GUIDANCE = ("logits", "features", "pixel")
-DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
+DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation", "pgd_at", "uddn_kt_adv")
+ROBUST_DEFENSES = ("pgd_at", "uddn_kt_adv")  # trained against whole-model attacks (issue 13; RobustConfig)
+ROBUST_INNER_LOSSES = ("ce", "trades")  # RobustConfig.loss
 OPTIMIZERS = ("adamw", "adam", "sgd")  # TrainConfig.optimizer: each name is the torch.optim class it says
 # Metrics every Tune trial reports each epoch (raydefense.tune.trial), and the config's other
 # spellings of them. Kept here, not in raydefense.tune, so that config imports nothing above it.
@@ -338,6 +340,82 @@ class EvalConfig:
         _check(self.autoattack_steps >= 1, f"{prefix}.autoattack_steps", "must be >= 1")
         _check(self.autoattack_restarts >= 1, f"{prefix}.autoattack_restarts", "must be >= 1")
         _check(self.eot_samples >= 1, f"{prefix}.eot_samples", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Defenses trained against an attacker who knows them, and their whole-model evaluation (issue 13).
+
+    Training (stage ``robust``; :mod:`raydefense.pipeline.robust`), each batch's adversarial
+    examples made online by PGD with a random start against the *current* model
+    (:func:`raydefense.robust.online_pgd`), per image eps ~ U[eps_min, eps]:
+
+    - ``pgd_at``: the target's architecture fine-tuned from the target (``pgd_at_init``) on
+      ``(1 - weight) CE(x) + weight CE(x_adv)`` (Madry et al., ICLR 2018: weight 1), or with
+      ``loss: trades``, CE(x) + beta KL(p(x) || p(x_adv)) (Zhang et al., ICML 2019, eq. 5).
+    - ``uddn_kt_adv``: the UDDN fine-tuned from ``uddn`` with its guided loss (Li & Wang 2019,
+      eq. 5) on ``(1 - weight) L(x) + weight L(x_adv)``, x_adv made through UDDN + target; then a
+      student fine-tuned from the KT student on ``(1 - weight) KT(s(u(x)), t(u(x))) + weight
+      KT(s(u(x_adv)), t(u(x)))`` with x_adv made through UDDN + student (Adversarially Robust
+      Distillation, Goldblum et al., AAAI 2020, eq. 3, with the paper's KT loss, eq. 6, as KT).
+
+    Evaluation (in stage ``evaluate`` when ``eval_defenses`` is not empty; :mod:`raydefense.pipeline.robust_eval`).
+    """
+
+    defenses: tuple[str, ...] = ()  # which of ROBUST_DEFENSES to train; none by default (CPU time)
+    eps: float = 4 / 255  # training budget (L-inf, [0, 1] units); the issue's headline eps
+    eps_min: Optional[float] = None  # per-image eps ~ U[eps_min, eps]; None: every image at eps
+    steps: int = 5  # PGD steps per training batch (Madry et al.: 7 on CIFAR-10)
+    step_size: Optional[float] = None  # None: 2.5 eps / steps (Madry et al. 2018)
+    loss: str = "ce"  # 'ce': Madry / ARD; 'trades': TRADES (pgd_at only, KL inner maximisation)
+    weight: float = 1.0  # weight of the robust term, in [0, 1] (1: adversarial examples only)
+    beta: float = 6.0  # TRADES' robust-term weight (Zhang et al. 2019: 6 on CIFAR-10)
+    pgd_at_init: Optional[str] = "target"  # fine-tune from the target (cheap), None: from scratch
+    pgd_at: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, lr=3e-4))
+    uddn_epochs: int = 2  # adversarial fine-tuning of the UDDN (its lr: denoise.lr_min)
+    student: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, lr=3e-4))
+    val_steps: int = 5  # PGD steps of the per-epoch whole-model validation accuracy (val_pgd_acc)
+    # Whole-model evaluation: every attack at every eps on the same fixed test images.
+    eval_defenses: tuple[str, ...] = ()  # e.g. [none, uddn_kt, pgd_at, uddn_kt_adv]
+    eval_eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
+    eval_images: int = 48  # clean test images (one row each), a fixed seeded subset
+    pgd_steps: int = 10
+    pgd_restarts: int = 2
+    apgd_steps: int = 20
+    square_queries: int = 300  # queries per image (5000 in AutoAttack; CPU time here)
+    headline_eps: float = 4 / 255  # where the doubled-steps/restarts checks run and the summary reads
+    large_eps: float = 0.5  # "very large eps": accuracy should fall to about 0
+    large_eps_tolerance: float = 0.02
+
+    def validate(self, prefix: str) -> None:
+        for d in self.defenses:
+            _check(d in ROBUST_DEFENSES, f"{prefix}.defenses", f"unknown robust defense '{d}' (known: {', '.join(ROBUST_DEFENSES)})")
+        for d in self.eval_defenses:
+            _check(d in DEFENSES, f"{prefix}.eval_defenses", f"unknown defense '{d}' (known: {', '.join(DEFENSES)})")
+        for key in ("eps", "headline_eps", "large_eps"):
+            value = getattr(self, key)
+            _check(0 < value <= 1, f"{prefix}.{key}", f"must be in (0, 1] (pixel units: 8/255, not 8), got {value}")
+        if self.eps_min is not None:
+            _check(0 <= self.eps_min <= self.eps, f"{prefix}.eps_min", f"must be null or in [0, eps={self.eps:g}]")
+        if self.step_size is not None:
+            _check(0 < self.step_size <= 1, f"{prefix}.step_size", "must be null or in (0, 1]")
+        _check(self.steps >= 1, f"{prefix}.steps", "must be >= 1")
+        _check(self.loss in ROBUST_INNER_LOSSES, f"{prefix}.loss", f"must be one of {', '.join(ROBUST_INNER_LOSSES)}")
+        _check(0 <= self.weight <= 1, f"{prefix}.weight", "must be in [0, 1]")
+        _check(self.beta >= 0, f"{prefix}.beta", "must be >= 0")
+        _check(self.pgd_at_init in (None, "target"), f"{prefix}.pgd_at_init", "must be 'target' or null (from scratch)")
+        self.pgd_at.validate(f"{prefix}.pgd_at")
+        self.student.validate(f"{prefix}.student")
+        _check(self.uddn_epochs >= 1, f"{prefix}.uddn_epochs", "must be >= 1")
+        _check(self.val_steps >= 1, f"{prefix}.val_steps", "must be >= 1")
+        _check(len(self.eval_eps) >= 1, f"{prefix}.eval_eps", "must list at least one eps")
+        for e in self.eval_eps:
+            _check(0 < e <= 1, f"{prefix}.eval_eps", f"eps {e} must be in (0, 1] (pixel units: 8/255, not 8)")
+        for key in ("eval_images", "pgd_steps", "pgd_restarts", "apgd_steps", "square_queries"):
+            _check(getattr(self, key) >= 1, f"{prefix}.{key}", "must be >= 1")
+        _check(0 <= self.large_eps_tolerance < 1, f"{prefix}.large_eps_tolerance", "must be in [0, 1)")
+        _check(any(abs(e - self.headline_eps) < 1e-9 for e in self.eval_eps), f"{prefix}.headline_eps",
+               f"must be one of eval_eps ({', '.join(f'{e:g}' for e in self.eval_eps)}), got {self.headline_eps:g}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
-from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LOSSES, LossInputs  # noqa: F401  (re-exported)
+from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LOSSES, LossInputs, RobustInputs  # noqa: F401  (re-exported)
 from raydefense.pipeline.loop_args import ClassifierArgs
 from raydefense.pipeline.runtime import images_to_tensor
 from raydefense.seeding import seed_everything, torch_generator, worker_seed
@@ -37,17 +37,45 @@ def augment(x: torch.Tensor, step: T.Step) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.device, image_col: str = "image") -> float:
-    """Accuracy over the whole dataset: each worker scores its share, the counts are summed."""
+def accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.device, image_col: str = "image",
+             preprocess: torch.nn.Module | None = None) -> float:
+    """Accuracy over the whole dataset: each worker scores its share, the counts are summed.
+    ``preprocess`` (a frozen denoiser) is applied to the images first."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
     correct = total = 0.0
     for batch in data.eval_batches(batch_size=batch_size, device=device):
-        logits = model(images_to_tensor(batch[image_col], device))
+        x = images_to_tensor(batch[image_col], device)
+        logits = model(preprocess(x) if preprocess is not None else x)
         correct += (logits.argmax(1) == batch["label"]).sum().item()
         total += len(batch["label"])
     model.train(was_training)
+    correct, total = T.allreduce_sum([correct, total], device)
+    return correct / total if total else float("nan")
+
+
+def robust_accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.device, eps: float, steps: int,
+                    seed: int, preprocess: torch.nn.Module | None = None) -> float:
+    """Whole-model robust accuracy over the whole dataset: an image counts if ``preprocess`` +
+    ``model`` is right on it and on its PGD example (``steps`` steps, random start, L-inf ``eps``,
+    :func:`raydefense.robust.online_pgd`) made through the whole model. Each worker scores its
+    share, the counts are summed. What a Tune search over the robust knobs maximises."""
+    from raydefense.robust import online_pgd
+
+    net = unwrap(model)
+    whole = torch.nn.Sequential(preprocess, net) if preprocess is not None else net
+    was_training = net.training
+    gen = torch_generator(seed)
+    correct = total = 0.0
+    for batch in data.eval_batches(batch_size=batch_size, device=device):
+        x, y = images_to_tensor(batch["image"], device), batch["label"]
+        adv = online_pgd(whole, x, y, eps=eps, steps=steps, generator=gen)
+        whole.eval()
+        with torch.no_grad():
+            correct += ((whole(x).argmax(1) == y) & (whole(adv).argmax(1) == y)).sum().item()
+        total += len(y)
+    net.train(was_training)
     correct, total = T.allreduce_sum([correct, total], device)
     return correct / total if total else float("nan")
 
@@ -77,6 +105,12 @@ def classifier_loop(config: dict[str, Any]) -> None:
         model.load_state_dict(init.state_dict())
     model.to(device)
     teacher = load_artifact(storage, args.teacher, device) if args.teacher else None
+    pre = None
+    if args.preprocess:  # a frozen denoiser in front of the model ('ard_kt'), output clamped as deployed
+        from raydefense.pipeline.defended import UnitClamp
+
+        pre = torch.nn.Sequential(load_artifact(storage, args.preprocess, device), UnitClamp()).eval()
+    robust = {k: v for k, v in args.robust.items() if k != "val_steps"}
     model = ray.train.torch.prepare_model(model)
     opt = T.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
@@ -89,7 +123,8 @@ def classifier_loop(config: dict[str, Any]) -> None:
             for name in args.val_sets}
     loss_fn = CLASSIFIER_LOSSES[args.loss]
     loss_inputs = LossInputs(teacher=teacher, T=float(args.T), lam=float(args.lam), dcn_weight=float(args.dcn_weight),
-                             label_smoothing=tc.label_smoothing, generator=gen)
+                             label_smoothing=tc.label_smoothing, generator=gen,
+                             robust=RobustInputs(**robust) if robust else None, preprocess=pre)
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():
         model.train()
@@ -109,12 +144,17 @@ def classifier_loop(config: dict[str, Any]) -> None:
         loss_sum, seen = T.allreduce_sum([loss_sum, seen], device)
         metrics = {"train_loss": loss_sum / max(seen, 1.0)}
         for name, data in vals.items():
-            metrics[f"{name}_acc"] = accuracy(model, data, batch_size=tc.batch_size * 2, device=device)
+            metrics[f"{name}_acc"] = accuracy(model, data, batch_size=tc.batch_size * 2, device=device, preprocess=pre)
+        if args.robust and "val" in vals:  # whole-model PGD at the training eps, same start seeds each epoch
+            metrics["val_pgd_acc"] = robust_accuracy(
+                model, vals["val"], batch_size=tc.batch_size * 2, device=device, eps=float(args.robust["eps"]),
+                steps=int(args.robust.get("val_steps", args.robust["steps"])), seed=cfg.seed * 1000 + 29, preprocess=pre)
         metrics["epoch_s"] = timer.lap()
         progress.report(epoch, metrics)
 
     if not metrics:  # resumed after the last epoch: measure once more (every worker takes part)
-        metrics = {f"{n}_acc": accuracy(model, d, batch_size=tc.batch_size * 2, device=device) for n, d in vals.items()}
+        metrics = {f"{n}_acc": accuracy(model, d, batch_size=tc.batch_size * 2, device=device, preprocess=pre)
+                   for n, d in vals.items()}
     if rank == 0:
         spec = {"kind": "classifier", "arch": args.arch, "num_classes": args.num_classes,
                 **({"options": dict(args.arch_options)} if args.arch_options else {})}

@@ -14,6 +14,8 @@ uddn_kt        UDDN            student
 jpeg           real JPEG       target
 dcn            -               dcn
 distillation   -               distillation
+pgd_at         -               pgd_at        (issue 13: PGD adversarial training)
+uddn_kt_adv    UDDN_adv        student_adv   (issue 13: UDDN + KT trained against whole-model PGD)
 =============  ==============  ==========
 
 :func:`load_parts` loads each part once; the tables (:class:`raydefense.pipeline.evaluate.DefenseBank`),
@@ -39,6 +41,8 @@ DEFENSES: dict[str, tuple[Optional[str], str]] = {
     "jpeg": ("jpeg", "target"),
     "dcn": (None, "dcn"),
     "distillation": (None, "distillation"),
+    "pgd_at": (None, "pgd_at"),
+    "uddn_kt_adv": ("uddn_adv", "student_adv"),
 }
 DENOISERS = ("dae", "pixel_guided", "uddn")
 
@@ -67,6 +71,8 @@ def _why_missing(cfg, name: str) -> str:
         return "left out by the config (baselines.enabled)"
     if name == "uddn_kt" and not cfg.distill.enabled:
         return "left out by the config (distill.enabled: false)"
+    if name in ("pgd_at", "uddn_kt_adv") and name not in cfg.robust.defenses:
+        return "left out by the config (robust.defenses)"
     return "its models were not trained in this run"
 
 

@@ -245,6 +245,14 @@ def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
         t1 = time.perf_counter()
         metrics.update(run_adaptive(ctx, gpu=gpu, metrics=metrics))
         steps["whole-model attacks"] = time.perf_counter() - t1
+    if cfg.robust.eval_defenses:
+        from raydefense.pipeline.robust_eval import run_robust_eval
+
+        t1 = time.perf_counter()
+        metrics.update(run_robust_eval(ctx, gpu=gpu, metrics=metrics))
+        if "robust" in metrics and ctx.is_done("robust"):
+            metrics["robust"]["training_s"] = dict(ctx.marker("robust").get("outputs", {}).get("seconds", {}))
+        steps["robust evaluation"] = time.perf_counter() - t1
     metrics["config"] = cfg.to_dict()
     metrics["data"] = ctx.layout.meta()
     metrics["models"] = describe_models(ctx.storage)
@@ -289,4 +297,21 @@ def summary_table(metrics: dict[str, Any]) -> str:
         lines.append(f"UDDN + knowledge transfer vs no defense: white-box {gain:+.1f} points, clean {-loss:+.1f} points")
     for d, why in metrics.get("defenses_left_out", {}).items():
         lines.append(f"left out: {d} ({why})")
+    if metrics.get("robust"):
+        lines += robust_summary_lines(metrics["robust"])
     return "\n".join(lines)
+
+
+def robust_summary_lines(robust: dict[str, Any]) -> list[str]:
+    """Console lines of the robust evaluation: per defense, clean and worst-case whole-model
+    accuracy at each eps, a flag on defenses that failed a gradient-masking check."""
+    s = robust["setup"]
+    eps = s["eps"]
+    lines = ["", f"whole-model attacks, worst of PGD/APGD-CE/APGD-DLR/Square on {s['images']} test images:",
+             f"{'defense':<14}{'clean':>9}" + "".join(f"{f'{255 * e:g}/255':>9}" for e in eps) + "  masking checks"]
+    for d, rec in robust["defenses"].items():
+        worst = "".join(f"{100 * r['accuracy']:>8.1f}%" for r in rec["attacks"]["worst"])
+        failed = [c["check"] for c in robust["checks"][d] if c["passed"] is False]
+        lines.append(f"{d:<14}{100 * rec['clean']['accuracy']:>8.1f}%" + worst
+                     + ("  FLAGGED: failed " + ", ".join(failed) if failed else "  pass"))
+    return lines

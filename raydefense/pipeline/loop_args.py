@@ -76,12 +76,21 @@ class ClassifierArgs(LoopArgs):
     dcn_weight: float = 0.0
     arch_options: dict = field(default_factory=dict)
     val_sets: tuple[str, ...] = ("val",)
+    # A frozen denoiser artifact in front of the model, in training and validation ('ard_kt').
+    preprocess: Optional[str] = None
+    # The online attack of 'pgd_at' / 'ard_kt': RobustInputs' fields (eps, steps, ...), plus
+    # 'val_steps' for the per-epoch whole-model PGD accuracy on "val" (val_pgd_acc).
+    robust: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.loss not in CLASSIFIER_LOSSES:
             raise ValueError(f"unknown classifier loss '{self.loss}' (known: {', '.join(CLASSIFIER_LOSSES)})")
-        if self.loss in ("kt", "soft") and not self.teacher:
+        if self.loss in ("kt", "soft", "ard_kt") and not self.teacher:
             raise ValueError(f"classifier loss '{self.loss}' needs a teacher")
+        if self.loss in ("pgd_at", "ard_kt") and not self.robust:
+            raise ValueError(f"classifier loss '{self.loss}' needs the robust settings (eps, steps, ...)")
+        if self.loss == "ard_kt" and not self.preprocess:
+            raise ValueError("classifier loss 'ard_kt' needs a preprocess (the denoiser in front of the student)")
 
 
 @dataclass(frozen=True)
@@ -102,3 +111,19 @@ class GnrArgs(LoopArgs):
     ``models/<artifact>.pt``."""
 
     artifact: str = "gnr_generator"
+
+
+@dataclass(frozen=True)
+class RobustDenoiserArgs(LoopArgs):
+    """The UDDN of ``uddn_kt_adv`` (:func:`raydefense.pipeline.robust.robust_denoiser_loop`):
+    fine-tuned from the artifact ``init`` with the guided loss ``loss`` of the frozen ``classifier``
+    on online PGD examples made through denoiser + classifier (``robust``: as
+    :attr:`ClassifierArgs.robust`); ``epochs`` at learning rate ``lr``; weights to ``models/<artifact>.pt``."""
+
+    loss: str
+    robust: dict
+    epochs: int
+    lr: float
+    artifact: str = "uddn_adv"
+    init: str = "uddn"
+    classifier: str = "target"

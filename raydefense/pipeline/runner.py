@@ -20,6 +20,7 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
     from raydefense.pipeline.gnr import run_gnr
     from raydefense.pipeline.models import run_models
     from raydefense.pipeline.prepare import run_prepare
+    from raydefense.pipeline.robust import run_robust
 
     return [
         ("prepare", run_prepare),
@@ -29,11 +30,14 @@ def _stages() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
         ("denoise", run_denoise),
         ("distill", run_distill),
         ("baselines", run_baselines),
+        ("robust", run_robust),
         ("evaluate", run_evaluate),
     ]
 
 
-STAGE_NAMES = ("prepare", "models", "attack", "gnr", "denoise", "distill", "baselines", "evaluate")
+STAGE_NAMES = ("prepare", "models", "attack", "gnr", "denoise", "distill", "baselines", "robust", "evaluate")
+# Stages a run saved before they existed may lack; evaluate_run treats them as done when disabled.
+OPTIONAL_STAGES = {"robust": lambda cfg: not cfg.robust.defenses}
 
 
 def open_storage(cfg: Config) -> Storage:
@@ -170,12 +174,14 @@ def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[st
     run_cfg = saved_config(run, saved)
     ctx = RunContext(cfg=run_cfg, storage=run, echo=echo)
     done = ctx.check_markers(STAGE_NAMES)  # a corrupt marker fails before Ray starts
-    missing = [s for s in STAGE_NAMES[:-1] if s not in done]
+    missing = [s for s in STAGE_NAMES[:-1] if s not in done
+               and not (s in OPTIONAL_STAGES and OPTIONAL_STAGES[s](run_cfg))]
     if missing:
         raise ConfigError(f"run '{cfg.name}' has unfinished stages ({', '.join(missing)}); "
                           f"finish it with jobs/full_pipeline.py --name {cfg.name}")
     for s in STAGE_NAMES[:-1]:
-        ctx.timings[s] = float(ctx.marker(s).get("duration_s", 0.0))
+        if s in done:
+            ctx.timings[s] = float(ctx.marker(s).get("duration_s", 0.0))
     start_ray(run_cfg)
     gpu = use_gpu(run_cfg)
     ensure_resources(run_cfg, gpu=gpu, echo=echo)

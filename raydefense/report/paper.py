@@ -10,6 +10,7 @@ from __future__ import annotations
 DEFENSE_LABELS = {
     "none": "no defense", "dae": "DAE", "pixel_guided": "pixel-guided", "uddn": "UDDN",
     "uddn_kt": "UDDN + KT", "jpeg": "JPEG", "dcn": "DCN", "distillation": "distillation",
+    "pgd_at": "PGD-AT", "uddn_kt_adv": "UDDN + KT (adv. trained)",
 }
 SET_LABELS = {"clean": "clean", "white_box": "white-box", "black_box": "black-box",
               "adaptive_pgd": "whole-model PGD", "autoattack": "APGD check"}

@@ -83,6 +83,16 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
                 f"An attacker who knows the defense and attacks denoiser and classifier as one model leaves "
                 f"{pct(b['adaptive_pgd'])} (on {same.get('n', '?')} white-box test rows, where the paper-style white-box "
                 f"attack leaves {pct(same.get('white_box_accuracy_same_rows'))}); see *Attacks on the whole defended model*.")
+    robust = metrics.get("robust")
+    if robust:
+        hl = robust["setup"]["headline_eps"]
+        parts = [f"{label(d)} {pct(r['accuracy'])} (clean {pct(robust['defenses'][d]['clean']['accuracy'])})"
+                 for d, r in robust["headline"].items()]
+        lines.append(f"Worst of PGD, APGD-CE, APGD-DLR and Square through the whole model at {255 * hl:g}/255: "
+                     + "; ".join(parts) + ".")
+        lines.append(("**Flagged by a gradient-masking check: " + ", ".join(robust["flagged"]) + "** (their robust "
+                      "accuracy may be overstated; see *Robust defenses*).") if robust["flagged"]
+                     else "No defense failed a gradient-masking check.")
     lines.append(f"Model: `{cfg.get('models', {}).get('target', '?')}`; data: `{metrics.get('data', {}).get('source', '?')}`.")
     return [" ".join(lines), ""]
 
@@ -405,6 +415,10 @@ def render_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
     out += _asr(metrics)
     out += _figures(figures)
     out += _whole_model(metrics, figures)
+    if metrics.get("robust"):
+        from raydefense.report.robust import robust_markdown
+
+        out += robust_markdown(metrics["robust"], metrics["robust"].get("training_s"))
     out += _table5(metrics)
     out += _timings(metrics)
     return "\n".join(out)

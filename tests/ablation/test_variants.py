@@ -206,4 +206,4 @@ def test_bad_custom_variants_name_the_culprit(cfg, custom, culprit):
 def test_the_base_stages_are_the_pipeline_s_first_four():
     from raydefense.pipeline.runner import STAGE_NAMES
 
-    assert BASE_STAGES == STAGE_NAMES[:4] and STAGE_NAMES[4:] == ("denoise", "distill", "baselines", "evaluate")
+    assert BASE_STAGES == STAGE_NAMES[:4] and STAGE_NAMES[4:] == ("denoise", "distill", "baselines", "robust", "evaluate")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydefense.pipeline.classifiers import CLASSIFIER_LOSSES, LossInputs
+from raydefense.pipeline.classifiers import CLASSIFIER_LOSSES, LossInputs, RobustInputs
 from raydefense.pipeline.training import OPTIMIZERS, make_optimizer
 
 
@@ -19,7 +19,8 @@ def _model(seed: int) -> nn.Module:
 def test_every_loss_is_a_finite_scalar_that_trains_only_the_model(name):
     model, teacher = _model(0), _model(1).requires_grad_(False)
     x, y = torch.rand(6, 3, 4, 4), torch.randint(0, 5, (6,))
-    inputs = LossInputs(teacher=teacher, T=2.0, lam=0.5, dcn_weight=0.1, generator=torch.Generator().manual_seed(0))
+    inputs = LossInputs(teacher=teacher, T=2.0, lam=0.5, dcn_weight=0.1, generator=torch.Generator().manual_seed(0),
+                        robust=RobustInputs(eps=8 / 255, steps=2, weight=0.5), preprocess=nn.Identity())
     loss = CLASSIFIER_LOSSES[name](model, x, y, inputs)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
