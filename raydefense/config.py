@@ -33,6 +33,7 @@ from raydefense.config_sections import (  # noqa: F401  (re-exported: every sect
     ROBUST_INNER_LOSSES,
     OPTIMIZERS,
     TUNE_REPORTED,
+    TUNE_DEFENSES,
     TUNE_METRIC_ALIASES,
     MAX_SEED,
     MAX_OBJECT_STORE_MB,

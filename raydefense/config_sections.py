@@ -19,7 +19,8 @@ ROBUST_INNER_LOSSES = ("ce", "trades")  # RobustConfig.loss
 OPTIMIZERS = ("adamw", "adam", "sgd")  # TrainConfig.optimizer: each name is the torch.optim class it says
 # Metrics every Tune trial reports each epoch (raydefense.tune.trial), and the config's other
 # spellings of them. Kept here, not in raydefense.tune, so that config imports nothing above it.
-TUNE_REPORTED = ("val_white_acc", "val_clean_acc", "train_loss")
+TUNE_REPORTED = ("val_white_acc", "val_clean_acc", "train_loss", "val_pgd_acc")
+TUNE_DEFENSES = ("uddn_kt", "uddn_kt_adv")  # TuneConfig.defense: what a trial trains
 TUNE_METRIC_ALIASES = {"val_white_box_acc": "val_white_acc", "val_clean_box_acc": "val_clean_acc"}
 
 
@@ -515,6 +516,14 @@ class TuneConfig:
     guidance: tuple[str, ...] = ("logits", "features")
     denoise_lr: tuple[float, float] = (3e-4, 3e-3)
     seed: int = 0
+    # 'uddn_kt': a trial trains UDDN, teacher and student (knobs lam, T, guidance, denoise_lr);
+    # 'uddn_kt_adv' (issue 13): a trial trains the adversarially trained UDDN and student of
+    # robust.* (knobs robust.eps, robust.steps, robust.weight); objective e.g. val_pgd_acc, the
+    # whole-model PGD accuracy on the validation split.
+    defense: str = "uddn_kt"
+    robust_eps: tuple[float, float] = (2 / 255, 8 / 255)  # uniform
+    robust_steps: tuple[int, int] = (2, 5)  # int, bounds inclusive
+    robust_weight: tuple[float, float] = (0.5, 1.0)  # uniform
 
     def validate(self, prefix: str) -> None:
         _check(self.num_samples >= 1, f"{prefix}.num_samples", "must be >= 1")
@@ -532,3 +541,17 @@ class TuneConfig:
         for g in self.guidance:
             _check(g in GUIDANCE, f"{prefix}.guidance", f"unknown guidance '{g}' (known: {', '.join(GUIDANCE)})")
         _check(0 < self.denoise_lr[0] <= self.denoise_lr[1], f"{prefix}.denoise_lr", "must be a range [lo, hi] with 0 < lo <= hi")
+        _check(self.defense in TUNE_DEFENSES, f"{prefix}.defense", f"must be one of {', '.join(TUNE_DEFENSES)}")
+        _check(0 < self.robust_eps[0] <= self.robust_eps[1] <= 1, f"{prefix}.robust_eps",
+               "must be a range [lo, hi] with 0 < lo <= hi <= 1 (pixel units: 8/255, not 8)")
+        _check(1 <= self.robust_steps[0] <= self.robust_steps[1], f"{prefix}.robust_steps",
+               "must be a range [lo, hi] with 1 <= lo <= hi")
+        _check(0 <= self.robust_weight[0] <= self.robust_weight[1] <= 1, f"{prefix}.robust_weight",
+               "must be a range [lo, hi] with 0 <= lo <= hi <= 1")
+        metric = TUNE_METRIC_ALIASES.get(self.metric, self.metric)
+        if self.defense == "uddn_kt_adv":
+            _check(metric != "val_white_acc", f"{prefix}.metric",
+                   "uddn_kt_adv trials report val_pgd_acc, val_clean_acc and train_loss, not the precomputed "
+                   "white-box accuracy (use val_pgd_acc)")
+        else:
+            _check(metric != "val_pgd_acc", f"{prefix}.metric", "val_pgd_acc is reported by tune.defense=uddn_kt_adv trials only")

@@ -61,7 +61,7 @@ from raydefense.tune.trial import DefenseTrial, TrialSpec
 from raydefense.pipeline.resources import TRIAL_DRIVER_CPU  # noqa: E402  the one value, checked before a search
 from raydefense.pipeline.run import RunLayout  # noqa: E402
 # Sections of the run's config that stages prepare..gnr do not read: a search may change them.
-_TRIAL_ONLY_SECTIONS = ("denoise", "distill", "baselines")
+_TRIAL_ONLY_SECTIONS = ("denoise", "distill", "baselines", "robust")
 
 
 # ----------------------------------------------------------------------------- Optuna
@@ -144,6 +144,7 @@ class _Progress(tune.Callback):
         obj = last.get("objective")
         self.echo(f"  trial {trial.trial_id}: {how} after {last.get('training_iteration', 0)} epochs, "
                   f"objective {_fmt(obj)} (white-box {_fmt(last.get('val_white_acc'))}, "
+                  f"whole-model PGD {_fmt(last.get('val_pgd_acc'))}, "
                   f"clean {_fmt(last.get('val_clean_acc'))}, phase {last.get('phase', '-')})")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -298,7 +299,9 @@ def run_search(cfg: Config, *, search: str = "search", space: Iterable[str] = ()
 
     storage = _open_storage(cfg)
     base_cfg = stage_config(cfg, storage)
-    run_pipeline(base_cfg, stop_after="gnr", tune=True,
+    # A uddn_kt_adv trial fine-tunes the base run's UDDN and KT student, taught by its teacher.
+    base_stages = "distill" if cfg.tune.defense == "uddn_kt_adv" else "gnr"
+    run_pipeline(base_cfg, stop_after=base_stages, tune=True,
                  echo=lambda line: None if line.startswith("stopping after") else echo(line))
     run = storage.child(cfg.name)
     sdir = run.child("tune", search)
@@ -325,13 +328,14 @@ def run_search(cfg: Config, *, search: str = "search", space: Iterable[str] = ()
         sdir.write_json("search.json", {**record, "effective_concurrency": concurrency})
     spec = TrialSpec(cfg=cfg.to_dict(), run=run, search=sdir, name=search, knobs=tuple(knobs), metric=metric,
                      mode=cfg.tune.mode, clean_floor=cfg.tune.clean_floor, gpu=gpu,
-                     num_classes=RunLayout(run).num_classes())
+                     num_classes=RunLayout(run).num_classes(), defense=cfg.tune.defense)
     trainable = tune.with_resources(tune.with_parameters(DefenseTrial, spec=spec), {"CPU": TRIAL_DRIVER_CPU})
     searched = [k for k in knobs if not k.fixed]
     fixed = [k for k in knobs if k.fixed]
     echo(f"search '{search}' of run '{cfg.name}' at {sdir.display()}: {cfg.tune.num_samples} trials, "
          f"{concurrency} at a time, objective {metric} ({cfg.tune.mode}, clean floor {cfg.tune.clean_floor:g}), "
-         f"each trial trains UDDN, teacher and student on {'GPU' if gpu else 'CPU'}")
+         f"each trial trains {'UDDN_adv and student_adv' if spec.defense == 'uddn_kt_adv' else 'UDDN, teacher and student'} "
+         f"on {'GPU' if gpu else 'CPU'}")
     echo("  space: " + "; ".join(k.describe() for k in searched) + ("" if not fixed else
          "; fixed: " + ", ".join(k.describe() for k in fixed)))
     with user_errors():

@@ -32,8 +32,9 @@ from raydefense.config import Config
 from raydefense.errors import ConfigError
 
 KINDS = ("loguniform", "uniform", "int", "choice")
-# A trial trains a UDDN, a teacher and a student: only these sections change per trial.
-TRIAL_SECTIONS = ("denoise.", "distill.")
+# A trial trains a UDDN, a teacher and a student (or, tune.defense=uddn_kt_adv, the adversarially
+# trained UDDN and student): only these sections change per trial.
+TRIAL_SECTIONS = ("denoise.", "distill.", "robust.")
 # Derived knob: every width of denoise.widths times this factor (the paper gives no widths).
 WIDTH_MULT = "denoise.width_mult"
 # Under the clean-accuracy floor the objective moves by more than the width of [0, 1].
@@ -95,8 +96,16 @@ def _range_knob(name: str, key: str, lo: float, hi: float) -> Knob:
 
 
 def default_knobs(cfg: Config) -> list[Knob]:
-    """The knobs that ``cfg.tune`` names: lambda, T, guidance layer, denoiser learning rate."""
+    """The knobs that ``cfg.tune`` names: lambda, T, guidance layer, denoiser learning rate; for
+    ``tune.defense: uddn_kt_adv`` the adversarial-training knobs: training eps, PGD steps and the
+    robust term's weight (``tune.robust_eps``, ``robust_steps``, ``robust_weight``)."""
     t = cfg.tune
+    if t.defense == "uddn_kt_adv":
+        return [
+            Knob(name="eps", key="robust.eps", kind="uniform", values=tuple(float(v) for v in t.robust_eps)),
+            Knob(name="steps", key="robust.steps", kind="int", values=tuple(int(v) for v in t.robust_steps)),
+            Knob(name="weight", key="robust.weight", kind="uniform", values=tuple(float(v) for v in t.robust_weight)),
+        ]
     return [
         _range_knob("lam", "distill.lam", *t.lam),  # lambda of equation 6
         _range_knob("T", "distill.T", *t.T),  # temperature of equation 7
@@ -117,7 +126,8 @@ def parse_knob(item: str, cfg: Config) -> Knob:
     if kind not in KINDS:
         raise ConfigError(f"--space '{item}': unknown distribution '{kind}' (known: {', '.join(KINDS)})")
     if not key.startswith(TRIAL_SECTIONS):
-        raise ConfigError(f"--space '{item}': key '{key}' is not trained per trial (only denoise.* and distill.* keys are)")
+        raise ConfigError(f"--space '{item}': key '{key}' is not trained per trial (only denoise.*, distill.* and "
+                          "robust.* keys are)")
     if key.endswith(".epochs"):
         raise ConfigError(f"--space '{item}': key '{key}' cannot be searched (ASHA compares trials epoch by epoch)")
     raw = [a.strip() for a in m.group("args").split(",") if a.strip()]

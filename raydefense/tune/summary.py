@@ -52,6 +52,7 @@ def trial_rows(results, *, knobs: Sequence[Knob]) -> list[dict[str, Any]]:
             "objective": float(obj) if obj is not None else None,
             "val_white_acc": metrics.get("val_white_acc"),
             "val_clean_acc": metrics.get("val_clean_acc"),
+            "val_pgd_acc": metrics.get("val_pgd_acc"),  # tune.defense: uddn_kt_adv
             "phase": metrics.get("phase"),
             "iterations": int(metrics.get("training_iteration", 0) or 0),
             "error": _first_line(str(r.error)) if r.error is not None else None,
@@ -119,7 +120,7 @@ def summarize(cfg: Config, results, *, knobs: Sequence[Knob], sdir: Storage, sea
             "params": best["params"],
             "overrides": overrides_for(cfg, best["params"], knobs),
             "objective": best["objective"],
-            "metrics": {k: best[k] for k in ("val_white_acc", "val_clean_acc", "phase")},
+            "metrics": {k: best[k] for k in ("val_white_acc", "val_clean_acc", "val_pgd_acc", "phase")},
             "final_metrics": result.get("metrics", {}),
         },
         "trials": public,

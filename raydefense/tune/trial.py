@@ -50,6 +50,9 @@ from raydefense.storage import Storage
 from raydefense.tune.space import Knob, apply_params, objective, overrides_for
 
 PHASES = ("uddn", "teacher", "student")
+# tune.defense = uddn_kt_adv (issue 13): the adversarially trained UDDN, then the ARD-style student
+# behind it (raydefense.pipeline.robust), on the base run's UDDN, teacher and student.
+ROBUST_PHASES = ("uddn_adv", "student_adv")
 _END = "__end__"  # the runner thread finished (or failed)
 _CONTINUE, _STOP = "continue", "stop"
 # How long cleanup waits for a stopped trial's inner run to release its workers.
@@ -81,6 +84,11 @@ class TrialSpec:
     clean_floor: float
     gpu: bool
     num_classes: int
+    defense: str = "uddn_kt"  # tune.defense
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return ROBUST_PHASES if self.defense == "uddn_kt_adv" else PHASES
 
     def artifact(self, trial_id: str, phase: str) -> str:
         return f"tune/{self.name}/{trial_id}/{phase}"
@@ -92,10 +100,12 @@ def phase_result(metrics: dict[str, Any], *, phase: str, last_epoch: int, spec: 
     ``last_epoch`` is the student's last epoch: its result is the trial's final one (``complete``).
     """
     out = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+    if "val_clean_acc" not in out and "val_acc" in out:  # the robust student: clean images behind its UDDN
+        out["val_clean_acc"] = out["val_acc"]
     out["phase"] = phase
-    out["phase_index"] = PHASES.index(phase)
+    out["phase_index"] = spec.phases.index(phase)
     out["phase_epoch"] = int(metrics.get("epoch", 0))
-    out["complete"] = phase == PHASES[-1] and out["phase_epoch"] == last_epoch
+    out["complete"] = phase == spec.phases[-1] and out["phase_epoch"] == last_epoch
     out["objective"] = objective(out, metric=spec.metric, mode=spec.mode, clean_floor=spec.clean_floor)
     return out
 
@@ -201,6 +211,9 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
     t0 = time.perf_counter()
     base = from_dict(spec.cfg)
     cfg = apply_params(base, params, spec.knobs)
+    if spec.defense == "uddn_kt_adv":
+        return _train_robust_trial(params, spec, base=base, cfg=cfg, trial_id=trial_id, channel=channel,
+                                   stopping=stopping, t0=t0)
     last_epoch = cfg.distill.student.epochs - 1
     trial = spec.search.child("trials", trial_id)
     if not trial.exists(RunLayout.CONFIG):
@@ -248,6 +261,60 @@ def train_trial(params: dict[str, Any], spec: TrialSpec, *, trial_id: str, chann
              stopping=stopping)
 
     final = [h for h in history() if h["phase"] == PHASES[-1]]
+    trial.write_json("result.json", {
+        "trial_id": trial_id, "params": dict(params), "overrides": overrides_for(base, params, spec.knobs),
+        "metrics": final[-1] if final else {}, "duration_s": time.perf_counter() - t0, "finished_at": time.time(),
+    })
+
+
+def _train_robust_trial(params: dict[str, Any], spec: TrialSpec, *, base, cfg, trial_id: str, channel: Channel,
+                        stopping: threading.Event, t0: float) -> None:
+    """A ``tune.defense: uddn_kt_adv`` trial (issue 13): the pipeline's own robust tasks with the
+    trial's robust.* values: the UDDN on online PGD through UDDN + target, then the student
+    ARD-style through the trial's UDDN + student; each epoch reports ``val_pgd_acc`` (whole-model
+    PGD accuracy at the trial's training eps on the validation split) and ``val_clean_acc``."""
+    import dataclasses
+
+    from raydefense.pipeline.classifiers import classifier_task
+    from raydefense.pipeline.models import clean_training_sets
+    from raydefense.pipeline.robust import robust_denoiser_args, robust_denoiser_task, student_adv_args
+    from raydefense.pipeline.run import RunLayout
+
+    last_epoch = cfg.robust.student.epochs - 1
+    trial = spec.search.child("trials", trial_id)
+    if not trial.exists(RunLayout.CONFIG):
+        trial.write_text(RunLayout.CONFIG, cfg.to_yaml())
+    ctx = RunContext(cfg=cfg, storage=spec.run, echo=lambda _msg: None)
+
+    def history() -> list[dict[str, Any]]:
+        return trial.read_json("history.json") if trial.exists("history.json") else []
+
+    def replay(phase: str) -> list[dict[str, Any]]:
+        done = history()
+        for h in done:
+            if h["phase"] == phase and not channel.send(dict(h)):
+                raise _Stopped()
+        return done
+
+    if trial.exists("result.json"):
+        for phase in ROBUST_PHASES:
+            replay(phase)
+        return
+    uddn, student = (spec.artifact(trial_id, p) for p in ROBUST_PHASES)
+    tasks = (
+        ("uddn_adv", uddn, lambda: robust_denoiser_task(
+            ctx, dataclasses.replace(robust_denoiser_args(cfg), artifact=uddn), name=f"{trial_id}_uddn_adv")),
+        ("student_adv", student, lambda: classifier_task(
+            ctx, student_adv_args(cfg, num_classes=spec.num_classes, preprocess=uddn, artifact=student),
+            clean_training_sets(ctx), name=f"{trial_id}_student_adv")),
+    )
+    for phase, artifact, make in tasks:
+        done = replay(phase)
+        if ctx.layout.has_model(artifact):
+            continue
+        _fit(spec, cfg, make(), callback=_reporter(phase=phase, last_epoch=last_epoch, spec=spec, trial=trial,
+                                                   history=done, channel=channel), stopping=stopping)
+    final = [h for h in history() if h["phase"] == ROBUST_PHASES[-1]]
     trial.write_json("result.json", {
         "trial_id": trial_id, "params": dict(params), "overrides": overrides_for(base, params, spec.knobs),
         "metrics": final[-1] if final else {}, "duration_s": time.perf_counter() - t0, "finished_at": time.time(),
