@@ -241,8 +241,8 @@ class DenoiseConfig:
     lr_min: float = 1e-4
     plateau_patience: int = 1  # epochs without improvement before the decay
     include_clean: bool = True  # also train on clean images (x* = x) so clean accuracy is kept
-    # Weight of an L1 pixel term added to the logits-/feature-guided loss (not in the paper; it
-    # keeps x_hat near the clean image, Table 1; see raydefense.denoise.losses.guided_loss).
+    # Weight of a squared-error pixel term added to the logits-/feature-guided loss (not in the
+    # paper; it keeps x_hat near the clean image, Table 1; see raydefense.denoise.losses.guided_loss).
     pixel_weight: float = 0.0
     baselines: tuple[str, ...] = ("dae", "pixel_guided")
 

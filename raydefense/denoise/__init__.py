@@ -6,6 +6,7 @@ from raydefense.denoise.losses import (
     guided_loss,
     logits_guided_loss,
     pixel_guided_loss,
+    pixel_mse,
 )
 from raydefense.denoise.uddn import C2, C3, DAE, UDDN, UPSAMPLE_MODES, C, Fuse
 
@@ -23,4 +24,5 @@ __all__ = [
     "guided_loss",
     "logits_guided_loss",
     "pixel_guided_loss",
+    "pixel_mse",
 ]

@@ -244,14 +244,14 @@ def test_gradients_reach_denoiser_not_frozen_model(kind):
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_pixel_weight_adds_the_pixel_l1_to_guided_kinds_only():
+def test_pixel_weight_adds_the_pixel_squared_error_to_guided_kinds_only():
     torch.manual_seed(0)
     model = TinyClassifier().eval()
     x = torch.rand(3, 3, 12, 12)
     x_hat = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
     for kind in ("logits", "features"):
         torch.testing.assert_close(guided_loss(kind, model, x_hat, x, pixel_weight=2.5),
-                                   guided_loss(kind, model, x_hat, x) + 2.5 * pixel_guided_loss(x_hat, x))
+                                   guided_loss(kind, model, x_hat, x) + 2.5 * ((x_hat - x) ** 2).mean())
     torch.testing.assert_close(guided_loss("pixel", None, x_hat, x, pixel_weight=2.5), pixel_guided_loss(x_hat, x))
     with pytest.raises(ValueError, match="pixel_weight"):
         guided_loss("logits", model, x_hat, x, pixel_weight=-1.0)
