@@ -31,8 +31,7 @@ def robust_markdown(robust: dict[str, Any], training_s: Optional[dict[str, float
         for k, e in enumerate(s["eps"]):
             row = [cell(rec["attacks"][a][k]) for a in ("pgd", "apgd_ce", "apgd_dlr", "square", "transfer", "worst")]
             out.append(f"| {d} | {_eps_label(e)} | {cell(rec['clean'])} | " + " | ".join(row) + " |")
-    out += ["", f"n = {s['images']} per cell. ### Gradient-masking checks (Carlini et al. 2019; Athalye et al. 2018)".replace(
-        " ### ", "\n\n### "), ""]
+    out += ["", f"n = {s['images']} per cell.", "", "### Gradient-masking checks (Carlini et al. 2019; Athalye et al. 2018)", ""]
     checks = {d: [CheckResult(**c) for c in cs] for d, cs in robust["checks"].items()}
     out += [render_markdown(checks)]
     if training_s:
