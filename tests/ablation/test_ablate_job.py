@@ -82,6 +82,7 @@ def _span(run):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_ablation_runs_grows_and_resumes_without_training_again(tmp_path):
     root = tmp_path / "abl"
     first, t_first = _ablate(tmp_path, FIRST)

@@ -27,7 +27,7 @@ from raydefense.pipeline.runner import STAGE_NAMES
 from tests.conftest import REPO
 from tests.distributed.test_faults import _processes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 DEFENSES = ("none", "dae", "pixel_guided", "uddn", "uddn_kt", "jpeg", "dcn", "distillation")
 SETS = ("clean", "white_box", "black_box")

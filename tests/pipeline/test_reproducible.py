@@ -307,6 +307,7 @@ def _adv_rows(storage) -> dict[tuple, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_runs_of_one_config_give_identical_metrics(tmp_path, pipeline_ray):
     from raydefense.pipeline.runner import run_pipeline
     from raydefense.storage import Storage

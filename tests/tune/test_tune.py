@@ -268,6 +268,7 @@ SEARCH = ["--config", "configs/smoke.yaml", "--name", "tiny", "--num-samples", "
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_search_completes_resumes_after_a_kill_and_optuna_records_it(tmp_path):
     """Kill the driver (SIGKILL, whole process group) once the first trial finished and the
     second trained its UDDN; run the same command again: the first trial and the second's
