@@ -92,7 +92,8 @@ class WholeModelActor:
     ``d:apgd_ce``, ``d:apgd_dlr`` (correct under that attack at the row's budget) and, on
     rows of the first test method only (``curve_row``), ``d:level<k>`` (correct on clean and
     under PGD at the fixed level k). Attacks run only on rows still classified correctly,
-    the others are already counted as broken.
+    the others are already counted as broken, and PGD / APGD stop early per row (``early_stop``:
+    a row's first fooling iterate is kept, no more gradients are spent on it).
     """
 
     def __init__(self, *, storage, defenses, levels, first_method: str, steps: int, restarts: int,
@@ -111,7 +112,7 @@ class WholeModelActor:
         from raydefense.attacks import PGD
 
         return PGD(model, eps=eps, alpha=pgd_step_size(eps, self.steps), steps=self.steps, random_start=True,
-                   restarts=self.restarts, eot_samples=eot).with_image_seeds(seeds)(x, y)
+                   restarts=self.restarts, eot_samples=eot, early_stop=True).with_image_seeds(seeds)(x, y)
 
     def _start_seeds(self, batch: dict[str, np.ndarray], defense: str, attack: str) -> np.ndarray:
         """Per row, the seed of its random starts under ``attack`` on ``defense``: a function of (seed,
@@ -166,7 +167,7 @@ class WholeModelActor:
                         ok[left.cpu().numpy()] = True
                     elif left.numel():
                         attack = APGD(model, eps=budget[left], steps=self.apgd_steps, restarts=self.apgd_restarts,
-                                      loss=loss, eot_samples=eot).with_image_seeds(
+                                      loss=loss, eot_samples=eot, early_stop=True).with_image_seeds(
                                           self._start_seeds(batch, name, f"apgd_{loss}")[left.cpu().numpy()])
                         ok[left.cpu().numpy()] = _correct(model, attack(x[left], y[left]), y[left])
                     out[f"{name}:apgd_{loss}"] = ok
