@@ -114,3 +114,14 @@ def test_pgd_early_stop_per_image_eps_and_eot():
     assert bool(((adv - x).abs().flatten(1).amax(1) <= eps + 1e-12).all())
     assert torch.equal(adv[0], x[0])  # eps 0: nothing moves
     assert "early_stop=True" in repr(PGD(model, early_stop=True))
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_early_stop_under_no_grad_and_inference_mode(mode):
+    model = CountingLinear()
+    x, y = clean_batch(model)
+    with mode():
+        for attack in (PGD(model, eps=0.1, early_stop=True, restarts=2), APGD(model, eps=0.1, steps=5, early_stop=True)):
+            adv = attack(x, y)
+            assert (adv - x).abs().max() <= 0.1 + 1e-12
+            assert bool(fooled(model, adv, y).any())
