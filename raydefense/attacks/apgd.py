@@ -201,19 +201,10 @@ class APGD(Attack):
 
     def _loss_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-image loss ``(B,)``, fooled flags ``(B,)`` and input gradient, EOT-averaged."""
-        x = x.detach().requires_grad_(True)
-        grad = torch.zeros_like(x)
-        loss_sum = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-        logits_sum = None
-        for _ in range(self.eot_samples):
-            logits = self.model(x)
-            loss = attack_loss(logits, y, loss=self.loss, targeted=self.targeted)
-            grad += torch.autograd.grad(loss.sum(), x)[0]
-            loss_sum += loss.detach()
-            logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
-        pred = logits_sum.argmax(dim=1)
+        loss, logits, grad = self.loss_logits_gradient(x, y, loss=self.loss, samples=self.eot_samples)
+        pred = logits.argmax(dim=1)
         hit = pred == y if self.targeted else pred != y
-        return loss_sum / self.eot_samples, hit, grad / self.eot_samples
+        return loss, hit, grad
 
     def __repr__(self) -> str:
         return (f"{super().__repr__()[:-1]}, steps={self.steps}, restarts={self.restarts}, loss={self.loss!r}, "

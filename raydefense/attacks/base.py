@@ -229,12 +229,23 @@ class Attack:
         (Expectation over Transformation, Athalye et al., ICML 2018). Only the input's gradient
         is computed; parameters' ``.grad`` are left alone.
         """
+        return self.loss_logits_gradient(images, labels, loss=loss, samples=samples)[2]
+
+    def loss_logits_gradient(self, images: Tensor, labels: Tensor, *, loss: str = "ce",
+                             samples: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-image objective ``(B,)``, logits ``(B, K)`` and the input gradient of the summed
+        objective ``(B, C, H, W)``, each averaged over ``samples`` forward passes (EOT), from the
+        same passes; see :meth:`gradient`."""
         x = images.detach().requires_grad_(True)
-        total = torch.zeros_like(x)
+        grad = torch.zeros_like(x)
+        loss_sum = logits_sum = None
         for _ in range(samples):
-            objective = attack_loss(self.model(x), labels, loss=loss, targeted=self.targeted).sum()
-            total += torch.autograd.grad(objective, x)[0]
-        return total / samples
+            logits = self.model(x)
+            objective = attack_loss(logits, labels, loss=loss, targeted=self.targeted)
+            grad += torch.autograd.grad(objective.sum(), x)[0]
+            loss_sum = objective.detach() if loss_sum is None else loss_sum + objective.detach()
+            logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+        return loss_sum / samples, logits_sum / samples, grad / samples
 
     def uniform_start(self, images: Tensor, eps: Tensor, *, restart: int = 0, rows: Tensor | None = None) -> Tensor:
         """A uniform random point of the eps-ball around ``images``, inside ``[0, 1]``: the random

@@ -140,15 +140,8 @@ class PGD(Attack):
         if not need_grad:
             with torch.no_grad():
                 return sum(self.model(x) for _ in range(self.eot_samples)) / self.eot_samples, None
-        x = x.detach().requires_grad_(True)
-        grad = torch.zeros_like(x)
-        logits_sum = None
-        for _ in range(self.eot_samples):
-            logits = self.model(x)
-            objective = attack_loss(logits, y, loss=self.loss, targeted=self.targeted).sum()
-            grad += torch.autograd.grad(objective, x)[0]
-            logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
-        return logits_sum / self.eot_samples, grad / self.eot_samples
+        _, logits, grad = self.loss_logits_gradient(x, y, loss=self.loss, samples=self.eot_samples)
+        return logits, grad
 
     @torch.no_grad()
     def _evaluate(self, adv: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -101,21 +101,29 @@ class RobustEvalActor:
     def _seeds(self, index: np.ndarray, *key: Any) -> np.ndarray:
         return row_seeds(index, self.seed, zlib.crc32("/".join(map(str, key)).encode()))
 
-    def _replicated(self, model, attack, x, y, index, groups: list[tuple[float, tuple]]) -> list[np.ndarray]:
-        """Run ``attack(model, xs, ys, eps (n,), seeds (n,))`` once over ``x`` replicated per group
-        ``(eps, start key)`` (in chunks of at most ``max_rows`` rows); per group, ``(len(x),)``
-        flags: still correct on the attack's output."""
+    def _chunks(self, n: int) -> list[slice]:
+        return [slice(lo, lo + self.max_rows) for lo in range(0, n, self.max_rows)]
+
+    def _attack_replicated(self, model, attack, x, y, index, groups: list[tuple[float, tuple]]):
+        """``attack(model, xs, ys, eps (m,), seeds (m,))`` over ``x`` replicated once per group
+        ``(eps, start key)``, in chunks of at most ``max_rows`` rows: ``(adversarial images
+        (G * n, C, H, W), their labels (G * n,))``, group g in rows ``g * n`` to ``(g + 1) * n``."""
         n = len(x)
+        xs, ys = x.repeat(len(groups), 1, 1, 1), y.repeat(len(groups))
         if n == 0:
-            return [np.zeros(0, dtype=bool) for _ in groups]
-        xs = x.repeat(len(groups), 1, 1, 1)
-        ys = y.repeat(len(groups))
+            return xs, ys
         eps = torch.cat([torch.full((n,), float(e), device=x.device, dtype=x.dtype) for e, _ in groups])
         seeds = np.concatenate([self._seeds(index, *key) for _, key in groups])
-        ok = np.zeros(len(xs), dtype=bool)
-        for lo in range(0, len(xs), self.max_rows):
-            sl = slice(lo, lo + self.max_rows)
-            ok[sl] = _correct(model, attack(model, xs[sl], ys[sl], eps[sl], seeds[sl]), ys[sl])
+        adv = torch.cat([attack(model, xs[sl], ys[sl], eps[sl], seeds[sl]) for sl in self._chunks(len(xs))])
+        return adv, ys
+
+    def _replicated(self, model, attack, x, y, index, groups: list[tuple[float, tuple]]) -> list[np.ndarray]:
+        """Per group of :meth:`_attack_replicated`, ``(len(x),)`` flags: still correct on the
+        attack's output."""
+        n = len(x)
+        adv, ys = self._attack_replicated(model, attack, x, y, index, groups)
+        ok = np.concatenate([_correct(model, adv[sl], ys[sl]) for sl in self._chunks(len(adv))] or
+                            [np.zeros(0, dtype=bool)])
         return [ok[g * n:(g + 1) * n] for g in range(len(groups))]
 
     @staticmethod
@@ -202,15 +210,10 @@ class RobustEvalActor:
     def _transfer(self, x: torch.Tensor, y: torch.Tensor, index: np.ndarray) -> list[torch.Tensor]:
         """Per eps, PGD examples ``(B, C, H, W)`` made on the surrogate alone (one replicated call)."""
         n = len(x)
-        groups = [(e, ("surrogate", k)) for k, e in enumerate(self.eps)]
-        xs, ys = x.repeat(len(groups), 1, 1, 1), y.repeat(len(groups))
-        eps = torch.cat([torch.full((n,), e, device=x.device, dtype=x.dtype) for e, _ in groups])
-        seeds = np.concatenate([self._seeds(index, *key) for _, key in groups])
         attack = self._pgd_fn(steps=self.steps, restarts=1, eot=1, early_stop=False)
-        adv = torch.cat([attack(self.surrogate, xs[lo:lo + self.max_rows], ys[lo:lo + self.max_rows],
-                                eps[lo:lo + self.max_rows], seeds[lo:lo + self.max_rows])
-                         for lo in range(0, len(xs), self.max_rows)])
-        return [adv[k * n:(k + 1) * n] for k in range(len(groups))]
+        adv, _ = self._attack_replicated(self.surrogate, attack, x, y, index,
+                                         [(e, ("surrogate", k)) for k, e in enumerate(self.eps)])
+        return [adv[k * n:(k + 1) * n] for k in range(len(self.eps))]
 
 
 def robust_subset(ctx: RunContext, n: int) -> list[int]:
