@@ -2,7 +2,7 @@
 
 The UDDN is a U-Net that predicts the adversarial noise dx_hat and subtracts it
 (eq. 4: x_hat = x* - dx_hat). The DAE baseline is the same network without the lateral
-(encoder -> decoder) connections. Building blocks: ``C`` = 3x3 conv + BN + ReLU; ``C2`` =
+(encoder -> decoder) connections, reconstructing the whole image instead of the noise. Building blocks: ``C`` = 3x3 conv + BN + ReLU; ``C2`` =
 two C with a residual connection; ``C3`` = three C with dense-style connections; ``F`` =
 upsample the deeper map to the lateral map's size and concatenate. The layout follows HGD
 (Liao et al. 2018, "Defense against Adversarial Attacks Using High-Level Representation
@@ -184,6 +184,10 @@ class UDDN(nn.Module):
 
     def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
         """The noise estimate dx_hat of eq. 4, ``(B, C, H, W) -> (B, C, H, W)``."""
+        return self.to_noise(self._decode(x))
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The last decoder block's map, ``(B, C, H, W) -> (B, widths[0], H, W)``."""
         self._check(x)
         skips = []
         h = x
@@ -197,7 +201,7 @@ class UDDN(nn.Module):
                 h = block(self.fuse(h, skip))
             else:  # DAE: only the skip's size is used, never its values
                 h = block(self.fuse(h, size=(skip.shape[-2], skip.shape[-1])))
-        return self.to_noise(h)
+        return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Denoise: ``x_hat = x - predict_noise(x)`` (eq. 4), clamped only if ``clamp_output``."""
@@ -206,12 +210,21 @@ class UDDN(nn.Module):
 
 
 class DAE(UDDN):
-    """Denoising autoencoder baseline (Li & Wang 2019, section 3.2): the UDDN without lateral paths.
+    """Denoising autoencoder baseline (Li & Wang 2019, section 3.2): the UDDN without lateral
+    paths, reconstructing the whole image.
 
     Same arguments as :class:`UDDN` except ``lateral`` (always False): every decoder block
-    sees only the upsampled feedback, so encoder maps reach the output only through the
-    bottleneck. It keeps the residual output x_hat = x - dx_hat of eq. 4, so the comparison
-    with the UDDN isolates the lateral connections.
+    sees only the upsampled feedback, so the input reaches the output only through the
+    bottleneck (1/16 of the input's side). As the paper describes it ("the learning target of
+    UDDN is to obtain noise instead of reconstructing the entire image, which is different from
+    DAE"), the DAE has no residual output: its 1x1 head ``to_image`` returns x_hat itself, and
+    :meth:`predict_noise` is defined as ``x - x_hat`` so both denoisers share eq. 4's interface.
+
+    Why not keep the residual: a residual DAE starts at the identity (the head is zero-initialised
+    like the UDDN's), and under the pixel loss the noise it cannot see through the bottleneck has
+    median 0, so it stays there. Measured on the default preset (seed 0, 2026-12-03): head
+    weights below 1e-3 after training, L1(x_hat, x) 0.0001 on clean images, and exactly the
+    undefended target's accuracies, where the paper's DAE reconstructs (clean L1 0.0153).
 
     Shapes: ``(B, in_channels, H, W) -> (B, in_channels, H, W)``.
     """
@@ -226,3 +239,22 @@ class DAE(UDDN):
     ) -> None:
         super().__init__(in_channels=in_channels, widths=widths, lateral=False,
                          clamp_output=clamp_output, upsample=upsample)
+        # The reconstruction head replaces the noise head (a different name, so a residual
+        # DAE's weights from before this change fail to load instead of loading silently).
+        del self.to_noise
+        self.to_image = nn.Conv2d(self.widths[0], in_channels, 1)
+        nn.init.zeros_(self.to_image.weight)
+        nn.init.constant_(self.to_image.bias, 0.5)  # start at mid-grey, the middle of [0, 1]
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The reconstruction x_hat, unclamped, ``(B, C, H, W) -> (B, C, H, W)``."""
+        return self.to_image(self._decode(x))
+
+    def predict_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """``x - x_hat``: the noise the reconstruction removes, ``(B, C, H, W) -> (B, C, H, W)``."""
+        return x - self.reconstruct(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruct: ``x_hat``, clamped to [0, 1] only if ``clamp_output``."""
+        x_hat = self.reconstruct(x)
+        return x_hat.clamp(0.0, 1.0) if self.clamp_output else x_hat

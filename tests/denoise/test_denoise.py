@@ -48,10 +48,11 @@ class TinyClassifier(nn.Module):
 
 
 def _randomize_output(model: UDDN) -> UDDN:
-    """Give the zero-initialized output conv random weights, so tests see real noise estimates."""
+    """Give the zero-initialized output conv random weights, so tests see real outputs."""
+    head = model.to_image if isinstance(model, DAE) else model.to_noise
     with torch.no_grad():
-        model.to_noise.weight.normal_(0, 0.1)
-        model.to_noise.bias.normal_(0, 0.1)
+        head.weight.normal_(0, 0.1)
+        head.bias.normal_(0, 0.1)
     return model
 
 
@@ -67,23 +68,48 @@ def test_shapes_preserved(cls, size):
     assert model.predict_noise(x).shape == x.shape
 
 
-@pytest.mark.parametrize("cls", [UDDN, DAE])
 @pytest.mark.parametrize("train", [True, False])
-def test_forward_is_input_minus_predicted_noise(cls, train):
+def test_forward_is_input_minus_predicted_noise(train):
     torch.manual_seed(0)
-    model = _randomize_output(cls(widths=TINY)).train(train)
+    model = _randomize_output(UDDN(widths=TINY)).train(train)
     x = torch.rand(2, 3, 24, 24)
     noise = model.predict_noise(x)
     assert noise.abs().max() > 1e-3  # not trivially zero
     assert torch.equal(model(x), x - noise)  # eq. 4, exactly
 
 
-@pytest.mark.parametrize("cls", [UDDN, DAE])
-def test_identity_at_init(cls):
-    model = cls(widths=TINY)
+@pytest.mark.parametrize("train", [True, False])
+def test_dae_reconstructs_the_image_without_a_residual(train):
+    """The paper's DAE reconstructs x_hat itself (section 3.2); predict_noise is x - x_hat."""
+    torch.manual_seed(0)
+    model = _randomize_output(DAE(widths=TINY)).train(train)
+    assert not hasattr(model, "to_noise")
+    x = torch.rand(2, 3, 24, 24)
+    x_hat = model(x)
+    torch.testing.assert_close(model.predict_noise(x), x - x_hat)
+    # No identity path: the same decoder map without the input added, i.e. the head's output.
+    torch.testing.assert_close(x_hat, model.to_image(model._decode(x)))
+    # (test_dae_reaches_output_only_through_bottleneck: cut the bottleneck and x_hat no longer
+    # depends on x at all, which a residual output x - dx_hat would.)
+
+
+def test_uddn_identity_at_init():
+    model = UDDN(widths=TINY)
     x = torch.rand(2, 3, 33, 33)
     assert torch.equal(model(x), x)
     assert torch.count_nonzero(model.predict_noise(x)) == 0
+
+
+def test_dae_starts_at_mid_grey():
+    """Zero-initialised reconstruction head with bias 0.5: x_hat = 0.5 everywhere at init."""
+    x = torch.rand(2, 3, 33, 33)
+    torch.testing.assert_close(DAE(widths=TINY)(x), torch.full_like(x, 0.5))
+
+
+def test_residual_dae_weights_do_not_load():
+    """Weights of a network with a noise head (UDDN layout) must not load silently into the DAE."""
+    with pytest.raises(RuntimeError, match="to_noise|to_image"):
+        DAE(widths=TINY).load_state_dict(UDDN(widths=TINY, lateral=False).state_dict())
 
 
 def test_no_clamp_by_default_and_clamp_option():
@@ -116,9 +142,10 @@ def test_dae_reaches_output_only_through_bottleneck(cls, has_lateral):
     model = _randomize_output(cls(widths=TINY)).eval()
     handle = model.encoder[-1].register_forward_hook(lambda mod, inp, out: out.detach())
     x = torch.rand(2, 3, 20, 20, requires_grad=True)
-    noise = model.predict_noise(x)
+    # The UDDN's head output is its noise estimate; the DAE's is the reconstruction itself.
+    out = model(x) if cls is DAE else model.predict_noise(x)
     handle.remove()
-    (grad,) = torch.autograd.grad(noise.sum(), x, allow_unused=True)
+    (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
     if has_lateral:
         assert grad is not None and grad.abs().sum() > 0
     else:

@@ -97,7 +97,8 @@ def build_tiny_run(root: Path):
     for k, (name, cls) in enumerate((("uddn", UDDN), ("pixel_guided", UDDN), ("dae", DAE))):
         torch.manual_seed(10 + k)
         net = cls(widths=widths)
-        nn.init.normal_(net.to_noise.weight, std=0.02)  # not the identity, so Table 1 has something to show
+        head = net.to_image if cls is DAE else net.to_noise  # the DAE reconstructs, the UDDN predicts noise
+        nn.init.normal_(head.weight, std=0.02)  # not a constant, so Table 1 has something to show
         save_artifact(ctx.storage, name, net.eval(), {"kind": "denoiser", "arch": "dae" if cls is DAE else "uddn",
                                                       "widths": widths}, config=conf)
 
