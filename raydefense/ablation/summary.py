@@ -172,7 +172,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
         lines.append("- `none` and `no_kt` are rows of the full run itself (the same target, UDDN and test sets).")
     if present & {"dae", "pixel_guided"}:
         lines.append("- `dae` and `pixel_guided` are the paper's denoiser baselines in front of the target, without KT: "
-                     "compare them with `no_kt` for the denoiser alone.")
+                     "compare them with `no_kt` for the denoiser alone. The DAE reconstructs the whole image "
+                     "through its bottleneck (no residual, as in the paper) with the UDDN's training budget; "
+                     "its run's Table 1 gives how far its reconstruction is from the clean image.")
     if any(v.startswith("kt_") for v in order):
         lines.append("- KT variants reuse the full run's UDDN, denoised images and teacher, and train only their "
                      "student (equation 6 with their lambda and T).")
