@@ -112,6 +112,10 @@ class RunLayout:
         """A lazy Ray Dataset of the Parquet shards under ``rel`` (markers are not read)."""
         import ray
 
+        from raydefense.pipeline.runtime import configure_data_context
+
+        # Also in processes where init_ray did not run (a Tune trial, an ablation run's task).
+        configure_data_context(ray.data.DataContext.get_current())
         return ray.data.read_parquet(self.storage.path(rel), filesystem=self.storage.fs, columns=columns,
                                      file_extensions=["parquet"])
 

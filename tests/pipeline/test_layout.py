@@ -48,3 +48,36 @@ def test_a_dataset_is_complete_only_with_its_marker(tmp_path):
     assert not layout.has_dataset(RunLayout.DENOISED)  # shards without the marker: interrupted
     st.write_text("data/denoised/_SUCCESS", "")
     assert layout.has_dataset(RunLayout.DENOISED)
+
+
+def test_reads_use_ray_datas_v1_parquet_reader(tmp_path, monkeypatch):
+    """RunLayout.read sets the DataContext before read_parquet chooses its reader: V1 (no
+    footer-reader actor pool per read) and rows in order, also in a process where init_ray did
+    not run. read_parquet is replaced by a probe, so no Ray starts here."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "use_datasource_v2", True)
+    monkeypatch.setattr(ctx.execution_options, "preserve_order", False)
+    seen = {}
+
+    def probe(path, **kwargs):
+        current = ray.data.DataContext.get_current()
+        seen.update(path=path, v2=current.use_datasource_v2, ordered=current.execution_options.preserve_order)
+        return "dataset"
+
+    monkeypatch.setattr(ray.data, "read_parquet", probe)
+    st = Storage.open(str(tmp_path))
+    assert RunLayout(st).read(RunLayout.CLEAN) == "dataset"
+    assert seen == {"path": st.path(RunLayout.CLEAN), "v2": False, "ordered": True}
+
+
+def test_configure_data_context_on_a_fresh_context():
+    import ray
+
+    from raydefense.pipeline.runtime import configure_data_context
+
+    fresh = ray.data.DataContext()
+    assert fresh.use_datasource_v2  # Ray 2.60's default, which this project turns off
+    configure_data_context(fresh)
+    assert fresh.use_datasource_v2 is False and fresh.execution_options.preserve_order is True
