@@ -2,9 +2,10 @@
 
 The UDDN is a U-Net that predicts the adversarial noise dx_hat and subtracts it
 (eq. 4: x_hat = x* - dx_hat). The DAE baseline is the same network without the lateral
-(encoder -> decoder) connections, reconstructing the whole image instead of the noise. Building blocks: ``C`` = 3x3 conv + BN + ReLU; ``C2`` =
-two C with a residual connection; ``C3`` = three C with dense-style connections; ``F`` =
-upsample the deeper map to the lateral map's size and concatenate. The layout follows HGD
+(encoder -> decoder) connections, reconstructing the whole image instead of the noise.
+Building blocks: ``C`` = 3x3 conv + BN + ReLU; ``C2`` = two C with a residual connection;
+``C3`` = three C with dense-style connections; ``F`` = upsample the deeper map to the lateral
+map's size and concatenate. The layout follows HGD
 (Liao et al. 2018, "Defense against Adversarial Attacks Using High-Level Representation
 Guided Denoiser"), which the paper builds on.
 """
