@@ -115,9 +115,21 @@ class RunLayout:
         from raydefense.pipeline.runtime import configure_data_context
 
         # Also in processes where init_ray did not run (a Tune trial, an ablation run's task).
-        configure_data_context(ray.data.DataContext.get_current())
-        return ray.data.read_parquet(self.storage.path(rel), filesystem=self.storage.fs, columns=columns,
-                                     file_extensions=["parquet"])
+        context = ray.data.DataContext.get_current()
+        configure_data_context(context)
+        # The V1 reader samples file footers inside read_parquet, behind a "Parquet dataset
+        # sampling" bar (a fraction of a second, two console lines per read). Ray Data's own
+        # switch turns that bar off for the call; the Dataset copies the context when it is made,
+        # and its copy gets the bars back for the execution, whose progress stays on the console.
+        shown = context.enable_progress_bars
+        context.enable_progress_bars = False
+        try:
+            ds = ray.data.read_parquet(self.storage.path(rel), filesystem=self.storage.fs, columns=columns,
+                                       file_extensions=["parquet"])
+        finally:
+            context.enable_progress_bars = shown
+        ds.context.enable_progress_bars = shown
+        return ds
 
     def table(self, rel: str, *, columns: Optional[list[str]] = None, filter=None, head: Optional[int] = None):
         """The Parquet shards under ``rel`` as a pyarrow Table, on the driver (small reads only)."""

@@ -417,3 +417,29 @@ def test_child_runs_for_table5(tiny, tmp_path):
     rows = table5_rows(cfg, m, root)
     assert [r["run"] for r in rows] == ["tiny", "tiny--vgg16"]  # mobilenet_v2 has not finished: left out
     assert [r["model"] for r in rows] == ["small_cnn", "vgg16"]
+
+
+def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd):
+    """A real RunLayout.read on Ray: every row comes back, Ray Data's V1 footer-sampling bar
+    ("Parquet dataset sampling") does not reach the console, and the dataset's own execution
+    keeps its progress bars on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from raydefense.pipeline.run import RunLayout
+    from raydefense.storage import Storage
+
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    st = Storage.open(str(tmp_path))
+    folder = st.path(RunLayout.CLEAN)
+    st.fs.create_dir(folder, recursive=True)
+    for k in range(2):
+        pq.write_table(pa.table({"index": list(range(5 * k, 5 * k + 5))}), f"{folder}/part-{k}.parquet", filesystem=st.fs)
+    capfd.readouterr()
+    ds = RunLayout(st).read(RunLayout.CLEAN)
+    read_output = capfd.readouterr()
+    assert "dataset sampling" not in read_output.err + read_output.out
+    assert ds.context.enable_progress_bars and ray.data.DataContext.get_current().enable_progress_bars
+    assert sorted(r["index"] for r in ds.take_all()) == list(range(10))
+

@@ -59,17 +59,26 @@ def test_reads_use_ray_datas_v1_parquet_reader(tmp_path, monkeypatch):
     ctx = ray.data.DataContext.get_current()
     monkeypatch.setattr(ctx, "use_datasource_v2", True)
     monkeypatch.setattr(ctx.execution_options, "preserve_order", False)
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
     seen = {}
+
+    class Made:  # what read_parquet returns: a Dataset holding a copy of the current context
+        def __init__(self, context):
+            self.context = context
 
     def probe(path, **kwargs):
         current = ray.data.DataContext.get_current()
-        seen.update(path=path, v2=current.use_datasource_v2, ordered=current.execution_options.preserve_order)
-        return "dataset"
+        seen.update(path=path, v2=current.use_datasource_v2, ordered=current.execution_options.preserve_order,
+                    bars=current.enable_progress_bars)
+        return Made(current.copy())
 
     monkeypatch.setattr(ray.data, "read_parquet", probe)
     st = Storage.open(str(tmp_path))
-    assert RunLayout(st).read(RunLayout.CLEAN) == "dataset"
-    assert seen == {"path": st.path(RunLayout.CLEAN), "v2": False, "ordered": True}
+    ds = RunLayout(st).read(RunLayout.CLEAN)
+    # The footer-sampling bar V1 shows inside read_parquet is off; the dataset's execution and
+    # the process's later datasets keep their progress bars.
+    assert seen == {"path": st.path(RunLayout.CLEAN), "v2": False, "ordered": True, "bars": False}
+    assert ds.context.enable_progress_bars is True and ctx.enable_progress_bars is True
 
 
 def test_configure_data_context_on_a_fresh_context():
