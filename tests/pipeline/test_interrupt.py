@@ -27,7 +27,11 @@ def _interrupt_when(tmp_path, name: str, ready, *, extra=()) -> tuple[int, str, 
             "--name", name, *LEAN, *extra]
     log = tmp_path / f"{name}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # As from a terminal: SIGINT at its default disposition in the job. A shell that starts
+        # pytest in the background (`pytest &` in a script) hands SIGINT on ignored, and an ignored
+        # SIGINT stays ignored across exec, so Python would never raise KeyboardInterrupt.
+        proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 600
         try:
             while not ready(log.read_text()):
