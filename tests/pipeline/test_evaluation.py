@@ -419,7 +419,7 @@ def test_child_runs_for_table5(tiny, tmp_path):
     assert [r["model"] for r in rows] == ["small_cnn", "vgg16"]
 
 
-def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd):
+def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd, monkeypatch):
     """A real RunLayout.read on Ray: every row comes back, Ray Data's V1 footer-sampling bar
     ("Parquet dataset sampling") does not reach the console, and the dataset's own execution
     keeps its progress bars on."""
@@ -430,7 +430,7 @@ def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd):
     from raydefense.pipeline.run import RunLayout
     from raydefense.storage import Storage
 
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_progress_bars", True)
     st = Storage.open(str(tmp_path))
     folder = st.path(RunLayout.CLEAN)
     st.fs.create_dir(folder, recursive=True)
@@ -442,4 +442,3 @@ def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd):
     assert "dataset sampling" not in read_output.err + read_output.out
     assert ds.context.enable_progress_bars and ray.data.DataContext.get_current().enable_progress_bars
     assert sorted(r["index"] for r in ds.take_all()) == list(range(10))
-
