@@ -135,6 +135,9 @@ class TrainConfig:
         _check(0.0 <= self.label_smoothing < 1.0, f"{prefix}.label_smoothing", "must be in [0, 1)")
 
 
+SURROGATE_INITS = ("own", "target")
+
+
 @dataclass(frozen=True)
 class ModelsConfig:
     """The target (white-box) and surrogate (black-box) classifiers of section 5."""
@@ -147,6 +150,12 @@ class ModelsConfig:
     surrogate_pretrained: Optional[str] = None
     # Pretrained weights are fine-tuned when set; 'skip' trusts them as they are.
     finetune_pretrained: bool = True
+    # Where the surrogate starts: 'own' (its own random initialisation, or surrogate_pretrained)
+    # or 'target' (the target's starting weights: target_pretrained when set, else the target's
+    # random initialisation; same architecture needed), i.e. an attacker who fine-tunes the same
+    # published checkpoint as the defender, with its own batches. Either way it trains on its own
+    # batch order and augmentation draws.
+    surrogate_init: str = "own"
     target_train: TrainConfig = field(default_factory=TrainConfig)
     surrogate_train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -164,6 +173,13 @@ class ModelsConfig:
         for key in ("target_pretrained", "surrogate_pretrained"):
             value = getattr(self, key)
             _check(value is None or bool(value.strip()), f"{prefix}.{key}", "must be null or name weights (a tag, path or s3:// URI)")
+        _check(self.surrogate_init in SURROGATE_INITS, f"{prefix}.surrogate_init",
+               f"must be one of {', '.join(SURROGATE_INITS)}")
+        if self.surrogate_init == "target":
+            _check(self.surrogate == self.target, f"{prefix}.surrogate_init",
+                   f"'target' needs the target's architecture (surrogate '{self.surrogate}', target '{self.target}')")
+            _check(self.surrogate_pretrained is None, f"{prefix}.surrogate_init",
+                   "'target' starts the surrogate from the target's weights; surrogate_pretrained must then be null")
         self.target_train.validate(f"{prefix}.target_train")
         self.surrogate_train.validate(f"{prefix}.surrogate_train")
 

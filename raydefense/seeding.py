@@ -10,8 +10,10 @@ Two kinds of randomness, two helpers:
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import zlib
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -37,8 +39,35 @@ def worker_seed(seed: int, loop: str, rank: int, task: str = "") -> int:
     without it a surrogate of the target's architecture started from the target's very weights
     and saw the same batches, i.e. it *was* the target and its "black-box" attacks were white-box.
     The offset is a CRC-32 of the name (stable across processes, unlike ``hash``)."""
-    offset = zlib.crc32(task.encode()) % 100_003 * 1_000 if task else 0
-    return seed + STREAMS[loop] + rank + offset
+    return seed + STREAMS[loop] + rank + _name_offset(task)
+
+
+def epoch_seed(seed: int, epoch: int, stream: str = "") -> int:
+    """The seed of epoch ``epoch``'s batch order and augmentation draws in a classifier training.
+
+    Trainings with the same ``stream`` (by default the empty one: the target, the teacher and
+    student, the baselines) see the same batches in the same order; a ``stream`` of their own
+    (the surrogate's) gives their own, as an attacker who trains a copy does not replay the
+    defender's batches. Same CRC-32 offset as :func:`worker_seed`."""
+    return seed * 1000 + epoch + _name_offset(stream)
+
+
+def _name_offset(name: str) -> int:
+    return zlib.crc32(name.encode()) % 100_003 * 1_000 if name else 0
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block that seeds or draws from the global generators (Python, NumPy, torch CPU and
+    CUDA) and put their states back afterwards, e.g. the driver building a worker's initial
+    weights without moving its own streams."""
+    py, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
 
 
 def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -19,7 +19,7 @@ from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LOSSES, LossInputs, RobustInputs  # noqa: F401  (re-exported)
 from raydefense.pipeline.loop_args import ClassifierArgs
 from raydefense.pipeline.runtime import images_to_tensor
-from raydefense.seeding import seed_everything, torch_generator, worker_seed
+from raydefense.seeding import epoch_seed, seed_everything, torch_generator, worker_seed
 from raydefense.pipeline.run import RunContext
 
 
@@ -34,6 +34,18 @@ def augment(x: torch.Tensor, step: T.Step) -> torch.Tensor:
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     dx, dy = step.shared_randint(0, 2 * pad + 1, 2)
     return padded[:, :, dy:dy + h, dx:dx + w]
+
+
+def initial_model(seed: int, args: ClassifierArgs, rank: int = 0) -> torch.nn.Module:
+    """The weights :func:`classifier_loop` starts worker ``rank`` from before any ``args.init``:
+    ``args.arch`` built right after seeding the global generators with the training's
+    :func:`~raydefense.seeding.worker_seed` (Ray Train's ``prepare_model`` then hands rank 0's
+    weights to every worker). Seeds the global generators; wrap in
+    :func:`~raydefense.seeding.isolated_rng` outside a training worker."""
+    from raydefense.models import create_model
+
+    seed_everything(worker_seed(seed, "classifier", rank, task=args.task))
+    return create_model(args.arch, num_classes=args.num_classes, **args.arch_options)
 
 
 @torch.no_grad()
@@ -87,8 +99,6 @@ def classifier_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raydefense.models import create_model
-
     cfg = from_dict(config["cfg"])
     args = ClassifierArgs.from_loop_config(config)
     tc = args.train
@@ -97,9 +107,7 @@ def classifier_loop(config: dict[str, Any]) -> None:
     device = T.worker_device()
     rank, _ = T.world()
     gen = torch_generator(cfg.seed * 1000 + rank + 17)  # DCN's random projections
-    seed_everything(worker_seed(cfg.seed, "classifier", rank, task=args.task))
-
-    model = create_model(args.arch, num_classes=args.num_classes, **args.arch_options)
+    model = initial_model(cfg.seed, args, rank)
     if args.init:
         init = load_artifact(storage, args.init, frozen=False)
         model.load_state_dict(init.state_dict())
@@ -130,7 +138,8 @@ def classifier_loop(config: dict[str, Any]) -> None:
         model.train()
         timer = T.EpochTimer()
         loss_sum = seen = 0.0
-        for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True, seed=cfg.seed * 1000 + epoch):
+        for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True,
+                                     seed=epoch_seed(cfg.seed, epoch, args.stream)):
             x = augment(images_to_tensor(step["image"], device), step)
             y = step["label"]
             with T.autocast(cfg, device):

@@ -267,7 +267,8 @@ def run_evaluate(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     ctx.echo(summary_table(metrics))
     check = metrics["black_box_check"]
     if check and not check["informative"]:
-        ctx.echo("warning: " + black_box_sentence(check, cfg.models.surrogate, target=cfg.models.target, markdown=False))
+        ctx.echo("warning: " + black_box_sentence(check, cfg.models.surrogate, target=cfg.models.target,
+                                                  surrogate_init=cfg.models.surrogate_init, markdown=False))
     return {"report": RunLayout.REPORT, "metrics": RunLayout.METRICS}
 
 

@@ -58,7 +58,8 @@ class ClassifierArgs(LoopArgs):
 
     ``loss`` names a :data:`~raydefense.pipeline.classifiers.CLASSIFIER_LOSSES` entry; ``teacher``
     (an artifact name) is needed by 'kt' and 'soft'; ``lam`` and ``T`` by 'kt', ``T`` by 'temp_ce'
-    and 'soft', ``dcn_weight`` by 'dcn'. ``init`` is an artifact to start from. Every dataset
+    and 'soft', ``dcn_weight`` by 'dcn'. ``init`` is an artifact to start from; ``stream`` keys the
+    batch order and augmentation draws (:func:`raydefense.seeding.epoch_seed`). Every dataset
     named in ``val_sets`` is scored each epoch as ``<name>_acc``. Weights go to
     ``models/<artifact>.pt``.
     """
@@ -81,6 +82,9 @@ class ClassifierArgs(LoopArgs):
     # The online attack of 'pgd_at' / 'ard_kt': RobustInputs' fields (eps, steps, ...), plus
     # 'val_steps' for the per-epoch whole-model PGD accuracy on "val" (val_pgd_acc).
     robust: dict = field(default_factory=dict)
+    # Batch order and augmentation stream (raydefense.seeding.epoch_seed): '' is the one the target
+    # and the trainings derived from it share; the surrogate has its own.
+    stream: str = ""
 
     def __post_init__(self) -> None:
         if self.loss not in CLASSIFIER_LOSSES:

@@ -30,10 +30,36 @@ def _pretrained_init(ctx: RunContext, name: str, arch: str, num_classes: int, pr
 
 
 def classifier_model_args(ctx: RunContext, which: str, *, init: Optional[str] = None) -> ClassifierArgs:
-    """The training of the target or the surrogate (``which``): cross-entropy, ``models.<which>_train``."""
+    """The training of the target or the surrogate (``which``): cross-entropy, ``models.<which>_train``;
+    the surrogate on a batch order and augmentation stream of its own."""
     m = ctx.cfg.models
     return ClassifierArgs(task=which, artifact=which, arch=getattr(m, which), num_classes=ctx.layout.num_classes(),
-                          train=getattr(m, f"{which}_train"), loss="ce", init=init)
+                          train=getattr(m, f"{which}_train"), loss="ce", init=init,
+                          stream="surrogate" if which == "surrogate" else "")
+
+
+TARGET_INIT = "target_init"
+
+
+def target_start(ctx: RunContext) -> str:
+    """The artifact holding the weights the target's training starts from, for a surrogate with
+    ``models.surrogate_init: target``: the target's pretrained weights when the config names them,
+    else ``models/target_init.pt``, the target's random initialisation as its training worker
+    builds it (:func:`~raydefense.pipeline.classifiers.initial_model`, rank 0), made here on the
+    driver without moving the driver's random streams."""
+    from raydefense.pipeline.classifiers import initial_model
+    from raydefense.seeding import isolated_rng
+
+    m = ctx.cfg.models
+    num_classes = ctx.layout.num_classes()
+    if m.target_pretrained:
+        return _pretrained_init(ctx, "target", m.target, num_classes, m.target_pretrained)
+    if not ctx.layout.has_model(TARGET_INIT):
+        with isolated_rng():
+            model = initial_model(ctx.cfg.seed, classifier_model_args(ctx, "target"))
+        spec = {"kind": "classifier", "arch": m.target, "num_classes": num_classes}
+        save_artifact(ctx.storage, TARGET_INIT, model, spec, config=ctx.cfg.to_dict())
+    return TARGET_INIT
 
 
 def clean_training_sets(ctx: RunContext) -> dict[str, Any]:
@@ -45,11 +71,15 @@ def clean_training_sets(ctx: RunContext) -> dict[str, Any]:
 
 def train_or_load(ctx: RunContext, which: str, *, gpu: bool) -> dict[str, Any]:
     """Train the target or surrogate (``which``), from its pretrained weights when the config names
-    them, or keep those weights as they are (``models.finetune_pretrained: false``)."""
+    them, or keep those weights as they are (``models.finetune_pretrained: false``); a surrogate
+    with ``models.surrogate_init: target`` trains from :func:`target_start`."""
     m = ctx.cfg.models
     arch, pretrained = getattr(m, which), getattr(m, f"{which}_pretrained")
     num_classes = ctx.layout.num_classes()
     init = None
+    if which == "surrogate" and m.surrogate_init == "target":
+        return train_classifier(ctx, classifier_model_args(ctx, which, init=target_start(ctx)), clean_training_sets(ctx),
+                                gpu=gpu)
     if pretrained:
         init = _pretrained_init(ctx, which, arch, num_classes, pretrained)
         if not m.finetune_pretrained:

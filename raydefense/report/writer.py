@@ -121,13 +121,17 @@ def black_box_check(metrics: dict[str, Any], *, min_drop: float) -> dict[str, An
 
 
 def black_box_sentence(check: dict[str, Any], surrogate: str, *, target: str | None = None,
-                       markdown: bool = True) -> str:
+                       surrogate_init: str = "own", markdown: bool = True) -> str:
     """One plain sentence on the black-box column (:func:`black_box_check`), set against the
     paper's no-defense drop (Table 2); says so when the surrogate has the target's architecture
-    (its own weights: the attacker knows the architecture and data, not the weights);
-    ``markdown=False`` for the console."""
+    (the attacker knows the architecture and data, not the weights) and, with
+    ``surrogate_init='target'`` (``models.surrogate_init``), that it started from the target's
+    starting weights; ``markdown=False`` for the console."""
     acc = check.get("surrogate_val_acc")
-    same = " (the target's architecture, its own weights)" if target is not None and target == surrogate else ""
+    same = ""
+    if target is not None and target == surrogate:
+        same = (" (the target's architecture, trained from the target's starting weights on its own batches)"
+                if surrogate_init == "target" else " (the target's architecture, its own weights)")
     source = f"the surrogate (`{surrogate}`{same}" + (f", {pct(acc)} validation accuracy)" if acc is not None else ")")
     drop = f"{100 * check['no_defense_drop']:.1f} points"
     p = PAPER_TABLE2["none"]
@@ -156,7 +160,8 @@ def _run_section(metrics: dict[str, Any]) -> list[str]:
         out.append(f"- MTCNN found no face in {data['no_face_found']} images (centre-cropped)")
     out.append(f"- **target** (white-box, the defended model): `{m.get('target')}`"
                + (f" from `{m.get('target_pretrained')}`" if m.get("target_pretrained") else "")
-               + f"; **surrogate** (black-box source): `{m.get('surrogate')}`")
+               + f"; **surrogate** (black-box source): `{m.get('surrogate')}`"
+               + (" from the target's starting weights" if m.get("surrogate_init") == "target" else ""))
     a = cfg.get("attack", {})
     out.append(f"- **attacks**: GNR/denoiser training data {', '.join(a.get('train_methods', []))}; test sets "
                f"{', '.join(a.get('test_methods', []))}; each image its own eps ~ U[{255 * a.get('eps_min', 0):.1f}, "
@@ -394,8 +399,9 @@ def render_markdown(metrics: dict[str, Any], figures: list[str]) -> str:
                       "(LFW, FaceNet) stand beside ours.", ""]
     out += _summary(metrics)
     if metrics.get("black_box_check"):
-        out += [black_box_sentence(metrics["black_box_check"], cfg.get("models", {}).get("surrogate", "?"),
-                                  target=cfg.get("models", {}).get("target")), ""]
+        m = cfg.get("models", {})
+        out += [black_box_sentence(metrics["black_box_check"], m.get("surrogate", "?"), target=m.get("target"),
+                                   surrogate_init=m.get("surrogate_init", "own")), ""]
     out += _run_section(metrics)
     out += _table1(metrics)
     out += ["## Tables 2 and 3: accuracy per defense", ""]

@@ -28,9 +28,20 @@ def test_a_transferring_surrogate_makes_the_column_informative():
     assert "uninformative" not in black_box_sentence(check, "inception_v3")
     assert "architecture" not in black_box_sentence(check, "inception_v3", target="facenet")
     assert "the target's architecture, its own weights" in black_box_sentence(check, "facenet", target="facenet")
+    shared = black_box_sentence(check, "facenet", target="facenet", surrogate_init="target")
+    assert "from the target's starting weights on its own batches" in shared and "its own weights" not in shared
     # At the threshold exactly: informative; a pretrained surrogate used as it is has no val_acc.
     edge = black_box_check(_metrics(0.9, 0.8, surrogate_acc=None), min_drop=0.1)
     assert edge["surrogate_val_acc"] is None and "validation accuracy" not in black_box_sentence(edge, "x")
+
+
+def test_the_report_says_where_the_surrogate_started():
+    m = _metrics(0.95, 0.70)
+    m["config"]["models"] = {"surrogate": "facenet", "target": "facenet", "surrogate_init": "target"}
+    m["black_box_check"] = black_box_check(m, min_drop=0.1)
+    text = render_markdown(m, [])
+    assert "`facenet` from the target's starting weights" in text  # What was run
+    assert "trained from the target's starting weights on its own batches" in text  # the black-box sentence
 
 
 def test_no_black_box_result_means_no_check_and_the_threshold_is_validated():
