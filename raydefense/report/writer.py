@@ -130,9 +130,9 @@ def black_box_sentence(check: dict[str, Any], surrogate: str, *, target: str | N
     acc = check.get("surrogate_val_acc")
     same = ""
     if target is not None and target == surrogate:
-        same = (" (the target's architecture, trained from the target's starting weights on its own batches)"
-                if surrogate_init == "target" else " (the target's architecture, its own weights)")
-    source = f"the surrogate (`{surrogate}`{same}" + (f", {pct(acc)} validation accuracy)" if acc is not None else ")")
+        same = (": the target's architecture, trained from the target's starting weights on its own batches"
+                if surrogate_init == "target" else ": the target's architecture, its own weights")
+    source = f"the surrogate (`{surrogate}`{same}" + (f"; {pct(acc)} validation accuracy)" if acc is not None else ")")
     drop = f"{100 * check['no_defense_drop']:.1f} points"
     p = PAPER_TABLE2["none"]
     paper = f"{100 * (p['clean'] - p['black_box']):.1f} points, {pct(p['clean'])} -> {pct(p['black_box'])}"
@@ -142,8 +142,8 @@ def black_box_sentence(check: dict[str, Any], surrogate: str, *, target: str | N
     head = "Black-box column uninformative"
     return (f"{f'**{head}**' if markdown else head}: attacks made on {source} cost the undefended target only {drop} "
             f"of accuracy (below {100 * check['min_drop']:.0f}, `eval.black_box_min_drop`); they hardly transfer, so "
-            f"no defense can show anything there (paper: {paper}). A stronger surrogate (more epochs, pretrained "
-            f"weights) makes the column meaningful.")
+            f"no defense can show anything there (paper: {paper}). A surrogate closer to the target (more epochs, "
+            f"pretrained weights, `models.surrogate_init: target`) makes the column meaningful.")
 
 
 def _run_section(metrics: dict[str, Any]) -> list[str]:
