@@ -68,10 +68,12 @@ def test_surrogate_init_target_starts_the_surrogate_from_the_targets_initialisat
             "models.target_train={epochs: 1, batch_size: 16, lr: 1.0e-12}",
             "models.surrogate_train={epochs: 1, batch_size: 16, lr: 1.0e-12}"]
     cfg = load_config(SMOKE, over)
+    started = not ray.is_initialized()  # a Ray another module started is left to it
     try:
         run_pipeline(cfg, stop_after="models", echo=lambda _: None)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     st = Storage.open(str(tmp_path)).child("sinit")
     init, target, surrogate = (st.load_torch(f"models/{n}.pt")["state_dict"] for n in ("target_init", "target", "surrogate"))
     params = [k for k in init if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
