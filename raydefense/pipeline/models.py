@@ -77,10 +77,9 @@ def train_or_load(ctx: RunContext, which: str, *, gpu: bool) -> dict[str, Any]:
     arch, pretrained = getattr(m, which), getattr(m, f"{which}_pretrained")
     num_classes = ctx.layout.num_classes()
     init = None
-    if which == "surrogate" and m.surrogate_init == "target":
-        return train_classifier(ctx, classifier_model_args(ctx, which, init=target_start(ctx)), clean_training_sets(ctx),
-                                gpu=gpu)
-    if pretrained:
+    if which == "surrogate" and m.surrogate_init == "target":  # surrogate_pretrained is then null (config check)
+        init = target_start(ctx)
+    elif pretrained:
         init = _pretrained_init(ctx, which, arch, num_classes, pretrained)
         if not m.finetune_pretrained:
             from raydefense.pipeline.artifacts import load_artifact
