@@ -51,6 +51,7 @@ class Settings:
     stage_split: str = "gnr"  # 120 images at the default size
     stage_methods: tuple[str, ...] = ("fgsm", "ifgsm4")  # the test methods: 5 gradient steps per image
     stage_rounds: int = 3
+    stage_full_rounds: int = 2  # the default run's whole attack stage (0: leave it out)
     fixed_rounds: int = 5
     epochs: int = 4  # 3 timed epochs: the median drops the one that carries the first checkpoint
     epoch_rounds: int = 3
@@ -68,7 +69,7 @@ QUICK = Settings(
     attack_sizes=(80,), attack_batch=8, attack_rounds=2, attack_rounds_large=2,
     ray_overrides=("data.num_identities=4", "data.images_per_identity=12", "data.splits.gnr=4",
                    "data.splits.denoise=4", "data.splits.val=2", "data.splits.test=2"),
-    stage_rounds=2, fixed_rounds=2, epochs=3, epoch_rounds=2,
+    stage_rounds=2, stage_full_rounds=1, fixed_rounds=2, epochs=3, epoch_rounds=2,
     throughput_steps=2, throughput_rounds=2, gpu_batch=32, gpu_steps=3, gpu_rounds=2,
     default_config="configs/smoke.yaml", default_timeout_s=1800.0,
 )
@@ -103,6 +104,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else FULL
     if args.rounds is not None:
         s = dataclasses.replace(s, attack_rounds=args.rounds, attack_rounds_large=args.rounds, stage_rounds=args.rounds,
+                                stage_full_rounds=args.rounds,
                                 fixed_rounds=args.rounds,
                                 epoch_rounds=args.rounds, throughput_rounds=args.rounds, gpu_rounds=args.rounds)
     if args.default_config:
@@ -230,9 +232,19 @@ def _ray_sections(sections: dict[str, Section], cfg, settings: Settings, *, log:
                     sections[k].notes.append(where)
             log(f"   ready in {time.perf_counter() - t0:.1f} s ({where})")
             if "2" in sections:
-                _run(sections["2"], lambda: run_attack_stage(
-                    sections["2"], ctx, split=settings.stage_split, methods=list(settings.stage_methods),
-                    rounds=settings.stage_rounds, log=log), log)
+                def section_2() -> None:
+                    from raydefense.pipeline.attack import attack_plan
+
+                    run_attack_stage(sections["2"], ctx, rounds=settings.stage_rounds, log=log,
+                                     plan={settings.stage_split: [("bench", "target", list(settings.stage_methods))]},
+                                     label=f"Ray Data stage, '{settings.stage_split}' split")
+                    if settings.stage_full_rounds:
+                        # The whole stage: every pass is ~1 min at the default size, so no warm-up
+                        # pass (the subset's passes warmed the same code and files) and 1 actor only.
+                        run_attack_stage(sections["2"], ctx, rounds=settings.stage_full_rounds, warmup=0,
+                                         two_actors=False, plan=attack_plan(ctx.cfg), label="Ray Data stage, whole")
+
+                _run(sections["2"], section_2, log)
             if "3" in sections:
                 _run(sections["3"], lambda: run_train(sections["3"], ctx, fixed_rounds=settings.fixed_rounds,
                                                       epochs=settings.epochs, rounds=settings.epoch_rounds, log=log), log)

@@ -6,18 +6,25 @@ data under a temporary storage folder: the real layout, the real shards). The ta
 config's ``models.target`` (FaceNet by default) with random weights, stored as the run's
 ``models/target.pt`` artifact, which is how the stages load it.
 
-**Section 2, attack stage** (seconds per pass, interleaved round by round):
+**Section 2, attack stage** (seconds per pass, interleaved round by round), twice: on a
+small subset (one split, the test methods, the target only: where Ray Data's fixed costs show)
+and on the default run's whole stage (``attack_plan(cfg)``: every split, set and method, the
+target and the surrogate: what ``python jobs/full_pipeline.py`` runs):
 
-* *Ray Data*: what ``run_attack`` does, on one split: ``layout.read_clean(split)`` ->
-  ``actor_map(..., AttackActor, ...)`` (the stage's actor pool and actor class) ->
-  ``layout.write_dataset`` (Parquet + ``_SUCCESS``); with ``scale.attack_actors=1`` and the
-  config's ``scale.cpus_per_actor`` (the default run's setting), then with 2 actors sharing
-  the same CPUs (``cpus_per_actor / 2`` torch threads each).
+* *Ray Data*: what ``run_attack`` does: the stage's own pipeline
+  (:func:`raydefense.pipeline.attack.attack_dataset`: one chained read per split ->
+  ``actor_map(..., AttackActor, ...)``, the stage's actor pool and actor class) ->
+  ``layout.write_dataset`` (Parquet partitioned by set + ``_SUCCESS``); with
+  ``scale.attack_actors=1`` and the config's ``scale.cpus_per_actor`` (the default run's
+  setting), then (subset only) with 2 actors sharing the same CPUs (``cpus_per_actor / 2``
+  torch threads each).
 * *plain*: one process reads the same Parquet rows with pyarrow, calls the same
-  ``AttackActor`` (same model artifact, plan, per-image eps, batch size and torch threads)
-  batch after batch, and writes the result with pyarrow. The per-batch work is identical, so
+  ``AttackActor`` (same model artifacts, plan, per-image eps, batch size and torch threads)
+  batch after batch, one split at a time, and writes the result with pyarrow, one file per set. The per-batch work is identical, so
   the ratio ``plain seconds / Ray seconds`` (Ray's speed relative to the plain loop) is the
   cost of Ray Data itself: actor start-up and model load, scheduling, object transfer, writes.
+  The models have random weights (stored as the run's artifacts): FGSM and I-FGSM do the same
+  work whatever the weights.
 
 **Section 3, Ray Train**:
 
@@ -57,7 +64,8 @@ __all__ = ["prepare_run", "run_attack_stage", "run_train", "image_array", "Local
 
 def prepare_run(cfg, root: str, *, log: Callable[[str], None]):
     """Start the project's local Ray and run the prepare stage into ``<root>/bench``; store a
-    random-init target as ``models/target.pt``. Returns the run's ``RunContext``."""
+    random-init target and surrogate as ``models/target.pt`` and ``models/surrogate.pt``. Returns
+    the run's ``RunContext``."""
     from raydefense.models import create_model
     from raydefense.pipeline.artifacts import save_artifact
     from raydefense.pipeline.run import RunContext
@@ -71,6 +79,10 @@ def prepare_run(cfg, root: str, *, log: Callable[[str], None]):
     model = create_model(cfg.models.target, num_classes=n)
     save_artifact(ctx.storage, "target", model, {"kind": "classifier", "arch": cfg.models.target, "num_classes": n},
                   config=cfg.to_dict())
+    torch.manual_seed(1)  # the black-box sets of the whole stage attack the surrogate
+    model = create_model(cfg.models.surrogate, num_classes=n)
+    save_artifact(ctx.storage, "surrogate", model, {"kind": "classifier", "arch": cfg.models.surrogate,
+                                                    "num_classes": n}, config=cfg.to_dict())
     return ctx
 
 
@@ -110,85 +122,106 @@ def _read_clean(ctx, splits: list[str], columns: list[str]) -> dict[str, np.ndar
 
 
 def _write_plain(ctx, rel: str, out: dict[str, np.ndarray]) -> int:
-    """The attack rows as one Parquet file at ``<run>/<rel>/part-0.parquet`` (pyarrow)."""
+    """The attack rows as Parquet under ``<run>/<rel>/``, one file per adversarial set in the
+    stage's Hive layout (``set=<name>/part-0.parquet``, the ``set`` column in the path, as
+    ``run_attack`` writes them), with pyarrow."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = {}
-    for k, v in out.items():
-        if v.ndim > 1:  # images: one fixed-size list of uint8 per row
-            cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), int(np.prod(v.shape[1:])))
-        else:
-            cols[k] = pa.array(v.tolist() if v.dtype == object else v)
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(cols), sink)
-    ctx.storage.write_bytes(f"{rel}/part-0.parquet", sink.getvalue().to_pybytes())
-    return len(out["label"])
+    sets = out["set"]
+    for name in np.unique(sets):
+        rows = np.flatnonzero(sets == name)
+        cols = {}
+        for k, v in out.items():
+            if k == "set":
+                continue
+            v = v[rows]
+            if v.ndim > 1:  # images: one fixed-size list of uint8 per row
+                cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), int(np.prod(v.shape[1:])))
+            else:
+                cols[k] = pa.array(v.tolist() if v.dtype == object else v)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table(cols), sink)
+        ctx.storage.write_bytes(f"{rel}/set={name}/part-0.parquet", sink.getvalue().to_pybytes())
+    return len(sets)
 
 
-def plain_attack_pass(ctx, actor_kwargs: dict[str, Any], *, split: str, batch_size: int, threads: int, rel: str) -> int:
-    """Section 2's plain loop: read ``split``'s clean rows with pyarrow, run the stage's
-    :class:`~raydefense.pipeline.attack.AttackActor` on batches of ``batch_size`` in this process
-    (``threads`` torch threads), write the rows as Parquet under ``rel``. Returns the row count."""
+def plain_attack_pass(ctx, actor_kwargs: dict[str, Any], *, splits: list[str], batch_size: int, threads: int,
+                      rel: str) -> int:
+    """Section 2's plain loop: read the clean rows of ``splits`` with pyarrow, run the stage's
+    :class:`~raydefense.pipeline.attack.AttackActor` on batches of ``batch_size`` of one split at
+    a time (the stage's reads are chained per split, so its batches hold one split too), in this
+    process (``threads`` torch threads), and write the rows as Parquet under ``rel``, one file per
+    adversarial set. Returns the row count."""
     from raydefense.pipeline.attack import AttackActor
 
     saved = torch.get_num_threads()
     try:
-        data = _read_clean(ctx, [split], ["image", "label", "split", "index"])
+        data = _read_clean(ctx, sorted(splits), ["image", "label", "split", "index"])
         actor = AttackActor(**actor_kwargs, gpu=False, threads=threads)
-        n = len(data["label"])
-        parts = [actor({k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, n, batch_size)]
+        parts = []
+        for split in sorted(splits):
+            rows = np.flatnonzero(data["split"] == split)
+            for i in range(0, len(rows), batch_size):
+                parts.append(actor({k: v[rows[i:i + batch_size]] for k, v in data.items()}))
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return _write_plain(ctx, rel, out)
     finally:
         torch.set_num_threads(saved)
 
 
-def run_attack_stage(section: Section, ctx, *, split: str, methods: list[str], rounds: int, warmup: int = 1,
+def run_attack_stage(section: Section, ctx, *, plan: dict[str, list[tuple[str, str, list[str]]]], rounds: int,
+                     warmup: int = 1, two_actors: bool = True, label: str = "Ray Data stage",
                      log: Callable[[str], None] = print) -> None:
-    """Fill ``section`` with section 2's rows (module docstring)."""
-    from raydefense.pipeline.attack import AttackActor
-    from raydefense.pipeline.runtime import actor_map
+    """Fill ``section`` with section 2's rows for one attack ``plan`` (split -> [(set, model,
+    methods)], as :func:`raydefense.pipeline.attack.attack_plan` gives): the stage's own Ray Data
+    pipeline (:func:`~raydefense.pipeline.attack.attack_dataset`, written as the stage writes it)
+    with 1 actor, with 2 actors if ``two_actors``, and the plain loop, interleaved."""
+    from raydefense.pipeline.attack import attack_dataset
 
     cfg = ctx.cfg
     a = cfg.attack
-    plan = {split: [("bench", "target", list(methods))]}
     kwargs = {"storage": ctx.storage, "plan": plan, "seed": a.seed, "eps_min": a.eps_min, "eps_max": a.eps_max}
     threads = max(1, int(cfg.scale.cpus_per_actor))
     one = cfg.replace(["scale.attack_actors=1"])
     two = cfg.replace(["scale.attack_actors=2", f"scale.cpus_per_actor={max(1, threads // 2)}"])
-    rows: dict[str, list[int]] = {"ray_1_actor": [], "ray_2_actors": [], "plain": []}
+    keys = ["ray_1_actor", "plain"] + (["ray_2_actors"] if two_actors else [])
+    rows: dict[str, list[int]] = {k: [] for k in keys}
 
     def ray_stage(run_cfg, key: str) -> Callable[[], None]:
         def run() -> None:
-            ds = actor_map(ctx.layout.read_clean(split), AttackActor, kwargs, cfg=run_cfg, gpu=False,
-                           batch_size=a.batch_size)
             rel = f"bench/{key}"
-            ctx.layout.write_dataset(rel, ds)
+            ctx.layout.write_dataset(rel, attack_dataset(ctx, plan, gpu=False, cfg=run_cfg), partition_cols=["set"])
             rows[key].append(ctx.layout.count_rows(rel))
         return run
 
     def plain() -> None:
-        rows["plain"].append(plain_attack_pass(ctx, kwargs, split=split, batch_size=a.batch_size, threads=threads,
-                                               rel="bench/plain"))
+        rows["plain"].append(plain_attack_pass(ctx, kwargs, splits=list(plan), batch_size=a.batch_size,
+                                               threads=threads, rel="bench/plain"))
 
-    times = interleave({"ray_1_actor": ray_stage(one, "ray_1_actor"), "plain": plain,
-                        "ray_2_actors": ray_stage(two, "ray_2_actors")}, rounds=rounds, warmup=warmup)
-    if len({*rows["ray_1_actor"], *rows["ray_2_actors"], *rows["plain"]}) != 1:
-        raise RuntimeError(f"the three attack passes wrote different row counts: {rows}")
-    n_images = rows["plain"][0] // max(1, len(methods))
-    section.notes.append(f"split '{split}' ({n_images} images) x {methods} against the {cfg.models.target} target at "
-                         f"{cfg.data.image_size} px, batch {a.batch_size}; 1 actor x {threads} CPU(s) and 2 actors x "
-                         f"{max(1, threads // 2)} vs 1 process x {threads} torch thread(s); seconds per pass including "
-                         "Parquet read and write; ratio = plain seconds / Ray seconds (Ray's relative speed)")
-    section.rows.append(Row.of("Ray Data stage, 1 actor / plain loop speed",
-                               paired_ratios(times["plain"], times["ray_1_actor"]), "x", ratio=True))
-    section.rows.append(Row.of("Ray Data stage, 2 actors / plain loop speed",
+    contenders = {"ray_1_actor": ray_stage(one, "ray_1_actor"), "plain": plain}
+    if two_actors:
+        contenders["ray_2_actors"] = ray_stage(two, "ray_2_actors")
+    times = interleave(contenders, rounds=rounds, warmup=warmup)
+    if len({n for k in keys for n in rows[k]}) != 1:
+        raise RuntimeError(f"the attack passes wrote different row counts: {rows}")
+    sets = "; ".join(f"{split}: " + ", ".join(f"{name} ({'/'.join(methods)} vs {model})" for name, model, methods in sets_)
+                     for split, sets_ in sorted(plan.items()))
+    section.notes.append(f"{label}: {rows['plain'][0]} adversarial rows ({sets}) against random-init "
+                         f"{cfg.models.target} / {cfg.models.surrogate} at {cfg.data.image_size} px, batch {a.batch_size}; "
+                         f"1 actor x {threads} CPU(s)" + (f" and 2 actors x {max(1, threads // 2)}" if two_actors else "")
+                         + f" vs 1 process x {threads} torch thread(s); seconds per pass including Parquet read and "
+                         "write; ratio = plain seconds / Ray seconds (Ray's relative speed)")
+    new_rows = [Row.of(f"{label}, 1 actor / plain loop speed", paired_ratios(times["plain"], times["ray_1_actor"]),
+                       "x", ratio=True)]
+    if two_actors:
+        new_rows.append(Row.of(f"{label}, 2 actors / plain loop speed",
                                paired_ratios(times["plain"], times["ray_2_actors"]), "x", ratio=True))
-    for key, label in (("ray_1_actor", "Ray Data stage, 1 actor"), ("ray_2_actors", "Ray Data stage, 2 actors"),
-                       ("plain", "plain loop")):
-        section.rows.append(Row.of(f"{label}", [rows[key][0] / t for t in times[key]], "adv img/s", seconds=times[key]))
-    for r in section.rows:
+    names = {"ray_1_actor": f"{label}, 1 actor", "ray_2_actors": f"{label}, 2 actors", "plain": f"{label}, plain loop"}
+    for key in keys:
+        new_rows.append(Row.of(names[key], [rows[key][0] / t for t in times[key]], "adv img/s", seconds=times[key]))
+    section.rows.extend(new_rows)
+    for r in new_rows:
         log(f"  {r.name}: {r.summary.median:.4g} {r.unit}")
 
 

@@ -107,10 +107,11 @@ def attack_plan(cfg) -> dict[str, list[tuple[str, str, list[str]]]]:
     return plan
 
 
-def run_attack(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
-    """One streaming pass: every clean image that feeds an adversarial set, through one actor pool."""
-    cfg = ctx.cfg
-    plan = attack_plan(cfg)
+def attack_dataset(ctx: RunContext, plan: dict[str, list[tuple[str, str, list[str]]]], *, gpu: bool, cfg=None):
+    """The attack stage's lazy Ray Dataset: the clean rows of every split of ``plan`` through one
+    :class:`AttackActor` pool (``cfg.scale`` sizes it; ``cfg`` defaults to ``ctx.cfg``). Rows out:
+    ``set, clean, adv, label, eps, method, index``, one per (clean image, set, method)."""
+    cfg = cfg if cfg is not None else ctx.cfg
     # One filtered read per split, chained: a batch then holds one split (at most two where
     # the reads meet), so each attack runs on a full batch instead of a split's share of it
     # (on CPU a batch of 8 costs ~1.6x per image what a batch of 32 does).
@@ -118,9 +119,16 @@ def run_attack(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     ds = ctx.layout.read_clean(splits[0])
     for split in splits[1:]:
         ds = ds.union(ctx.layout.read_clean(split))
-    ds = actor_map(ds, AttackActor, {"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
-                                     "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max},
-                   cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
+    return actor_map(ds, AttackActor, {"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
+                                       "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max},
+                     cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
+
+
+def run_attack(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
+    """One streaming pass: every clean image that feeds an adversarial set, through one actor pool."""
+    cfg = ctx.cfg
+    plan = attack_plan(cfg)
+    ds = attack_dataset(ctx, plan, gpu=gpu)
     ctx.layout.write_dataset(ctx.layout.ADV, ds, partition_cols=["set"])
     counts = {}
     for split, sets in plan.items():
