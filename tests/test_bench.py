@@ -200,7 +200,7 @@ def test_plain_attack_pass_reads_attacks_and_writes_parquet(tmp_path):
     ctx = RunContext(cfg=cfg, storage=storage)
     kwargs = {"storage": storage, "plan": {"gnr": [("bench", "target", ["fgsm", "ifgsm2"])]}, "seed": 0,
               "eps_min": 2 / 255, "eps_max": 8 / 255}
-    n = ray_stages.plain_attack_pass(ctx, kwargs, splits=["gnr"], batch_size=3, threads=1, rel="bench/plain")
+    n = ray_stages.plain_attack_pass(ctx, kwargs, batch_size=3, threads=1, rel="bench/plain")
     assert n == 8  # 4 gnr images x 2 methods; the val rows are not read
     out = ctx.layout.table("bench/plain/set=bench")
     assert sorted(set(out.column("method").to_pylist())) == ["fgsm", "ifgsm2"]
@@ -214,8 +214,7 @@ def test_plain_attack_pass_reads_attacks_and_writes_parquet(tmp_path):
                   {"kind": "classifier", "arch": "small_cnn", "num_classes": 3}, config=cfg.to_dict())
     plan = {"gnr": [("train", "target", ["fgsm", "ifgsm2"])],
             "val": [("val_white", "target", ["fgsm"]), ("val_black", "surrogate", ["fgsm"])]}
-    n = ray_stages.plain_attack_pass(ctx, {**kwargs, "plan": plan}, splits=list(plan), batch_size=3, threads=1,
-                                     rel="bench/whole")
+    n = ray_stages.plain_attack_pass(ctx, {**kwargs, "plan": plan}, batch_size=3, threads=1, rel="bench/whole")
     assert n == 4 * 2 + 2 + 2
     counts = {name: ctx.layout.count_rows(f"bench/whole/set={name}") for name in ("train", "val_white", "val_black")}
     assert counts == {"train": 8, "val_white": 2, "val_black": 2}

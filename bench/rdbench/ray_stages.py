@@ -20,7 +20,8 @@ target and the surrogate: what ``python jobs/full_pipeline.py`` runs):
   torch threads each).
 * *plain*: one process reads the same Parquet rows with pyarrow, calls the same
   ``AttackActor`` (same model artifacts, plan, per-image eps, batch size and torch threads)
-  batch after batch, one split at a time, and writes the result with pyarrow, one file per set. The per-batch work is identical, so
+  batch after batch, one split at a time, and writes the result with pyarrow, one file per
+  set. The per-batch work is identical, so
   the ratio ``plain seconds / Ray seconds`` (Ray's speed relative to the plain loop) is the
   cost of Ray Data itself: actor start-up and model load, scheduling, object transfer, writes.
   The models have random weights (stored as the run's artifacts): FGSM and I-FGSM do the same
@@ -146,9 +147,9 @@ def _write_plain(ctx, rel: str, out: dict[str, np.ndarray]) -> int:
     return len(sets)
 
 
-def plain_attack_pass(ctx, actor_kwargs: dict[str, Any], *, splits: list[str], batch_size: int, threads: int,
-                      rel: str) -> int:
-    """Section 2's plain loop: read the clean rows of ``splits`` with pyarrow, run the stage's
+def plain_attack_pass(ctx, actor_kwargs: dict[str, Any], *, batch_size: int, threads: int, rel: str) -> int:
+    """Section 2's plain loop: read the clean rows of every split of ``actor_kwargs["plan"]`` with
+    pyarrow, run the stage's
     :class:`~raydefense.pipeline.attack.AttackActor` on batches of ``batch_size`` of one split at
     a time (the stage's reads are chained per split, so its batches hold one split too), in this
     process (``threads`` torch threads), and write the rows as Parquet under ``rel``, one file per
@@ -157,10 +158,11 @@ def plain_attack_pass(ctx, actor_kwargs: dict[str, Any], *, splits: list[str], b
 
     saved = torch.get_num_threads()
     try:
-        data = _read_clean(ctx, sorted(splits), ["image", "label", "split", "index"])
+        splits = sorted(actor_kwargs["plan"])
+        data = _read_clean(ctx, splits, ["image", "label", "split", "index"])
         actor = AttackActor(**actor_kwargs, gpu=False, threads=threads)
         parts = []
-        for split in sorted(splits):
+        for split in splits:
             rows = np.flatnonzero(data["split"] == split)
             for i in range(0, len(rows), batch_size):
                 parts.append(actor({k: v[rows[i:i + batch_size]] for k, v in data.items()}))
@@ -196,8 +198,8 @@ def run_attack_stage(section: Section, ctx, *, plan: dict[str, list[tuple[str, s
         return run
 
     def plain() -> None:
-        rows["plain"].append(plain_attack_pass(ctx, kwargs, splits=list(plan), batch_size=a.batch_size,
-                                               threads=threads, rel="bench/plain"))
+        rows["plain"].append(plain_attack_pass(ctx, kwargs, batch_size=a.batch_size, threads=threads,
+                                               rel="bench/plain"))
 
     contenders = {"ray_1_actor": ray_stage(one, "ray_1_actor"), "plain": plain}
     if two_actors:
