@@ -12,8 +12,9 @@ and on the default run's whole stage (``attack_plan(cfg)``: every split, set and
 target and the surrogate: what ``python jobs/full_pipeline.py`` runs):
 
 * *Ray Data*: what ``run_attack`` does: the stage's own pipeline
-  (:func:`raydefense.pipeline.attack.attack_dataset`: one chained read per split ->
-  ``actor_map(..., AttackActor, ...)``, the stage's actor pool and actor class) ->
+  (:func:`raydefense.pipeline.attack.attack_dataset`: one read of the plan's splits ->
+  ``actor_map(..., AttackActor, ...)``: a streaming repartition to full batches, then the
+  stage's actor pool and actor class) ->
   ``layout.write_dataset`` (Parquet partitioned by set + ``_SUCCESS``); with
   ``scale.attack_actors=1`` and the config's ``scale.cpus_per_actor`` (the default run's
   setting), then (subset only) with 2 actors sharing the same CPUs (``cpus_per_actor / 2``
@@ -151,7 +152,8 @@ def plain_attack_pass(ctx, actor_kwargs: dict[str, Any], *, batch_size: int, thr
     """Section 2's plain loop: read the clean rows of every split of ``actor_kwargs["plan"]`` with
     pyarrow, run the stage's
     :class:`~raydefense.pipeline.attack.AttackActor` on batches of ``batch_size`` of one split at
-    a time (the stage's reads are chained per split, so its batches hold one split too), in this
+    a time (the prepare stage writes the rows ordered by split, so the stage's batches hold one
+    split too, except the two or three where splits meet), in this
     process (``threads`` torch threads), and write the rows as Parquet under ``rel``, one file per
     adversarial set. Returns the row count."""
     from raydefense.pipeline.attack import AttackActor

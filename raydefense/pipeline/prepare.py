@@ -128,6 +128,14 @@ def check_source(cfg: Config) -> None:
     _plan(np.array([r.label for r in records], dtype=np.int64), cfg)
 
 
+def _by_split(items: list[dict[str, Any]], splits) -> list[dict[str, Any]]:
+    """``items`` ordered by split (in the order of ``splits``), then by ``index``: the clean
+    Parquet rows of a split are then contiguous, so a stage that reads several splits in order
+    (the attack stage) gets batches of one split, and a read of one split touches few shards."""
+    order = {s: k for k, s in enumerate(splits)}
+    return sorted(items, key=lambda item: (order[item["split"]], item["index"]))
+
+
 def run_prepare(ctx: RunContext, *, gpu: bool = False) -> dict[str, Any]:
     import ray
 
@@ -143,7 +151,8 @@ def run_prepare(ctx: RunContext, *, gpu: bool = False) -> dict[str, Any]:
         keep = np.flatnonzero(plan.assignment >= 0)
         items = [{"label": int(labels[i]), "within": int(within[i]), "split": splits[plan.assignment[i]], "index": int(i)}
                  for i in keep]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.data.shard_size)))
+        ds = ray.data.from_items(_by_split(items, splits),
+                                 override_num_blocks=max(1, math.ceil(len(items) / cfg.data.shard_size)))
         ds = ds.map_batches(RenderSynthetic, fn_constructor_kwargs={
             "image_size": cfg.data.image_size, "seed": cfg.seed, "difficulty": cfg.data.difficulty},
             batch_size=cfg.data.shard_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.scale.cpus_per_actor)
@@ -155,7 +164,8 @@ def run_prepare(ctx: RunContext, *, gpu: bool = False) -> dict[str, Any]:
         keep = np.flatnonzero(plan.assignment >= 0)
         items = [{"path": records[i].path, "label": int(labels[i]), "split": splits[plan.assignment[i]], "index": int(i)}
                  for i in keep]
-        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / cfg.data.shard_size)))
+        ds = ray.data.from_items(_by_split(items, splits),
+                                 override_num_blocks=max(1, math.ceil(len(items) / cfg.data.shard_size)))
         ds = ds.map_batches(LoadFolderImages, fn_constructor_kwargs={
             "source": cfg.data.source, "image_size": cfg.data.image_size, "align": cfg.data.align,
             "endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region},

@@ -237,6 +237,12 @@ def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_
     import ray
 
     keep_order(ds.context)  # also where no init_ray ran in this process (a Tune trial, a test)
+    # Ray Data cuts batches within a block bundle and never carries a block's remainder over to
+    # the next one: blocks of 36 rows (a Parquet shard split for read parallelism) gave batches of
+    # 32 + 4, and on CPU a batch of 4 costs several times per image what a batch of 32 does.
+    # Ray's streaming repartition (no shuffle; strict: every block but the last has exactly this
+    # many rows) makes every batch but the last a full one.
+    ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
     return ds.map_batches(cls, fn_constructor_kwargs={**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)},
                           batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
                           num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None)

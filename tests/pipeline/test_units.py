@@ -142,3 +142,61 @@ def test_a_stale_ray_address_file_is_no_cluster(tmp_path, monkeypatch):
     assert not _running_local_cluster()  # the same address, nobody listening
     path.write_text("garbage")
     assert not _running_local_cluster()
+
+
+def test_attack_actor_runs_each_model_and_method_once_over_every_split_of_a_batch(monkeypatch):
+    """A batch that crosses split boundaries: one attack call per (model, method) over all the rows
+    that need it (not one per split's share), and every row still gets its own set, eps and
+    attack, in the plan's order."""
+    from raydefense import attacks
+    from raydefense.models import create_model
+    from raydefense.pipeline import attack as attack_stage
+
+    calls: list[tuple[str, int]] = []
+    real = attacks.create_attack
+
+    def recording(method, model, **kw):
+        attack = real(method, model, **kw)
+        inner = attack.__call__
+
+        class Recorded(type(attack)):
+            def __call__(self, x, y):
+                calls.append((method, len(x), id(model)))
+                return inner(x, y)
+        attack.__class__ = Recorded
+        return attack
+
+    monkeypatch.setattr(attacks, "create_attack", recording)
+    torch.manual_seed(0)
+    target, surrogate = create_model("small_cnn", num_classes=3).eval(), create_model("small_cnn", num_classes=3).eval()
+    actor = attack_stage.AttackActor.__new__(attack_stage.AttackActor)  # without loading artifacts
+    actor.device, actor.seed, actor.lo, actor.hi = torch.device("cpu"), 1, 4 / 255, 8 / 255
+    actor.models = {"target": target, "surrogate": surrogate}
+    actor.plan = {"gnr": [("train", "target", ["fgsm", "ifgsm2"])],
+                  "test": [("test_white", "target", ["fgsm"]), ("test_black", "surrogate", ["fgsm"])]}
+    rng = np.random.default_rng(0)
+    split = np.array(["gnr"] * 6 + ["test"] * 4)
+    batch = {"image": rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8), "label": np.arange(10) % 3,
+             "index": np.arange(50, 60), "split": split}
+    out = actor(batch)
+
+    assert sorted((m, n, mid == id(target)) for m, n, mid in calls) == [
+        ("fgsm", 4, False), ("fgsm", 10, True), ("ifgsm2", 6, True)]
+    expected = [("train", "fgsm", 6), ("train", "ifgsm2", 6), ("test_white", "fgsm", 4), ("test_black", "fgsm", 4)]
+    start = 0
+    for set_name, method, n in expected:
+        rows = slice(start, start + n)
+        src = np.flatnonzero(split == ("gnr" if set_name == "train" else "test"))
+        assert list(out["set"][rows]) == [set_name] * n and list(out["method"][rows]) == [method] * n
+        assert np.array_equal(out["index"][rows], batch["index"][src])
+        assert np.array_equal(out["clean"][rows], batch["image"][src])
+        assert np.array_equal(out["eps"][rows], per_image_eps(batch["index"][src], method, seed=1, lo=4 / 255, hi=8 / 255))
+        diff = np.abs(out["adv"][rows].astype(int) - out["clean"][rows].astype(int)).max(axis=(1, 2, 3))
+        assert np.all(diff <= np.ceil(out["eps"][rows] * 255) + 1) and diff.max() > 0
+        start += n
+    assert start == len(out["set"])
+    # The merged call attacks the test rows exactly as a batch of the test split alone does.
+    alone = actor({k: v[6:] for k, v in batch.items()})
+    white = out["set"] == "test_white"
+    assert np.array_equal(alone["adv"][alone["set"] == "test_white"], out["adv"][white]) or \
+        np.mean(alone["adv"][alone["set"] == "test_white"] != out["adv"][white]) < 1e-3
