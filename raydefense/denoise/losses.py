@@ -15,7 +15,7 @@ the denoiser, through x_hat.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -78,38 +78,56 @@ def pixel_mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (x_hat - x.detach()).pow(2).mean()
 
 
-def logits_guided_loss(model: GuidanceModel, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def logits_guided_loss(model: GuidanceModel, x_hat: torch.Tensor, x: torch.Tensor, *,
+                       reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Logits-guided loss, eq. 5 with l = -1: mean |model(x_hat) - model(x)|.
 
-    Shapes: images ``(B, C, H, W)``, logits ``(B, K)`` -> scalar.
+    ``reference``: ``model(x)`` already computed (:func:`guidance_reference`), e.g. once per
+    training row for every epoch, since the target is frozen; computed here under no_grad when
+    None. Shapes: images ``(B, C, H, W)``, logits ``(B, K)`` -> scalar.
     """
     _check_pair(x_hat, x)
-    with torch.no_grad():
-        target = model(x)
+    target = guidance_reference("logits", model, x) if reference is None else reference.detach()
     return _l1(model(x_hat), target)
 
 
-def feature_guided_loss(model: GuidanceModel, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def feature_guided_loss(model: GuidanceModel, x_hat: torch.Tensor, x: torch.Tensor, *,
+                        reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Feature-guided loss, eq. 5 with l = -2: mean |model.features(x_hat) - model.features(x)|.
 
+    ``reference``: ``model.features(x)`` already computed (see :func:`logits_guided_loss`).
     Shapes: images ``(B, C, H, W)``, features ``(B, D)`` -> scalar.
     """
     _check_pair(x_hat, x)
-    with torch.no_grad():
-        target = model.features(x)
+    target = guidance_reference("features", model, x) if reference is None else reference.detach()
     return _l1(model.features(x_hat), target)
 
 
-#: Registry: loss kind -> ``fn(model, x_hat, x)`` (``model`` is ignored by ``'pixel'``).
-GUIDED_LOSSES: dict[str, Callable[[GuidanceModel | None, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "pixel": lambda model, x_hat, x: pixel_guided_loss(x_hat, x),
+@torch.no_grad()
+def guidance_reference(kind: str, model: GuidanceModel | None, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """What eq. 5 compares the denoised image's layer-l output with: the frozen ``model``'s
+    output on the clean images ``x`` ``(B, C, H, W)``, without gradient: logits ``(B, K)`` for
+    ``'logits'``, features ``(B, D)`` for ``'features'``, None for ``'pixel'`` (no model).
+    A function of ``x`` alone, so a training loop may compute it once per row and pass it to
+    :func:`guided_loss` as ``reference`` every epoch."""
+    if kind == "logits":
+        return model(x)
+    if kind == "features":
+        return model.features(x)
+    return None
+
+
+#: Registry: loss kind -> ``fn(model, x_hat, x, reference=None)`` (``model`` and ``reference``
+#: are ignored by ``'pixel'``).
+GUIDED_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "pixel": lambda model, x_hat, x, reference=None: pixel_guided_loss(x_hat, x),
     "logits": logits_guided_loss,
     "features": feature_guided_loss,
 }
 
 
 def guided_loss(kind: str, model: GuidanceModel | None, x_hat: torch.Tensor, x: torch.Tensor, *,
-                pixel_weight: float = 0.0) -> torch.Tensor:
+                pixel_weight: float = 0.0, reference: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatch eq. 5 on ``kind`` in ``GUIDED_LOSSES`` (``'pixel'``, ``'logits'``, ``'features'``),
     plus ``pixel_weight`` times the pixel mean squared error (:func:`pixel_mse`) for the guided kinds.
 
@@ -126,6 +144,9 @@ def guided_loss(kind: str, model: GuidanceModel | None, x_hat: torch.Tensor, x: 
     term a per-element mean of squared pixel differences in [0, 1], so weights are in the
     thousands (a residual of 0.03 costs 9e-4 per pixel).
 
+    ``reference``: :func:`guidance_reference` of ``x`` when the caller has it (the same loss,
+    one frozen-model forward fewer per step).
+
     ``model`` may be None for ``'pixel'`` (whose ``pixel_weight`` is ignored). Unknown kinds
     raise :class:`ConfigError` listing the known ones; a negative weight raises ValueError.
     Returns a scalar.
@@ -138,7 +159,7 @@ def guided_loss(kind: str, model: GuidanceModel | None, x_hat: torch.Tensor, x: 
         raise ValueError(f"guided loss kind {kind!r} needs a target model, got None")
     if pixel_weight < 0:
         raise ValueError(f"pixel_weight must be >= 0, got {pixel_weight}")
-    loss = fn(model, x_hat, x)
+    loss = fn(model, x_hat, x, reference=reference)
     if kind != "pixel" and pixel_weight > 0:
         loss = loss + pixel_weight * pixel_mse(x_hat, x)
     return loss

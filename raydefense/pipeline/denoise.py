@@ -57,7 +57,7 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raydefense.denoise import guided_loss
+    from raydefense.denoise import guidance_reference, guided_loss
     from raydefense.pipeline.artifacts import build_network
 
     cfg = from_dict(config["cfg"])
@@ -77,6 +77,20 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=d.epochs)
     data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=args.artifact or "train")
     val = T.EpochData(ray.train.get_dataset_shard("val"), cache_mb=cfg.scale.cache_mb, name="val")
+    # Eq. 5 compares the denoised image's layer-l output with the frozen target's output on the
+    # clean image, which is the same every epoch: computed once per row here (in eval batches,
+    # as the loss would compute it per step) and carried by the steps, one target forward per
+    # step fewer. Not where it would cost more than it saves: a dataset streamed each epoch, or
+    # fewer epochs left than workers (each worker computes every row).
+    reference_col = None
+    _, workers = T.world()
+    if args.loss != "pixel" and len(progress.epoch_range()) >= workers:
+        def reference(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with T.autocast(cfg, device):
+                return guidance_reference(args.loss, target, images_to_tensor(batch["clean"], device))
+
+        if data.add_column("guidance_reference", reference, batch_size=d.batch_size * 2, device=device):
+            reference_col = "guidance_reference"
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():
         model.train()
@@ -90,7 +104,8 @@ def denoiser_loop(config: dict[str, Any]) -> None:
                 keep_clean = (step.rand(device=device) < 0.2).view(-1, 1, 1, 1)
                 x_adv = torch.where(keep_clean, x, x_adv)
             with T.autocast(cfg, device):
-                loss = guided_loss(args.loss, target, model(x_adv), x, pixel_weight=d.pixel_weight)
+                loss = guided_loss(args.loss, target, model(x_adv), x, pixel_weight=d.pixel_weight,
+                                   reference=step[reference_col] if reference_col else None)
             opt.zero_grad(set_to_none=True)
             (loss * step.loss_weight).backward()
             opt.step()

@@ -68,7 +68,7 @@ class EvalActor:
         self.levels, self.first_method = list(levels), first_method
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from raydefense.attacks import FGSM
+        from raydefense.attacks import fgsm_levels
 
         clean = images_to_tensor(batch["clean"], self.device)
         adv = images_to_tensor(batch["adv"], self.device)
@@ -100,9 +100,11 @@ class EvalActor:
                 out[f"clean_l1_{name or 'none'}"][rows] = (xd - xc).abs().mean(dim=(1, 2, 3)).cpu().numpy()
             yt = torch.as_tensor(yc, device=self.device)
             for src, model in self.sources.items():
+                # One gradient per source for every level (FGSM's step does not depend on eps).
+                at_level = iter(fgsm_levels(model, xc, yt, [eps for eps in self.levels if eps > 0]))
                 for k, eps in enumerate(self.levels):
                     # eps 0 is the clean image: its predictions are the ones just made.
-                    preds = self.bank.predict_all(FGSM(model, eps=eps)(xc, yt))[0] if eps > 0 else clean_preds
+                    preds = self.bank.predict_all(next(at_level))[0] if eps > 0 else clean_preds
                     for name, p in preds.items():
                         out[f"{src}{k}_{name}"][rows] = p == yc
         return out

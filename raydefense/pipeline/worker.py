@@ -10,7 +10,7 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -239,6 +239,22 @@ class EpochData:
         rows = torch.arange(self.rank, n, self.world_size)
         return Step({k: v[rows].to(device) for k, v in batch.items()}, rows=rows, global_size=n,
                     world_size=self.world_size, seed=seed)
+
+    def add_column(self, name: str, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], *, batch_size: int,
+                   device: torch.device) -> bool:
+        """Compute ``fn(batch)`` (a tensor with one row per row of ``batch``, on ``device``) once
+        for every row of the cached data, in batches of ``batch_size``, and keep it as column
+        ``name``: the steps of every later epoch carry it. Each worker computes all rows (every
+        worker holds the whole set). Returns False and adds nothing for a dataset too large to
+        cache (:attr:`streaming`); the caller then computes the value per step."""
+        self._fill()
+        if self.streaming or not self.cache:
+            return False
+        n = len(self)
+        parts = [fn({k: v[i:i + batch_size].to(device) for k, v in self.cache.items()}).detach().cpu()
+                 for i in range(0, n, batch_size)]
+        self.cache[name] = torch.cat(parts)
+        return True
 
     def eval_batches(self, *, batch_size: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
         """This worker's share of the rows (positions r, r + W, ...), for metrics that are

@@ -103,6 +103,36 @@ def test_fgsm_is_eps_sign_gradient_exactly():
     assert torch.allclose((FGSM(model, eps=eps)(x, y) - x).abs(), torch.full_like(x, eps))
 
 
+@pytest.mark.parametrize("targeted", [False, True])
+def test_fgsm_levels_equal_one_fgsm_per_level_exactly(small, targeted):
+    """Figure 7's curve from one gradient: every level equals FGSM at that eps bit for bit,
+    including pixels clipped at 0 and 1 and a float16 input (one call per level there)."""
+    from raydefense.attacks import fgsm_levels
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(6, 3, 16, 16, generator=gen)
+    x[:, :, :2] = 0.0  # clipping at both ends
+    x[:, :, -2:] = 1.0
+    y = torch.randint(0, K, (6,), generator=gen)
+    levels = [2 / 255, 4 / 255, 8 / 255, 16 / 255, 0.0]
+    calls = []
+    handle = small.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = fgsm_levels(small, x, y, levels, targeted=targeted)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one forward for every level
+    for e, adv in zip(levels, got):
+        assert torch.equal(adv, FGSM(small, eps=e, targeted=targeted)(x, y))
+    assert not torch.equal(got[0], got[3])
+    half = fgsm_levels(small, x.half(), y, levels[:2])
+    assert all(torch.equal(a, FGSM(small, eps=e)(x.half(), y)) for e, a in zip(levels[:2], half))
+    with pytest.raises(ValueError, match="above 1"):
+        fgsm_levels(small, x, y, [8.0])
+    with pytest.raises(ValueError, match="one number"):
+        fgsm_levels(small, x, y, [[0.1, 0.2]])
+
+
 # ------------------------------------------------------------------ loss direction
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_untargeted_raises_loss_linear(name):

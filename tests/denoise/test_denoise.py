@@ -284,6 +284,32 @@ def test_pixel_weight_adds_the_pixel_squared_error_to_guided_kinds_only():
         guided_loss("logits", model, x_hat, x, pixel_weight=-1.0)
 
 
+@pytest.mark.parametrize("kind", ["logits", "features"])
+def test_a_precomputed_reference_gives_the_same_loss_without_a_clean_forward(kind):
+    """guided_loss(reference=guidance_reference(x)) is the loss of eq. 5 without looking at x
+    through the model again (what the UDDN loop does once per row instead of once per step)."""
+    from raydefense.denoise import guidance_reference
+
+    torch.manual_seed(0)
+    model = TinyClassifier().eval().requires_grad_(False)
+    x = torch.rand(3, 3, 12, 12)
+    x_hat = (x + 0.05 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
+    ref = guidance_reference(kind, model, x)
+    assert ref is not None and not ref.requires_grad
+    seen = []
+    handle = model.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0]))
+    try:
+        with_ref = guided_loss(kind, model, x_hat, x, pixel_weight=3.0, reference=ref)
+    finally:
+        handle.remove()
+    if kind == "logits":
+        assert len(seen) == 1 and seen[0] is x_hat  # only the denoised images went through the model
+    torch.testing.assert_close(with_ref, guided_loss(kind, model, x_hat, x, pixel_weight=3.0))
+    other = guided_loss(kind, model, x_hat, x, reference=ref + 1.0)
+    assert not torch.allclose(other, guided_loss(kind, model, x_hat, x))  # the reference is really used
+    assert guidance_reference("pixel", None, x) is None
+
+
 def test_clean_branch_has_no_graph():
     """The target f_l(x) is computed under no_grad: x gets no gradient even if it asks for one."""
     model = TinyClassifier().eval()

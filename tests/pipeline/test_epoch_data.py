@@ -131,3 +131,27 @@ def test_row_randomness_does_not_depend_on_the_worker_count():
 def test_step_weights():
     s = Step({"x": torch.arange(3)}, rows=torch.tensor([0, 2, 4]), global_size=5, world_size=2, seed=0)
     assert s.loss_weight == pytest.approx(3 * 2 / 5)
+
+
+def test_add_column_is_computed_once_and_travels_with_its_rows():
+    """A per-row value computed once (e.g. the frozen target's output on the clean image) reaches
+    every later step beside the row it belongs to, whatever the shuffle; nothing is added to a
+    streamed dataset."""
+    calls = []
+
+    def value(batch):
+        calls.append(len(batch["x"]))
+        return batch["x"].double() * 10 + batch["image"].float().mean(dim=(1, 2, 3)).double()
+
+    data = EpochData(FakeDataset(23, order=torch.randperm(23, generator=torch.Generator().manual_seed(1))),
+                     cache_mb=10, rank=0, world_size=1)
+    assert data.add_column("ref", value, batch_size=5, device=CPU)
+    assert sum(calls) == 23 and max(calls) == 5
+    for seed in (0, 1):
+        steps = list(data.steps(batch_size=4, device=CPU, shuffle=True, seed=seed))
+        for s in steps:
+            assert torch.equal(s["ref"], s["x"].double() * 10 + s["image"].float().mean(dim=(1, 2, 3)).double())
+    assert sum(calls) == 23  # not recomputed per epoch
+    streamed = EpochData(FakeDataset(23), cache_mb=0, rank=0, world_size=1)
+    assert not streamed.add_column("ref", value, batch_size=5, device=CPU)
+    assert "ref" not in next(iter(streamed.steps(batch_size=4, device=CPU, shuffle=False, seed=0))).data
