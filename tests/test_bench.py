@@ -153,6 +153,7 @@ def test_throughput_section_on_a_tiny_config():
     names = [r.name for r in section.rows]
     assert names[0].startswith("eval: UDDN + target / target alone") and section.rows[0].ratio
     assert any(n.startswith("UDDN training") for n in names) and any(n.startswith("GNR training") for n in names)
+    assert any(n.startswith("UDDN training: eq. 5 reference") and r.ratio for n, r in zip(names, section.rows))
     assert all(r.summary.median > 0 for r in section.rows)
 
 

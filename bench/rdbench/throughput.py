@@ -7,6 +7,8 @@ sizes of the config (``data.image_size``, ``denoise.widths`` / ``batch_size`` / 
 
 * **UDDN training** (images/s): one step of ``denoiser_loop`` = ``guided_loss(guidance, target,
   uddn(x_adv), x)`` (equation 5; the frozen target's logits or features), ``backward``, Adam step.
+  Beside it the same step with the target's output on the clean images computed beforehand
+  (``reference``, as ``denoiser_loop`` does once per training row), as a speed ratio.
 * **GNR training** (images/s of real noise consumed): one round of ``gnr_loop`` = ``n_critic``
   ``critic_step`` calls (WGAN-GP critic loss with gradient penalty) and one ``generator_step``.
 * **Evaluation** (images/s): ``DefendedModel(target, Sequential(UDDN, UnitClamp()))`` forward
@@ -54,11 +56,13 @@ def _batch(n: int, size: int, device: str, *, eps: float, seed: int) -> tuple[to
 
 
 def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool = False,
-                 batch: int | None = None) -> tuple[Callable[[], None], int]:
+                 batch: int | None = None, reference: bool = False) -> tuple[Callable[[], None], int]:
     """``(step, batch)``: one UDDN training step of ``denoiser_loop`` (guided loss, Adam) on
     ``batch`` images (default ``denoise.batch_size``); ``amp``: bf16 autocast as ``scale.amp``
-    does on GPU (:func:`raydefense.pipeline.worker.autocast`)."""
-    from raydefense.denoise import guided_loss
+    does on GPU (:func:`raydefense.pipeline.worker.autocast`); ``reference``: the target's
+    output on the clean images computed once beforehand (:func:`raydefense.denoise.guidance_reference`,
+    what ``denoiser_loop`` does once per row for a cached training set) instead of in every step."""
+    from raydefense.denoise import guidance_reference, guided_loss
     from raydefense.pipeline.worker import autocast
 
     d = cfg.denoise
@@ -69,9 +73,12 @@ def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool = Fals
     run_cfg = cfg.replace([f"scale.amp={'true' if amp else 'false'}"])
     dev = torch.device(device)
 
+    with autocast(run_cfg, dev):
+        ref = guidance_reference(d.guidance, target, x) if reference else None
+
     def step() -> None:
         with autocast(run_cfg, dev):
-            loss = guided_loss(d.guidance, target, model(x_adv), x)
+            loss = guided_loss(d.guidance, target, model(x_adv), x, reference=ref)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -135,6 +142,7 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
     try:
         torch.manual_seed(0)
         uddn_step, uddn_batch = uddn_trainer(cfg, num_classes=num_classes, device=device)
+        uddn_ref_step, _ = uddn_trainer(cfg, num_classes=num_classes, device=device, reference=True)
         gnr_round, gnr_images = gnr_trainer(cfg, device=device)
         evals, eval_batch = evaluators(cfg, num_classes=num_classes, device=device)
         sync = torch.cuda.synchronize if device.startswith("cuda") else None
@@ -145,7 +153,8 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
                     fn()
             return run
 
-        times = interleave({"uddn_train": repeat(uddn_step), "gnr_train": repeat(gnr_round),
+        times = interleave({"uddn_train": repeat(uddn_step), "uddn_train_ref": repeat(uddn_ref_step),
+                            "gnr_train": repeat(gnr_round),
                             "eval_defended": repeat(evals["defended"]), "eval_none": repeat(evals["none"])},
                            rounds=rounds, warmup=warmup, sync=sync)
     finally:
@@ -159,6 +168,8 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
                                paired_ratios(times["eval_none"], times["eval_defended"]), "x", ratio=True))
     section.rows.append(Row.of(f"UDDN training (batch {uddn_batch})", [steps * uddn_batch / t for t in times["uddn_train"]],
                                "img/s", seconds=times["uddn_train"]))
+    section.rows.append(Row.of("UDDN training: eq. 5 reference once per row / once per step speed",
+                               paired_ratios(times["uddn_train"], times["uddn_train_ref"]), "x", ratio=True))
     section.rows.append(Row.of(f"GNR training (batch {cfg.gnr.batch_size}, n_critic {cfg.gnr.n_critic})",
                                [steps * gnr_images / t for t in times["gnr_train"]], "img/s", seconds=times["gnr_train"]))
     section.rows.append(Row.of(f"eval: UDDN + target forward (batch {eval_batch})",
