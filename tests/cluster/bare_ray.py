@@ -49,17 +49,106 @@ def bare_venv_path() -> Path:
     p = pins()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     key = (f"py{sys.version_info.major}{sys.version_info.minor}-ray{p['ray']}-torch{p['torch']}"
-           f"-tv{p['torchvision']}")
+           f"-tv{p['torchvision']}-linked")
     return cache / "raydefense" / f"bare-node-venv-{key}"
 
 
-def bare_venv() -> tuple[Path, float]:
-    """The bare node venv, created when absent (python -m venv + pip install of
-    ``ray[default,train,tune,data]`` and torch/torchvision at constraints.txt's pins, which pip
-    takes from the local disk). Returns (path, seconds spent creating it; 0 when cached).
+def node_requirements() -> list[str]:
+    """What a node of the documented cluster has: ``ray[default,train,tune,data]`` and
+    torch/torchvision at constraints.txt's pins."""
+    p = pins()
+    return [f"ray[{RAY_EXTRAS}]=={p['ray']}", f"torch=={p['torch']}", f"torchvision=={p['torchvision']}"]
 
-    A ``.complete`` marker is written last, so a half-built venv (killed install) is rebuilt;
-    a file lock keeps two test runs from building it at once.
+
+def distribution_closure(requirements: list[str]):
+    """The distributions installed in this test process's environment that ``pip install
+    requirements`` would install: each requirement's distribution and, recursively, what it
+    requires for the extras asked for (environment markers evaluated on this machine).
+
+    Raises RuntimeError naming a requirement that is not installed here or at another version
+    than the one pinned."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, metadata.Distribution] = {}
+    done: set[tuple[str, str]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        try:
+            dist = metadata.distribution(req.name)
+        except metadata.PackageNotFoundError:
+            raise RuntimeError(f"{req} is not installed in {sys.prefix}: the bare node venv is made of this "
+                               "environment's packages") from None
+        if req.specifier and not req.specifier.contains(dist.version, prereleases=True):
+            raise RuntimeError(f"{req} is installed at {dist.version} in {sys.prefix}")
+        found[name] = dist
+        for extra in ("", *sorted(req.extras)):
+            if (name, extra) in done:
+                continue
+            done.add((name, extra))
+            for line in dist.requires or []:
+                sub = Requirement(line)
+                if sub.marker is None or sub.marker.evaluate({"extra": extra}):
+                    todo.append(sub)
+    return sorted(found.values(), key=lambda d: canonicalize_name(d.metadata["Name"]))
+
+
+def _link_distributions(venv: Path, dists) -> None:
+    """Make ``dists`` importable in ``venv`` as symlinks to this environment's installed files (each
+    distribution's top-level packages, modules and ``.dist-info``, so pip sees them as installed),
+    and write their console scripts (``ray``) into ``venv/bin``. A distribution the venv already
+    has at another version (setuptools from ``python -m venv``) is uninstalled first."""
+    from packaging.utils import canonicalize_name
+
+    py = venv / "bin" / "python"
+    probe = ("import json, sysconfig, importlib.metadata as m; print(json.dumps([sysconfig.get_paths()['purelib'], "
+             "{d.metadata['Name']: d.version for d in m.distributions()}]))")
+    site, present = json.loads(subprocess.run([str(py), "-c", probe], check=True, capture_output=True,
+                                              text=True).stdout)
+    site = Path(site)
+    present = {canonicalize_name(n): v for n, v in present.items()}
+    # What `python -m venv` put there (setuptools) at another version than the closure's (torch
+    # needs a newer setuptools): pip would upgrade it, so it goes and the closure's is linked.
+    stale = [dist.metadata["Name"] for dist in dists
+             if present.get(canonicalize_name(dist.metadata["Name"]), dist.version) != dist.version]
+    if stale:
+        subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", *stale], check=True, capture_output=True)
+    for dist in dists:
+        if canonicalize_name(dist.metadata["Name"]) in present and dist.metadata["Name"] not in stale:
+            continue  # already there at the same version
+        if not dist.files:
+            raise RuntimeError(f"{dist.metadata['Name']} has no RECORD of its files in {sys.prefix}: cannot link it")
+        base = Path(dist.locate_file(""))
+        tops = {Path(str(f)).parts[0] for f in dist.files or []} - {"..", "__pycache__"}
+        for top in sorted(tops):
+            src, dst = base / top, site / top
+            if src.exists() and not (dst.exists() or dst.is_symlink()):
+                dst.symlink_to(src)
+        for ep in dist.entry_points.select(group="console_scripts"):
+            first, _, rest = ep.attr.partition(".")
+            script = venv / "bin" / ep.name
+            script.write_text(f"#!{py}\nimport sys\nfrom {ep.module} import {first}\n"
+                              f"sys.exit({first}{'.' + rest if rest else ''}())\n")
+            script.chmod(0o755)
+
+
+def bare_venv() -> tuple[Path, float]:
+    """The bare node venv, created when absent: ``python -m venv`` (with pip, which Ray's
+    runtime-env pip plugin needs), then the distributions of :func:`node_requirements`
+    (:func:`distribution_closure`) linked from this test process's environment, where
+    constraints.txt installed the same versions. The node's Python then has exactly what a
+    ``pip install`` of them gives it, and nothing of the project; linking, not installing,
+    takes seconds instead of minutes (torch's 5 GB build unpacked once more), and Ray's clone
+    of the node's venv for a job's ``pip`` runtime env (``copytree(symlinks=True)``) copies
+    links, not gigabytes.
+
+    A ``.complete`` marker is written last, so a half-built venv (killed build) is rebuilt, and
+    so is one whose links point into another environment than this one; a file lock keeps two
+    test runs from building it at once.
     """
     path = bare_venv_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,18 +156,15 @@ def bare_venv() -> tuple[Path, float]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = path / ".complete"
         if marker.exists():
-            return path, 0.0
+            with contextlib.suppress(ValueError, OSError):
+                if json.loads(marker.read_text()).get("linked_from") == sys.prefix:
+                    return path, 0.0
         t0 = time.monotonic()
         shutil.rmtree(path, ignore_errors=True)
-        p = pins()
         # A venv is not relocatable (absolute paths in its scripts): build it in place.
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-        subprocess.run(
-            [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             f"ray[{RAY_EXTRAS}]=={p['ray']}", f"torch=={p['torch']}", f"torchvision=={p['torchvision']}",
-             "-c", str(REPO / "constraints.txt")],
-            check=True, env=_clean_env(path))
-        marker.write_text(json.dumps({"created_s": time.monotonic() - t0}))
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, env=_clean_env(path))
+        _link_distributions(path, distribution_closure(node_requirements()))
+        marker.write_text(json.dumps({"created_s": time.monotonic() - t0, "linked_from": sys.prefix}))
         return path, time.monotonic() - t0
 
 
