@@ -49,6 +49,8 @@ class AttackActor:
 
     ``plan`` maps a split to a list of (set name, model, methods); e.g. a test image yields
     rows for ``test_white`` (against the target) and ``test_black`` (against the surrogate).
+    Each (model, method) runs once per batch, over the rows of every split and set that ask
+    for it. Rows out are ordered by split, then by the plan's sets and methods.
     """
 
     def __init__(self, *, storage, plan: dict[str, list[tuple[str, str, list[str]]]], seed: int, eps_min: float,

@@ -225,7 +225,9 @@ def use_gpu(cfg: Config) -> bool:
 def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_size: int):
     """``ds.map_batches`` on an actor pool of ``cls`` sized by ``scale.attack_actors``: one GPU per
     actor when ``gpu``, else ``scale.cpus_per_actor`` CPUs, which the actor uses as torch threads
-    (``cls`` takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``).
+    (``cls`` takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``). The rows reach
+    the pool in order and re-cut into blocks of ``batch_size`` (Ray's streaming repartition), so
+    every batch but the last is full.
 
     Fault tolerance is Ray's own: an actor that dies (its process killed, its node lost) is
     restarted and its unfinished batches are retried on the pool: Ray Data gives actor pools
