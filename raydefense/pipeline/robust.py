@@ -82,7 +82,7 @@ def robust_denoiser_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raydefense.denoise import guided_loss
+    from raydefense.denoise import guidance_reference, guided_loss
     from raydefense.pipeline.classifier_losses import RobustInputs
     from raydefense.pipeline.defended import UnitClamp
     from raydefense.robust import online_pgd
@@ -117,10 +117,13 @@ def robust_denoiser_loop(config: dict[str, Any]) -> None:
             x_adv = online_pgd(whole, x, y, eps=eps, steps=r.steps, alpha=r.alphas(eps), generator=gen)
             with T.autocast(cfg, device):
                 x_hat_clean, x_hat_adv = model(torch.cat([x, x_adv])).chunk(2)
-                loss = r.weight * guided_loss(args.loss, target, x_hat_adv, x, pixel_weight=cfg.denoise.pixel_weight)
+                # Both terms compare with the target's output on the same clean images: once.
+                ref = guidance_reference(args.loss, target, x)
+                loss = r.weight * guided_loss(args.loss, target, x_hat_adv, x, pixel_weight=cfg.denoise.pixel_weight,
+                                              reference=ref)
                 if r.weight < 1:
                     loss = loss + (1 - r.weight) * guided_loss(args.loss, target, x_hat_clean, x,
-                                                               pixel_weight=cfg.denoise.pixel_weight)
+                                                               pixel_weight=cfg.denoise.pixel_weight, reference=ref)
             opt.zero_grad(set_to_none=True)
             (loss * step.loss_weight).backward()
             opt.step()
