@@ -111,19 +111,17 @@ def _link_distributions(venv: Path, dists) -> None:
                                               text=True).stdout)
     site = Path(site)
     present = {canonicalize_name(n): v for n, v in present.items()}
-    # What `python -m venv` put there (setuptools) at another version than the closure's (torch
-    # needs a newer setuptools): pip would upgrade it, so it goes and the closure's is linked.
-    stale = [dist.metadata["Name"] for dist in dists
-             if present.get(canonicalize_name(dist.metadata["Name"]), dist.version) != dist.version]
+    # Already there at the same version: kept. At another version (setuptools from `python -m
+    # venv`, older than torch needs): pip would upgrade it, so it goes and the closure's is linked.
+    todo = [d for d in dists if present.get(canonicalize_name(d.metadata["Name"])) != d.version]
+    stale = [d.metadata["Name"] for d in todo if canonicalize_name(d.metadata["Name"]) in present]
     if stale:
         subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", *stale], check=True, capture_output=True)
-    for dist in dists:
-        if canonicalize_name(dist.metadata["Name"]) in present and dist.metadata["Name"] not in stale:
-            continue  # already there at the same version
+    for dist in todo:
         if not dist.files:
             raise RuntimeError(f"{dist.metadata['Name']} has no RECORD of its files in {sys.prefix}: cannot link it")
         base = Path(dist.locate_file(""))
-        tops = {Path(str(f)).parts[0] for f in dist.files or []} - {"..", "__pycache__"}
+        tops = {Path(str(f)).parts[0] for f in dist.files} - {"..", "__pycache__"}
         for top in sorted(tops):
             src, dst = base / top, site / top
             if src.exists() and not (dst.exists() or dst.is_symlink()):

@@ -152,7 +152,7 @@ def test_attack_actor_runs_each_model_and_method_once_over_every_split_of_a_batc
     from raydefense.models import create_model
     from raydefense.pipeline import attack as attack_stage
 
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, int, int]] = []  # (method, rows, id of the attacked model)
     real = attacks.create_attack
 
     def recording(method, model, **kw):
