@@ -8,7 +8,7 @@ The same function runs as a plain Ray Train task and inside a Tune trial.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +124,10 @@ def classifier_loop(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
     progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=tc.epochs)
 
-    train_data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=args.task)
+    train_data = T.epoch_data("train", cache_mb=cfg.scale.cache_mb, name=args.task)
     # Every dataset named val* is evaluated each epoch and reported as <name>_acc: "val" holds
     # clean images; a Tune trial adds e.g. "val_white" (denoised white-box images).
-    vals = {name: T.EpochData(ray.train.get_dataset_shard(name), cache_mb=cfg.scale.cache_mb, name=name)
+    vals = {name: T.epoch_data(name, cache_mb=cfg.scale.cache_mb, name=name)
             for name in args.val_sets}
     loss_fn = CLASSIFIER_LOSSES[args.loss]
     loss_inputs = LossInputs(teacher=teacher, T=float(args.T), lam=float(args.lam), dcn_weight=float(args.dcn_weight),
@@ -174,18 +174,45 @@ def classifier_loop(config: dict[str, Any]) -> None:
 def classifier_task(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, Any], *, name: str | None = None) -> T.TrainingTask:
     """The Ray Train task that trains ``args`` on ``datasets`` (``train`` and every ``args.val_sets``),
     its checkpoints under ``train/<name>`` (default: the artifact's name)."""
+    from raydefense.pipeline.run import RunLayout
+
     return T.TrainingTask(name=name or args.artifact, loop=classifier_loop,
-                          config=args.loop_config(ctx.cfg, ctx.storage), datasets=datasets, epochs=args.train.epochs)
+                          config=args.loop_config(ctx.cfg, ctx.storage), datasets=datasets, epochs=args.train.epochs,
+                          done=RunLayout.model_rel(args.artifact))
 
 
 def train_classifier(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, Any], *, gpu: bool) -> dict[str, Any]:
     """Train (or resume) one classifier on Ray Train and write ``models/<artifact>.pt``; returns
     the last epoch's metrics. Skips the work when the artifact exists (it is written last, atomically)."""
-    if ctx.layout.has_model(args.artifact):
-        ctx.echo(f"  {args.artifact}: already trained, skipping")
-        return {}
-    ctx.echo(f"  {args.artifact}: training {args.arch} ({args.loss}) for {args.train.epochs} epochs on Ray Train")
-    metrics = T.run_task(ctx, classifier_task(ctx, args, datasets), gpu=gpu)
-    if "val_acc" in metrics:
-        ctx.echo(f"  {args.artifact}: val accuracy {metrics['val_acc']:.3f}")
-    return metrics
+    return train_classifiers(ctx, [args], datasets, gpu=gpu)[args.artifact]
+
+
+def train_classifiers(ctx: RunContext, trainings: list[ClassifierArgs], datasets: dict[str, Any], *,
+                      gpu: bool) -> dict[str, dict[str, Any]]:
+    """Train (or resume) ``trainings`` in order, all on ``datasets``, in one Ray Train fit
+    (:func:`~raydefense.pipeline.training.sequence_task`, checkpoints under
+    ``train/<artifact>-<artifact>...``; one training alone: ``train/<artifact>``), writing
+    ``models/<artifact>.pt`` for each; returns ``{artifact: its last epoch's metrics}`` (``{}``
+    for one that was already trained: artifacts are written last, atomically, and skipped)."""
+    todo = [a for a in trainings if not ctx.layout.has_model(a.artifact)]
+    intro = {a.artifact: f"  {a.artifact}: training {a.arch} ({a.loss}) for {a.train.epochs} epochs on Ray Train"
+             for a in todo}
+    for a in trainings:
+        if a not in todo:
+            ctx.echo(f"  {a.artifact}: already trained, skipping")
+    if not todo:
+        return {a.artifact: {} for a in trainings}
+    ctx.echo(intro.pop(todo[0].artifact))  # the others when their first epoch is reported
+
+    def conclude(name: str, record: dict[str, Any]) -> Optional[str]:
+        return f"  {name}: val accuracy {record['val_acc']:.3f}" if "val_acc" in record else None
+
+    tasks = [classifier_task(ctx, a, datasets) for a in trainings]
+    if len(tasks) == 1:
+        out = {trainings[0].artifact: T.run_task(ctx, tasks[0], gpu=gpu, conclude=conclude)}
+    else:
+        # The fit's name depends on the configured trainings only, not on which are left, so a
+        # rerun after a stop finds the checkpoints of the one that was running.
+        out = T.run_task(ctx, T.sequence_task("-".join(t.name for t in tasks), tasks), gpu=gpu,
+                         announce=intro, conclude=conclude)
+    return {a.artifact: out.get(a.artifact, {}) for a in trainings}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from raydefense.pipeline.artifacts import load_artifact
-from raydefense.pipeline.classifiers import train_classifier
+from raydefense.pipeline.classifiers import train_classifiers
 from raydefense.pipeline.loop_args import ClassifierArgs
 from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
@@ -111,17 +111,19 @@ def run_distill(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
         return {"enabled": False}
     n_cls = ctx.layout.num_classes()
     datasets = {"train": denoised_training_set(ctx, gpu=gpu), "val": ctx.layout.read_clean("val", ["image", "label"])}
-    teacher = train_classifier(ctx, teacher_args(cfg, num_classes=n_cls), datasets, gpu=gpu)
-    student = train_classifier(ctx, student_args(cfg, num_classes=n_cls), datasets, gpu=gpu)
-    return {"teacher": teacher, "student": student}
+    # One Ray Train fit for both (train_classifiers); the student's workers load the teacher
+    # once rank 0 has written it.
+    out = train_classifiers(ctx, [teacher_args(cfg, num_classes=n_cls), student_args(cfg, num_classes=n_cls)],
+                            datasets, gpu=gpu)
+    return {"teacher": out["teacher"], "student": out["student"]}
 
 
 def run_baselines(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     from raydefense.pipeline.models import clean_training_sets
 
     datasets = clean_training_sets(ctx)
-    out = {args.artifact: train_classifier(ctx, args, datasets, gpu=gpu)
-           for args in baseline_args(ctx.cfg, num_classes=ctx.layout.num_classes())}
+    trainings = baseline_args(ctx.cfg, num_classes=ctx.layout.num_classes())
+    out = train_classifiers(ctx, trainings, datasets, gpu=gpu) if trainings else {}
     if not out:
         ctx.echo("  no trained baselines enabled (baselines.enabled lists none of dcn, distillation)")
     return out

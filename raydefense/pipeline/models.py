@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from raydefense.pipeline.artifacts import save_artifact
-from raydefense.pipeline.classifiers import train_classifier
+from raydefense.pipeline.classifiers import train_classifiers
 from raydefense.pipeline.loop_args import ClassifierArgs
 from raydefense.pipeline.run import RunContext
 
@@ -69,10 +69,11 @@ def clean_training_sets(ctx: RunContext) -> dict[str, Any]:
             "val": ctx.layout.read_clean("val", ["image", "label"])}
 
 
-def train_or_load(ctx: RunContext, which: str, *, gpu: bool) -> dict[str, Any]:
-    """Train the target or surrogate (``which``), from its pretrained weights when the config names
-    them, or keep those weights as they are (``models.finetune_pretrained: false``); a surrogate
-    with ``models.surrogate_init: target`` trains from :func:`target_start`."""
+def training_args(ctx: RunContext, which: str) -> Optional[ClassifierArgs]:
+    """The training of the target or surrogate (``which``): from its pretrained weights when the
+    config names them, a surrogate with ``models.surrogate_init: target`` from
+    :func:`target_start`; None when the pretrained weights are kept as they are
+    (``models.finetune_pretrained: false``; their artifact is then written here)."""
     m = ctx.cfg.models
     arch, pretrained = getattr(m, which), getattr(m, f"{which}_pretrained")
     num_classes = ctx.layout.num_classes()
@@ -89,9 +90,15 @@ def train_or_load(ctx: RunContext, which: str, *, gpu: bool) -> dict[str, Any]:
                 spec = {"kind": "classifier", "arch": arch, "num_classes": num_classes}
                 save_artifact(ctx.storage, which, model, spec, config=ctx.cfg.to_dict(), metrics={"pretrained": pretrained})
             ctx.echo(f"  {which}: using pretrained '{pretrained}' weights as they are")
-            return {}
-    return train_classifier(ctx, classifier_model_args(ctx, which, init=init), clean_training_sets(ctx), gpu=gpu)
+            return None
+    return classifier_model_args(ctx, which, init=init)
 
 
 def run_models(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
-    return {"target": train_or_load(ctx, "target", gpu=gpu), "surrogate": train_or_load(ctx, "surrogate", gpu=gpu)}
+    """The target and the surrogate, trained one after the other in one Ray Train fit
+    (:func:`~raydefense.pipeline.classifiers.train_classifiers`: one fixed cost, one read of the
+    clean sets)."""
+    trainings = {which: training_args(ctx, which) for which in ("target", "surrogate")}
+    todo = [a for a in trainings.values() if a is not None]
+    done = train_classifiers(ctx, todo, clean_training_sets(ctx), gpu=gpu) if todo else {}
+    return {which: done.get(which, {}) for which in trainings}

@@ -30,9 +30,11 @@ from raydefense.pipeline.worker import (  # noqa: F401  (re-exported)
     Step,
     allreduce_sum,
     autocast,
+    epoch_data,
     global_batches,
     make_optimizer,
     setup_worker,
+    sharing_epoch_data,
     worker_device,
     world,
 )
@@ -114,6 +116,11 @@ class TrainingTask:
     config: dict[str, Any]
     datasets: dict[str, Any]
     epochs: int
+    # The storage path (relative to the run) whose existence means the task has finished: its
+    # artifact, written last by rank 0. A sequence (:func:`sequence_task`) skips such parts.
+    done: Optional[str] = None
+    # (name, epochs) of each training a sequence runs; empty for a single training.
+    parts: tuple[tuple[str, int], ...] = ()
 
     def trainer(self, cfg: Config, storage, *, gpu: bool, callbacks: Sequence[Any] = ()):
         """The TorchTrainer (:func:`make_trainer`) with checkpoints under ``<storage>/train/<name>``."""
@@ -121,18 +128,85 @@ class TrainingTask:
                             callbacks=callbacks)
 
 
-def run_task(ctx: RunContext, task: TrainingTask, *, gpu: bool) -> dict[str, Any]:
-    """:func:`fit` of ``task`` in the run ``ctx``; returns the last reported metrics."""
-    return fit(ctx, task.name, task.loop, task.config, task.datasets, gpu=gpu, epochs=task.epochs)
+def run_task(ctx: RunContext, task: TrainingTask, *, gpu: bool, announce: Optional[dict[str, str]] = None,
+             conclude: Optional[Callable[[str, dict[str, Any]], Optional[str]]] = None) -> dict[str, Any]:
+    """:func:`fit` of ``task`` in the run ``ctx``; returns the last reported metrics, or for a
+    sequence (:func:`sequence_task`) ``{part name: its last reported metrics}`` (``{}`` for a part
+    that reported nothing: it had finished before, or resumed after its last epoch).
+    ``announce`` and ``conclude``: lines around a sequence part's epoch lines (:class:`EpochLog`)."""
+    return fit(ctx, task.name, task.loop, task.config, task.datasets, gpu=gpu, epochs=task.epochs,
+               parts=task.parts, announce=announce, conclude=conclude)
+
+
+# The sequence part running in this worker process (sequence_loop); None in a single training.
+# Its name tags the part's checkpoints and epoch reports.
+_PART: Optional[str] = None
+
+
+def sequence_task(name: str, tasks: Sequence[TrainingTask]) -> TrainingTask:
+    """One Ray Train fit that runs ``tasks`` one after another in the same worker group
+    (:func:`sequence_loop`), checkpoints under ``train/<name>``.
+
+    Each fit pays seconds before its first batch (the controller and worker processes, their
+    imports, the process group, the first read of the data); trainings of one stage on the same
+    datasets (the target and the surrogate; the teacher and the student) pay it once this way,
+    and the later parts reuse the rows the first one read (:func:`~raydefense.pipeline.worker.
+    sharing_epoch_data`). A part may use an earlier part's artifact (the student its teacher):
+    every worker waits at the end of each part until rank 0 has written it.
+
+    A part whose ``done`` path exists is skipped, so a rerun (or Ray Train's restart after a lost
+    worker) goes on with the first unfinished part, from its own latest checkpoint: checkpoints
+    carry their part's name, and a part never restores another's.
+
+    Raises:
+        ValueError: no tasks, a task without ``done``, repeated names, or two tasks that
+            give different datasets the same name.
+    """
+    if not tasks:
+        raise ValueError("sequence_task: no tasks")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sequence_task: repeated task names {names}")
+    datasets: dict[str, Any] = {}
+    for t in tasks:
+        if t.done is None or t.parts:
+            raise ValueError(f"sequence_task: task '{t.name}' must be a single training with a 'done' path")
+        for key, ds in t.datasets.items():
+            if datasets.setdefault(key, ds) is not ds:
+                raise ValueError(f"sequence_task: tasks give different datasets the name '{key}'")
+    config = {"parts": [{"name": t.name, "loop": t.loop, "config": t.config, "done": t.done} for t in tasks],
+              "storage": tasks[0].config["storage"]}
+    return TrainingTask(name=name, loop=sequence_loop, config=config, datasets=datasets,
+                        epochs=sum(t.epochs for t in tasks), parts=tuple((t.name, t.epochs) for t in tasks))
+
+
+def sequence_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop of :func:`sequence_task`: each unfinished part's loop in turn."""
+    global _PART
+    storage = config["storage"]
+    with sharing_epoch_data():
+        for part in config["parts"]:
+            if storage.exists(part["done"]):  # finished before a restart or a rerun
+                continue
+            _PART = part["name"]
+            try:
+                part["loop"](part["config"])
+            finally:
+                _PART = None
+            # Rank 0 wrote the part's artifact last; the next part may load it on any worker.
+            allreduce_sum([0.0], worker_device())
 
 
 def fit(ctx: RunContext, task: str, loop: Callable[[dict], None], loop_config: dict[str, Any],
-        datasets: dict[str, Any], *, gpu: bool, epochs: Optional[int] = None) -> dict[str, Any]:
-    """Run one training task on Ray Train; returns the last reported metrics.
+        datasets: dict[str, Any], *, gpu: bool, epochs: Optional[int] = None,
+        parts: Sequence[tuple[str, int]] = (), announce: Optional[dict[str, str]] = None,
+        conclude: Optional[Callable[[str, dict[str, Any]], Optional[str]]] = None) -> dict[str, Any]:
+    """Run one training task on Ray Train; returns the last reported metrics, or with ``parts``
+    (the (name, epochs) of a :func:`sequence_task`'s trainings) ``{part: its last metrics}``.
 
     While it runs, the driver prints one line per epoch (task, epoch/total, losses, validation
     metrics, seconds) and writes the same scalars as TensorBoard events to
-    ``<run>/tensorboard/<task>/`` (see :class:`EpochLog`).
+    ``<run>/tensorboard/<task>/`` (see :class:`EpochLog`); a sequence's parts each as their own task.
 
     ``trainer.fit()`` runs in a helper thread: on the main thread Ray Train installs a SIGINT
     handler of its own that it never removes (one Ctrl-C "gracefully aborts" the fit and the
@@ -144,7 +218,7 @@ def fit(ctx: RunContext, task: str, loop: Callable[[dict], None], loop_config: d
             checkpoints stay: a rerun with the same --name resumes from the latest one).
         RayDefenseError: a user error raised inside a worker, as itself.
     """
-    with EpochLog(ctx, task, epochs=epochs) as log:
+    with EpochLog(ctx, task, epochs=epochs, parts=parts, announce=announce, conclude=conclude) as log:
         trainer = make_trainer(ctx.cfg, ctx.storage, task, loop, loop_config, datasets, gpu=gpu,
                                callbacks=[log.callback()])
         box: dict[str, Any] = {}
@@ -164,6 +238,8 @@ def fit(ctx: RunContext, task: str, loop: Callable[[dict], None], loop_config: d
         log.failed = "error" in box
     if "error" in box:
         _raise_training_error(ctx, task, box["error"])
+    if parts:
+        return {name: log.last.get(name, {}) for name, _ in parts}
     return dict(box["result"].metrics or {})
 
 
@@ -179,8 +255,10 @@ def _epoch_records_callback(path: str):
     class EpochRecords(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             if metrics:
+                record = {k: v for k, v in metrics[0].items()
+                          if isinstance(v, (int, float)) or (k == "task" and isinstance(v, str))}
                 with open(path, "a") as f:
-                    f.write(json.dumps({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))}) + "\n")
+                    f.write(json.dumps(record) + "\n")
 
     return EpochRecords()
 
@@ -192,31 +270,45 @@ class EpochLog:
     Event files are written with tensorboardX (installed with ``ray[tune]``) into a local
     folder and copied to ``<run>/tensorboard/<task>/`` on the run's storage (local or S3) when
     the fit ends, also when it fails. Tags: ``<task>/<metric>`` per epoch (train_loss,
-    val_acc, val_white_acc, wasserstein, epoch_s, ...); the step is the epoch.
+    val_acc, val_white_acc, wasserstein, epoch_s, ...); the step is the epoch. A sequence's
+    records carry their part's name (``task``) and go to that part's line prefix, folder, tags
+    and MLflow run, as a fit of their own would; ``announce[part]`` is printed before a part's
+    first epoch line and ``conclude(part, its last record)`` (when not None) after its last one,
+    once the next part reports or the fit has succeeded.
     """
 
     _ORDER = ("train_loss", "wasserstein", "gp", "g_loss")
 
-    def __init__(self, ctx, task: str, *, epochs: Optional[int]):
+    def __init__(self, ctx, task: str, *, epochs: Optional[int], parts: Sequence[tuple[str, int]] = (),
+                 announce: Optional[dict[str, str]] = None,
+                 conclude: Optional[Callable[[str, dict[str, Any]], Optional[str]]] = None):
         self.ctx, self.task, self.epochs = ctx, task, epochs
+        self.announce, self.conclude = dict(announce or {}), conclude
+        self.current: Optional[str] = None  # the part whose epochs were printed last
+        self.parts: dict[str, Optional[int]] = dict(parts) if parts else {task: epochs}
         self.dir = tempfile.mkdtemp(prefix=f"raydefense-{task}-")
         self.path = os.path.join(self.dir, "epochs.jsonl")
         self.offset = 0
-        self.writer = None
-        self.mlflow = None
+        self.writers: dict[str, Any] = {}
+        self.mlflow: dict[str, Any] = {}
+        self.last: dict[str, dict[str, Any]] = {}  # part -> its last record
         self.failed = False  # set by fit(): the MLflow run ends FAILED
 
     def __enter__(self) -> "EpochLog":
         from raydefense.tracking import task_run
 
         cfg = self.ctx.cfg
-        self.mlflow = task_run(cfg.tracking, run_name=cfg.name, task=self.task, params=cfg.to_dict())
+        for name in self.parts:
+            run = task_run(cfg.tracking, run_name=cfg.name, task=name, params=cfg.to_dict())
+            if run is not None:
+                self.mlflow[name] = run
         try:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(logdir=os.path.join(self.dir, "tb"), flush_secs=5)
+            for name in self.parts:
+                self.writers[name] = SummaryWriter(logdir=os.path.join(self.dir, "tb", name), flush_secs=5)
         except ImportError:  # tensorboardX comes with ray[tune]; without it, console lines only
-            self.writer = None
+            self.writers = {}
         return self
 
     def callback(self):
@@ -235,35 +327,55 @@ class EpochLog:
         self.offset += len(complete) + 1
         for line in complete.splitlines():
             record = json.loads(line)
-            self.ctx.echo(self.format(record))
-            if self.writer is not None:
+            name = record.pop("task", self.task)
+            if name not in self.parts:
+                name = self.task
+            if name != self.current:
+                self._close_part()
+                self.current = name
+                if name in self.announce:
+                    self.ctx.echo(self.announce[name])
+            self.last[name] = record
+            self.ctx.echo(self.format(record, task=name))
+            writer = self.writers.get(name)
+            if writer is not None:
                 step = int(record.get("epoch", 0))
                 for key, value in record.items():
                     if key not in ("epoch", "param_digest"):
-                        self.writer.add_scalar(f"{self.task}/{key}", value, step)
-            if self.mlflow is not None:
-                self.mlflow.log(record)
+                        writer.add_scalar(f"{name}/{key}", value, step)
+            if name in self.mlflow:
+                self.mlflow[name].log(record)
 
-    def format(self, record: dict[str, float]) -> str:
+    def format(self, record: dict[str, float], *, task: Optional[str] = None) -> str:
+        task = task or self.task
         epoch = int(record.get("epoch", 0)) + 1
-        total = f"/{self.epochs}" if self.epochs else ""
+        epochs = self.parts.get(task, self.epochs)
+        total = f"/{epochs}" if epochs else ""
         keys = [k for k in self._ORDER if k in record]
         keys += sorted(k for k in record if k.endswith("_acc"))
         parts = [f"{k} {record[k]:.4f}" for k in keys]
-        return f"  {self.task}: epoch {epoch}{total}  " + "  ".join(parts) + f"  ({record.get('epoch_s', 0.0):.1f} s)"
+        return f"  {task}: epoch {epoch}{total}  " + "  ".join(parts) + f"  ({record.get('epoch_s', 0.0):.1f} s)"
+
+    def _close_part(self) -> None:
+        if self.current is not None and self.conclude is not None:
+            line = self.conclude(self.current, self.last.get(self.current, {}))
+            if line:
+                self.ctx.echo(line)
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         import shutil
 
         try:
-            if self.writer is not None:
-                self.writer.close()
-                tb = os.path.join(self.dir, "tb")
-                for name in sorted(os.listdir(tb)) if os.path.isdir(tb) else []:
-                    with open(os.path.join(tb, name), "rb") as f:
-                        self.ctx.storage.write_bytes(RunLayout.tensorboard_rel(self.task, name), f.read())
-            if self.mlflow is not None:
-                self.mlflow.close(failed=self.failed or exc_type is not None)
+            if exc_type is None and not self.failed:
+                self._close_part()
+            for name, writer in self.writers.items():
+                writer.close()
+                tb = os.path.join(self.dir, "tb", name)
+                for fname in sorted(os.listdir(tb)) if os.path.isdir(tb) else []:
+                    with open(os.path.join(tb, fname), "rb") as f:
+                        self.ctx.storage.write_bytes(RunLayout.tensorboard_rel(name, fname), f.read())
+            for run in self.mlflow.values():
+                run.close(failed=self.failed or exc_type is not None)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -313,7 +425,8 @@ def _root_cause(exc: BaseException) -> str:
 def restore(objects: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Load the latest Ray Train checkpoint into ``objects`` (name -> module/optimizer/scheduler).
 
-    Returns (first epoch to run, extra state saved with the checkpoint).
+    Returns (first epoch to run, extra state saved with the checkpoint); (0, {}) when there is
+    none, or when it is another part's of a sequence (:func:`sequence_task`).
     """
     import ray.train
 
@@ -322,6 +435,8 @@ def restore(objects: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return 0, {}
     with ckpt.as_directory() as d:
         blob = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    if blob.get("part") != _PART:
+        return 0, {}
     for name, obj in objects.items():
         target = obj.module if hasattr(obj, "module") and isinstance(obj, nn.Module) else obj
         target.load_state_dict(blob[name])
@@ -398,11 +513,11 @@ def _report(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *, c
             extra: Optional[dict[str, Any]], rank: int) -> None:
     import ray.train
 
-    metrics = {**metrics, "epoch": epoch}
+    metrics = {**metrics, "epoch": epoch, **({"task": _PART} if _PART is not None else {})}
     if rank != 0:  # other ranks, or rank 0 between checkpoints (rank -1)
         ray.train.report(metrics, checkpoint=None)
         return
-    state = {"epoch": epoch, "config": config, "extra": extra or {}}
+    state = {"epoch": epoch, "config": config, "extra": extra or {}, **({"part": _PART} if _PART is not None else {})}
     for name, obj in objects.items():
         target = obj.module if hasattr(obj, "module") and isinstance(obj, nn.Module) else obj
         state[name] = target.state_dict()

@@ -143,6 +143,39 @@ def _row_keys(cols: dict[str, torch.Tensor], chunk: int = 512) -> torch.Tensor:
     return keys
 
 
+# The datasets of a sequence of trainings in one worker group (training.sequence_loop): each
+# part reads the same shards, so the first part's EpochData (its rows cached in this process)
+# serves the next ones instead of streaming the dataset again. None outside a sequence.
+_SHARED_DATA: Optional[dict[str, "EpochData"]] = None
+
+
+@contextlib.contextmanager
+def sharing_epoch_data() -> Iterator[None]:
+    """Within this block, :func:`epoch_data` hands every caller of the same dataset the same
+    :class:`EpochData` (one read of each shard for all the trainings of a sequence)."""
+    global _SHARED_DATA
+    outer, _SHARED_DATA = _SHARED_DATA, {} if _SHARED_DATA is None else _SHARED_DATA
+    try:
+        yield
+    finally:
+        _SHARED_DATA = outer
+
+
+def epoch_data(dataset: str, *, cache_mb: float, name: str) -> "EpochData":
+    """:class:`EpochData` over this worker's shard of the fit's dataset ``dataset`` (Ray Train's
+    ``get_dataset_shard``); ``name`` labels it in errors. Inside :func:`sharing_epoch_data`,
+    the same object for every call with the same ``dataset``, so callers there must not change
+    it (:meth:`EpochData.add_column`)."""
+    import ray.train
+
+    if _SHARED_DATA is not None and dataset in _SHARED_DATA:
+        return _SHARED_DATA[dataset]
+    data = EpochData(ray.train.get_dataset_shard(dataset), cache_mb=cache_mb, name=name)
+    if _SHARED_DATA is not None:
+        _SHARED_DATA[dataset] = data
+    return data
+
+
 class EpochData:
     """A whole dataset on every training worker, cut into global batches each epoch.
 

@@ -122,6 +122,6 @@ def test_smoke_pipeline_succeeds_on_a_clean_node(head, clean_job):
     for d, by_set in metrics["accuracy"].items():
         assert all(0.0 <= a <= 1.0 for a in by_set.values()), d
     # Ray Train ran in the job's env: its checkpoints are in the run's storage.
-    assert list((storage / "clean" / "train" / "target").glob("checkpoint_*"))
+    assert list((storage / "clean" / "train" / "target-surrogate").glob("checkpoint_*"))
     # Still true after the job: the node's own Python never had the project.
     assert head.python("import raydefense").returncode != 0

@@ -187,21 +187,45 @@ def test_two_workers_denoiser_and_gnr(ray_local, tmp_path):
     load_artifact(storage, "gnr_generator")
 
 
-@pytest.mark.parametrize("loss", ["kt", "dcn", "soft"])
-def test_two_workers_every_classifier_loss(ray_local, tmp_path, loss):
-    """The student (KT), DCN and defensive-distillation losses under DDP."""
-    from raydefense.pipeline.artifacts import save_artifact
-    from raydefense.models import create_model
+def test_two_workers_every_classifier_loss_in_one_sequence_that_resumes_part_by_part(ray_local, tmp_path):
+    """The student (KT), DCN and defensive-distillation losses under DDP, run after their teacher
+    in one fit (training.sequence_task): the students load the teacher rank 0 wrote in the same
+    fit. The first fit fails in its last part; the rerun skips the finished parts and starts that
+    part from scratch although the fit's latest checkpoint (DCN's, the same architecture) is there."""
+    from ray.train import TrainingFailedError
+
     from raydefense.pipeline.classifiers import classifier_loop
+    from raydefense.pipeline.training import TrainingTask, sequence_task
 
     storage = Storage.open(str(tmp_path))
     cfg = _cfg(2)
-    teacher = create_model("small_cnn", num_classes=N_CLASSES)
-    save_artifact(storage, "teacher", teacher, {"kind": "classifier", "arch": "small_cnn", "num_classes": N_CLASSES},
-                  config=cfg.to_dict())
-    extra = {"kt": {"teacher": "teacher", "lam": 1.0, "T": 4.0}, "dcn": {"dcn_weight": 0.01},
-             "soft": {"teacher": "teacher", "T": 4.0}}[loss]
-    lc = _classifier_config(cfg, storage, loss, batch=4, epochs=1, loss=loss, **extra)
-    _, reports = _fit(cfg, storage, loss, classifier_loop, lc,
-                      {"train": _classifier_ds(18, 6), "val": _classifier_ds(6, 7)}, tmp_path / "r.jsonl")
+    datasets = {"train": _classifier_ds(18, 6), "val": _classifier_ds(6, 7)}
+    extra = {"teacher": {}, "kt": {"teacher": "teacher", "lam": 1.0, "T": 4.0}, "dcn": {"dcn_weight": 0.01},
+             "soft": {"teacher": "teacher", "T": 4.0}}
+
+    def sequence(soft_teacher: str):
+        tasks = []
+        for loss, kw in extra.items():
+            kw = {**kw, "teacher": soft_teacher} if loss == "soft" else kw
+            lc = _classifier_config(cfg, storage, loss, batch=4, epochs=1, loss="ce" if loss == "teacher" else loss, **kw)
+            tasks.append(TrainingTask(name=loss, loop=classifier_loop, config=lc, datasets=datasets, epochs=1,
+                                      done=f"models/{loss}.pt"))
+        return sequence_task("losses", tasks)
+
+    first = sequence("no_such_teacher")
+    with pytest.raises(TrainingFailedError):
+        _fit(cfg, storage, first.name, first.loop, first.config, first.datasets, tmp_path / "r1.jsonl")
+    reports = [json.loads(line) for line in (tmp_path / "r1.jsonl").read_text().splitlines()]
+    assert [r[0]["task"] for r in reports] == ["teacher", "kt", "dcn"]
+    for r in reports:
+        _assert_in_step([r], 2, keys=("param_digest", "val_acc", "task"))
+    done = {name: (tmp_path / "models" / f"{name}.pt").read_bytes() for name in ("teacher", "kt", "dcn")}
+    assert not storage.exists("models/soft.pt")
+
+    second = sequence("teacher")
+    _, reports = _fit(cfg, storage, second.name, second.loop, second.config, second.datasets, tmp_path / "r2.jsonl")
+    assert [r[0]["task"] for r in reports] == ["soft"]  # the finished parts did not run again
     _assert_in_step(reports, 2, keys=("param_digest", "val_acc"))
+    soft = storage.load_torch("models/soft.pt")["metrics"]
+    assert soft["start_epoch"] == 0 and [h["epoch"] for h in soft["history"]] == [0]  # not DCN's checkpoint
+    assert {n: (tmp_path / "models" / f"{n}.pt").read_bytes() for n in done} == done

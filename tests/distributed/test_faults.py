@@ -94,6 +94,19 @@ def test_killed_ray_data_actor_keeps_exact_rows(cluster):
     assert len(after - {killed[0]}) >= 1  # the rest came from the surviving / restarted actors
 
 
+def _pace_callback(flag: str):
+    """A Ray Train callback (it runs in the controller) that holds each report for one second
+    while the file ``flag`` exists."""
+    from ray.train import UserCallback
+
+    class Pace(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if os.path.exists(flag):
+                time.sleep(1.0)
+
+    return Pace()
+
+
 def test_elastic_training_loses_a_node_and_grows_back(cluster, tmp_path):
     """Elastic (1, 2) workers, one per worker node (a custom resource per node): removing a
     node mid-training restarts the group with one worker from the latest checkpoint; adding a
@@ -105,21 +118,23 @@ def test_elastic_training_loses_a_node_and_grows_back(cluster, tmp_path):
 
     nodes = [_worker_node(cluster), _worker_node(cluster)]
     cluster.wait_for_nodes()
-    # Each epoch's report waits for the controller's next poll (scale.health_check_interval_s):
-    # at 1 s per poll, 100 epochs of a tiny model last at least 100 s, long enough for a node to
-    # go, the group to restart small, a node to come and the group to grow back, even on a loaded
-    # machine (the epochs themselves take milliseconds).
+    # The epochs of a tiny model take milliseconds; until the group has grown back, a callback
+    # in the controller holds each report for a second (workers wait for the controller to take
+    # their report), so the training outlasts a node going, the group restarting small, a node
+    # coming and the group growing back, even on a loaded machine. Then the rest runs at speed.
     epochs = 100
+    pace = tmp_path / "pace"
+    pace.touch()
     cfg = load_config(f"{REPO}/configs/smoke.yaml", [
         "scale.num_workers=1", "scale.max_workers=2", "scale.cpus_per_worker=1", "scale.worker_resources={train_slot: 1}",
         "scale.max_failures=5", "scale.resize_interval_s=2", "scale.checkpoint_interval_s=1000",
-        "scale.checkpoint_every_epochs=5", "scale.health_check_interval_s=1.0"])
+        "scale.checkpoint_every_epochs=5"])
     storage = Storage.open(str(tmp_path))
     lc = _classifier_config(cfg, storage, "target", batch=4, epochs=epochs)
     reports = tmp_path / "reports.jsonl"
     trainer = make_trainer(cfg, storage, "target", classifier_loop, lc,
                            {"train": _classifier_ds(24, 0), "val": _classifier_ds(8, 1)}, gpu=False,
-                           callbacks=[_Collect.make(str(reports))])
+                           callbacks=[_Collect.make(str(reports)), _pace_callback(str(pace))])
     box: dict = {}
     fit = threading.Thread(target=lambda: box.setdefault("result", trainer.fit()), daemon=True)
     t0 = time.time()
@@ -147,6 +162,7 @@ def test_elastic_training_loses_a_node_and_grows_back(cluster, tmp_path):
     t_added = time.time() - t0
     n_before = len(sizes())
     t_back = wait_for(lambda s: len(s) > n_before and s[-1] == 2, "growing back to two workers")
+    pace.unlink()
     fit.join(timeout=600)
     assert "result" in box and not fit.is_alive()
     hist = storage.load_torch("models/target.pt")["metrics"]["history"]
