@@ -11,7 +11,7 @@ denoised validation images, adversarial (``val_white_acc``) and clean (``val_cle
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -75,13 +75,15 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=d.plateau_patience,
                                                        min_lr=d.lr_min, threshold=1e-3)
     progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=d.epochs)
-    data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=args.artifact or "train")
-    val = T.EpochData(ray.train.get_dataset_shard("val"), cache_mb=cfg.scale.cache_mb, name="val")
+    data = T.epoch_data("train", cache_mb=cfg.scale.cache_mb, name=args.artifact or "train")
+    val = T.epoch_data("val", cache_mb=cfg.scale.cache_mb, name="val")
     # Eq. 5 compares the denoised image's layer-l output with the frozen target's output on the
     # clean image, which is the same every epoch: computed once per row here (in eval batches,
     # as the loss would compute it per step) and carried by the steps, one target forward per
     # step fewer. Not where it would cost more than it saves: a dataset streamed each epoch, or
-    # fewer epochs left than workers (each worker computes every row).
+    # fewer epochs left than workers (each worker computes every row). The column is named after
+    # the guidance and the classifier: a later denoiser of the same fit (training.sequence_task)
+    # that shares this data reuses it when it is the same.
     reference_col = None
     _, workers = T.world()
     if args.loss != "pixel" and len(progress.epoch_range()) >= workers:
@@ -89,8 +91,9 @@ def denoiser_loop(config: dict[str, Any]) -> None:
             with T.autocast(cfg, device):
                 return guidance_reference(args.loss, target, images_to_tensor(batch["clean"], device))
 
-        if data.add_column("guidance_reference", reference, batch_size=d.batch_size * 2, device=device):
-            reference_col = "guidance_reference"
+        name = f"guidance_reference:{args.loss}:{args.classifier}"
+        if data.add_column(name, reference, batch_size=d.batch_size * 2, device=device):
+            reference_col = name
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():
         model.train()
@@ -139,31 +142,55 @@ def denoiser_args(cfg, task: str, *, artifact: str | None = None) -> DenoiserArg
     return DenoiserArgs(arch=arch, loss=loss or cfg.denoise.guidance, artifact=artifact or task)
 
 
-def denoiser_task(ctx: RunContext, args: DenoiserArgs, *, name: str | None = None) -> T.TrainingTask:
-    """The Ray Train task of one denoiser on :func:`training_pairs` (val: the white-box validation
-    set), checkpoints under ``train/<name>`` (default: the artifact's name)."""
-    datasets = {"train": training_pairs(ctx), "val": ctx.layout.read_adv("val_white", ["clean", "adv", "label"])}
+def denoiser_datasets(ctx: RunContext) -> dict[str, Any]:
+    """What every denoiser trains on: :func:`training_pairs` and, as ``val``, the white-box
+    validation set."""
+    return {"train": training_pairs(ctx), "val": ctx.layout.read_adv("val_white", ["clean", "adv", "label"])}
+
+
+def denoiser_task(ctx: RunContext, args: DenoiserArgs, *, name: str | None = None,
+                  datasets: dict[str, Any] | None = None) -> T.TrainingTask:
+    """The Ray Train task of one denoiser on ``datasets`` (default :func:`denoiser_datasets`),
+    checkpoints under ``train/<name>`` (default: the artifact's name)."""
+    from raydefense.pipeline.run import RunLayout
+
     return T.TrainingTask(name=name or args.artifact, loop=denoiser_loop, config=args.loop_config(ctx.cfg, ctx.storage),
-                          datasets=datasets, epochs=ctx.cfg.denoise.epochs)
+                          datasets=datasets or denoiser_datasets(ctx), epochs=ctx.cfg.denoise.epochs,
+                          done=RunLayout.model_rel(args.artifact) if args.artifact else None)
 
 
-def train_denoiser(ctx: RunContext, task: str, *, gpu: bool) -> dict[str, Any]:
-    """Train (or skip, when ``models/<task>.pt`` exists) one denoiser; returns its last metrics."""
-    if ctx.layout.has_model(task):
-        ctx.echo(f"  {task}: already trained, skipping")
-        return {}
-    args = denoiser_args(ctx.cfg, task)
-    ctx.echo(f"  {task}: training {args.arch.upper()} with the {args.loss}-guided loss for {ctx.cfg.denoise.epochs} "
-             "epochs on Ray Train")
-    metrics = T.run_task(ctx, denoiser_task(ctx, args), gpu=gpu)
-    if metrics:
-        ctx.echo(f"  {task}: target accuracy on denoised validation images: adversarial {metrics['val_white_acc']:.3f}, "
-                 f"clean {metrics['val_clean_acc']:.3f}")
-    return metrics
+def train_denoisers(ctx: RunContext, tasks: list[str], *, gpu: bool) -> dict[str, dict[str, Any]]:
+    """Train (or skip, when ``models/<task>.pt`` exists) the denoisers ``tasks`` of
+    :data:`DENOISERS`, one after the other in one Ray Train fit (:func:`~raydefense.pipeline.
+    training.sequence_task`, checkpoints under ``train/<task>-<task>...``; one alone:
+    ``train/<task>``); returns ``{task: its last metrics}`` (``{}`` for one already trained)."""
+    todo = [t for t in tasks if not ctx.layout.has_model(t)]
+    intro = {}
+    for task in tasks:
+        if task not in todo:
+            ctx.echo(f"  {task}: already trained, skipping")
+            continue
+        args = denoiser_args(ctx.cfg, task)
+        intro[task] = (f"  {task}: training {args.arch.upper()} with the {args.loss}-guided loss for "
+                       f"{ctx.cfg.denoise.epochs} epochs on Ray Train")
+    if not todo:
+        return {t: {} for t in tasks}
+    ctx.echo(intro.pop(todo[0]))  # the others when their first epoch is reported
+
+    def conclude(task: str, m: dict[str, Any]) -> Optional[str]:
+        if "val_white_acc" not in m:
+            return None
+        return (f"  {task}: target accuracy on denoised validation images: adversarial {m['val_white_acc']:.3f}, "
+                f"clean {m['val_clean_acc']:.3f}")
+
+    datasets = denoiser_datasets(ctx)
+    parts = [denoiser_task(ctx, denoiser_args(ctx.cfg, t), datasets=datasets) for t in tasks]
+    if len(parts) == 1:
+        out = {tasks[0]: T.run_task(ctx, parts[0], gpu=gpu, conclude=conclude)}
+    else:  # named after the configured denoisers, not the ones left, so a rerun finds its checkpoints
+        out = T.run_task(ctx, T.sequence_task("-".join(tasks), parts), gpu=gpu, announce=intro, conclude=conclude)
+    return {t: out.get(t, {}) for t in tasks}
 
 
 def run_denoise(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
-    out = {"uddn": train_denoiser(ctx, "uddn", gpu=gpu)}
-    for name in ctx.cfg.denoise.baselines:
-        out[name] = train_denoiser(ctx, name, gpu=gpu)
-    return out
+    return train_denoisers(ctx, ["uddn", *ctx.cfg.denoise.baselines], gpu=gpu)

@@ -279,10 +279,14 @@ class EpochData:
         for every row of the cached data, in batches of ``batch_size``, and keep it as column
         ``name``: the steps of every later epoch carry it. Each worker computes all rows (every
         worker holds the whole set). Returns False and adds nothing for a dataset too large to
-        cache (:attr:`streaming`); the caller then computes the value per step."""
+        cache (:attr:`streaming`); the caller then computes the value per step. A column that
+        exists already is kept: ``name`` must say everything ``fn`` depends on besides the row
+        (the data of a sequence's parts is shared, :func:`sharing_epoch_data`)."""
         self._fill()
         if self.streaming or not self.cache:
             return False
+        if name in self.cache:
+            return True
         n = len(self)
         parts = [fn({k: v[i:i + batch_size].to(device) for k, v in self.cache.items()}).detach().cpu()
                  for i in range(0, n, batch_size)]

@@ -152,6 +152,32 @@ def test_add_column_is_computed_once_and_travels_with_its_rows():
         for s in steps:
             assert torch.equal(s["ref"], s["x"].double() * 10 + s["image"].float().mean(dim=(1, 2, 3)).double())
     assert sum(calls) == 23  # not recomputed per epoch
+    assert data.add_column("ref", value, batch_size=5, device=CPU)  # a later user of shared data
+    assert sum(calls) == 23  # keeps the column it finds
     streamed = EpochData(FakeDataset(23), cache_mb=0, rank=0, world_size=1)
     assert not streamed.add_column("ref", value, batch_size=5, device=CPU)
     assert "ref" not in next(iter(streamed.steps(batch_size=4, device=CPU, shuffle=False, seed=0))).data
+
+
+def test_a_sequence_reads_each_dataset_once(monkeypatch):
+    """Inside sharing_epoch_data (training.sequence_loop), every part asking for the same dataset
+    gets the same EpochData, whose rows are read once; outside, each call is its own."""
+    import ray.train
+
+    from raydefense.pipeline.worker import epoch_data, sharing_epoch_data
+
+    reads: list[str] = []
+
+    def shard(name):
+        reads.append(name)
+        return FakeDataset(12)
+
+    monkeypatch.setattr(ray.train, "get_dataset_shard", shard)
+    with sharing_epoch_data():
+        first = epoch_data("train", cache_mb=10, name="target")
+        assert epoch_data("train", cache_mb=10, name="surrogate") is first
+        assert epoch_data("val", cache_mb=10, name="val") is not first
+        with sharing_epoch_data():  # nested: the same registry
+            assert epoch_data("train", cache_mb=10, name="x") is first
+    assert reads == ["train", "val"]
+    assert epoch_data("train", cache_mb=10, name="target") is not first

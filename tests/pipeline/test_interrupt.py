@@ -50,7 +50,7 @@ def _interrupt_when(tmp_path, name: str, ready, *, extra=()) -> tuple[int, str, 
 
 
 def test_ctrl_c_during_a_training_stops_the_run(tmp_path):
-    target_dir = tmp_path / "during" / "train" / "target"
+    target_dir = tmp_path / "during" / "train" / "target-surrogate"  # the models stage's one fit
     rc, out, took = _interrupt_when(tmp_path, "during", lambda _: target_dir.exists(),
                                     extra=["--set", "models.target_train.epochs=400"])
     assert rc == 130, out[-3000:]
