@@ -219,9 +219,8 @@ def _runs_and_variants(cfg: Config) -> tuple[dict[str, RunSpec], dict[str, Varia
 
 
 def kt_run(lam: float, T: float) -> RunSpec:
-    """A KT variant's run: the full run's UDDN, denoised images and teacher; a student of its own."""
-    borrows = tuple((FULL, rel) for rel in (RunLayout.model_rel("uddn"), RunLayout.model_rel("teacher"),
-                                            RunLayout.DENOISED))
+    """A KT variant's run: the full run's UDDN and teacher; a student of its own."""
+    borrows = tuple((FULL, rel) for rel in (RunLayout.model_rel("uddn"), RunLayout.model_rel("teacher")))
     return RunSpec(kt_name(lam, T), (f"distill.lam={lam!r}", f"distill.T={T!r}"), borrows=borrows)
 
 

@@ -18,7 +18,7 @@ from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LOSSES, LossInputs, RobustInputs  # noqa: F401  (re-exported)
 from raydefense.pipeline.loop_args import ClassifierArgs
-from raydefense.pipeline.runtime import images_to_tensor
+from raydefense.pipeline.runtime import images_to_tensor, tensor_to_images
 from raydefense.seeding import epoch_seed, seed_everything, torch_generator, worker_seed
 from raydefense.pipeline.run import RunContext
 
@@ -92,6 +92,26 @@ def robust_accuracy(model, data: T.EpochData, *, batch_size: int, device: torch.
     return correct / total if total else float("nan")
 
 
+def denoised_inputs(data: T.EpochData, denoiser: torch.nn.Module, *, name: str, batch_size: int, device: torch.device):
+    """The training images of ``data`` through the frozen ``denoiser`` (artifact ``name``), stored
+    as 8-bit images (:func:`~raydefense.pipeline.runtime.tensor_to_images`: clamped to [0, 1],
+    rounded), what the KT teacher and student train on (section 4.2).
+
+    Computed once per row, in batches of ``batch_size``, as column ``denoised:<name>`` of the
+    cached rows (shared with the next training of a sequence on the same data); returns
+    (that column, None). For a dataset streamed each epoch: ("image", a function that denoises
+    a batch's images in each step).
+    """
+    @torch.no_grad()
+    def denoise(images) -> torch.Tensor:
+        return torch.from_numpy(tensor_to_images(denoiser(images_to_tensor(images, device))))
+
+    column = f"denoised:{name}"
+    if data.add_column(column, lambda batch: denoise(batch["image"]), batch_size=batch_size, device=device):
+        return column, None
+    return "image", denoise
+
+
 def classifier_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop; ``config`` is :meth:`ClassifierArgs.loop_config`'s dict.
 
@@ -125,6 +145,10 @@ def classifier_loop(config: dict[str, Any]) -> None:
     progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=tc.epochs)
 
     train_data = T.epoch_data("train", cache_mb=cfg.scale.cache_mb, name=args.task)
+    image_col, denoise = "image", None
+    if args.denoise_inputs:
+        image_col, denoise = denoised_inputs(train_data, load_artifact(storage, args.denoise_inputs, device),
+                                             name=args.denoise_inputs, batch_size=cfg.attack.batch_size, device=device)
     # Every dataset named val* is evaluated each epoch and reported as <name>_acc: "val" holds
     # clean images; a Tune trial adds e.g. "val_white" (denoised white-box images).
     vals = {name: T.epoch_data(name, cache_mb=cfg.scale.cache_mb, name=name)
@@ -140,7 +164,8 @@ def classifier_loop(config: dict[str, Any]) -> None:
         loss_sum = seen = 0.0
         for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True,
                                      seed=epoch_seed(cfg.seed, epoch, args.stream)):
-            x = augment(images_to_tensor(step["image"], device), step)
+            x = step[image_col] if denoise is None else denoise(step["image"])
+            x = augment(images_to_tensor(x, device), step)
             y = step["label"]
             with T.autocast(cfg, device):
                 loss = loss_fn(model, x, y, loss_inputs)

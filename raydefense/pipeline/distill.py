@@ -1,11 +1,13 @@
 """Stage 6, distill: knowledge transfer (section 4.2); and the classifier baselines of Table 3.
 
-1. A Ray Data stage denoises the denoiser's training inputs (real and generated adversarial
-   images) and the clean training images with the trained UDDN: ``data/denoised``.
+1. The denoiser's training inputs (real and generated adversarial images) and the clean
+   training images are denoised with the trained UDDN, once per row, in the training worker
+   (``ClassifierArgs.denoise_inputs``; stored as 8-bit images, as a written dataset would be).
 2. The teacher (the target's architecture) trains on those denoised images with their
    one-hot labels.
 3. The student (same architecture) trains on the same images with equation 6:
    KL(Pt || Ps) + lambda * KL(Pt^T || Ps^T). UDDN + student is the published model.
+   Teacher and student are one Ray Train fit (``training.sequence_task``).
 
 With ``distill.init_from_target`` (the default) both start from the target's weights:
 a fine-tune instead of a training from scratch, which keeps the CPU default within time.
@@ -50,38 +52,45 @@ def denoise_images(ctx: RunContext, ds, *, denoiser: str, column: str, gpu: bool
                      cfg=ctx.cfg, gpu=gpu, batch_size=ctx.cfg.attack.batch_size)
 
 
-def denoised_training_set(ctx: RunContext, *, gpu: bool, denoiser: str = "uddn", out: Optional[tuple[RunLayout, str]] = None):
-    """The teacher's and student's training set: the denoiser's training inputs (real and generated
-    adversarial images) and the clean training images, denoised by ``denoiser``; written once to
-    ``out`` (a layout and a folder in it; default the run's ``data/denoised``) and read from there.
-
-    The pipeline's distill stage and each Tune trial (with its own UDDN and folder) call this.
-    """
+def kt_training_inputs(ctx: RunContext):
+    """What the teacher and student train on once denoised: the denoiser's training inputs (real
+    and generated adversarial images) and the clean training images, as ``image, label`` rows."""
     from raydefense.pipeline.denoise import training_pairs
 
-    layout, rel = out or (ctx.layout, ctx.layout.DENOISED)
+    adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
+    return adv.union(ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"]))
+
+
+def denoised_training_set(ctx: RunContext, *, gpu: bool, denoiser: str, out: tuple[RunLayout, str]):
+    """:func:`kt_training_inputs` denoised by ``denoiser`` on a Ray Data actor pool, written once
+    to ``out`` (a layout and a folder in it) and read from there: a Tune trial's training set
+    for its teacher and student, made with the trial's own UDDN. (The pipeline's distill stage
+    denoises in the training worker instead: ``ClassifierArgs.denoise_inputs``.)"""
+    layout, rel = out
     if not layout.has_dataset(rel):
         # One actor pool over the union of inputs (two pools in one job can starve each other of CPUs).
-        adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
-        clean = ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"])
-        ds = denoise_images(ctx, adv.union(clean), denoiser=denoiser, column="image", gpu=gpu)
+        ds = denoise_images(ctx, kt_training_inputs(ctx), denoiser=denoiser, column="image", gpu=gpu)
         layout.write_dataset(rel, ds, min_rows_per_file=ctx.cfg.data.shard_size)
     return layout.read(rel)
 
 
-def teacher_args(cfg, *, num_classes: int, artifact: str = "teacher",
-                 val_sets: tuple[str, ...] = ("val",)) -> ClassifierArgs:
-    """The KT teacher (section 4.2): the target's architecture, cross-entropy on denoised images."""
+def teacher_args(cfg, *, num_classes: int, artifact: str = "teacher", val_sets: tuple[str, ...] = ("val",),
+                 denoise_inputs: Optional[str] = None) -> ClassifierArgs:
+    """The KT teacher (section 4.2): the target's architecture, cross-entropy on denoised images
+    (a training set of denoised images, or ``denoise_inputs``: the denoiser that makes them
+    in the training worker)."""
     return ClassifierArgs(task=artifact, artifact=artifact, arch=cfg.models.target, num_classes=num_classes,
-                          train=cfg.distill.teacher, loss="ce", init=_kt_init(cfg), val_sets=val_sets)
+                          train=cfg.distill.teacher, loss="ce", init=_kt_init(cfg), val_sets=val_sets,
+                          denoise_inputs=denoise_inputs)
 
 
 def student_args(cfg, *, num_classes: int, teacher: str = "teacher", artifact: str = "student",
-                 val_sets: tuple[str, ...] = ("val",)) -> ClassifierArgs:
-    """The KT student (equation 6, ``distill.lam`` and ``distill.T``) taught by ``teacher``."""
+                 val_sets: tuple[str, ...] = ("val",), denoise_inputs: Optional[str] = None) -> ClassifierArgs:
+    """The KT student (equation 6, ``distill.lam`` and ``distill.T``) taught by ``teacher``, on
+    denoised images as the teacher."""
     return ClassifierArgs(task=artifact, artifact=artifact, arch=cfg.models.target, num_classes=num_classes,
                           train=cfg.distill.student, loss="kt", init=_kt_init(cfg), teacher=teacher,
-                          lam=cfg.distill.lam, T=cfg.distill.T, val_sets=val_sets)
+                          lam=cfg.distill.lam, T=cfg.distill.T, val_sets=val_sets, denoise_inputs=denoise_inputs)
 
 
 def _kt_init(cfg) -> Optional[str]:
@@ -110,11 +119,12 @@ def run_distill(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
         ctx.echo("  knowledge transfer disabled (distill.enabled: false)")
         return {"enabled": False}
     n_cls = ctx.layout.num_classes()
-    datasets = {"train": denoised_training_set(ctx, gpu=gpu), "val": ctx.layout.read_clean("val", ["image", "label"])}
-    # One Ray Train fit for both (train_classifiers); the student's workers load the teacher
-    # once rank 0 has written it.
-    out = train_classifiers(ctx, [teacher_args(cfg, num_classes=n_cls), student_args(cfg, num_classes=n_cls)],
-                            datasets, gpu=gpu)
+    # One Ray Train fit for both (train_classifiers): the UDDN denoises the training images once,
+    # in the worker (classifiers.denoised_inputs), for the teacher and then the student, whose
+    # workers load the teacher once rank 0 has written it.
+    datasets = {"train": kt_training_inputs(ctx), "val": ctx.layout.read_clean("val", ["image", "label"])}
+    out = train_classifiers(ctx, [teacher_args(cfg, num_classes=n_cls, denoise_inputs="uddn"),
+                                  student_args(cfg, num_classes=n_cls, denoise_inputs="uddn")], datasets, gpu=gpu)
     return {"teacher": out["teacher"], "student": out["student"]}
 
 

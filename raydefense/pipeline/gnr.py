@@ -51,7 +51,7 @@ def gnr_loop(config: dict[str, Any]) -> None:
     opt_g, opt_c = make_optimizers(gen, critic, lr=g.lr)
     objects = {"gen": gen, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     progress = T.Progress(cfg, objects, config=config["cfg"], epochs=g.epochs)
-    data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name="gnr")
+    data = T.epoch_data("train", cache_mb=cfg.scale.cache_mb, name="gnr")
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():
         gen.train(); critic.train()

@@ -79,6 +79,9 @@ class ClassifierArgs(LoopArgs):
     val_sets: tuple[str, ...] = ("val",)
     # A frozen denoiser artifact in front of the model, in training and validation ('ard_kt').
     preprocess: Optional[str] = None
+    # A frozen denoiser artifact whose outputs, stored as 8-bit images, are the training images
+    # (the KT teacher and student train on denoised images); validation images stay as they are.
+    denoise_inputs: Optional[str] = None
     # The online attack of 'pgd_at' / 'ard_kt': RobustInputs' fields (eps, steps, ...), plus
     # 'val_steps' for the per-epoch whole-model PGD accuracy on "val" (val_pgd_acc).
     robust: dict = field(default_factory=dict)

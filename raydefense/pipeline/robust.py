@@ -102,8 +102,8 @@ def robust_denoiser_loop(config: dict[str, Any]) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     progress = T.Progress(cfg, {"model": model, "opt": opt}, config=config["cfg"], epochs=args.epochs)
     r = RobustInputs(**{k: v for k, v in args.robust.items() if k != "val_steps"})
-    data = T.EpochData(ray.train.get_dataset_shard("train"), cache_mb=cfg.scale.cache_mb, name=args.artifact)
-    val = T.EpochData(ray.train.get_dataset_shard("val"), cache_mb=cfg.scale.cache_mb, name="val")
+    data = T.epoch_data("train", cache_mb=cfg.scale.cache_mb, name=args.artifact)
+    val = T.epoch_data("val", cache_mb=cfg.scale.cache_mb, name="val")
     batch_size = cfg.denoise.batch_size
     metrics: dict[str, float] = {}
     for epoch in progress.epoch_range():

@@ -10,9 +10,9 @@ read and written. Layout under ``<storage>/<name>/``::
     data/clean/            Parquet: image, label, split, index (prepare)
     data/adv/set=<set>/    Parquet: clean, adv, label, eps, method, index (attack)
     data/gnr_aug/          Parquet, as data/adv, method 'gnr' (gnr)
-    data/denoised/         Parquet: image, label, denoised by the UDDN (distill)
     models/<name>.pt       final weights with the config that made them
-    train/<task>/          Ray Train checkpoints (an interrupted training resumes from here)
+    train/<fit>/           Ray Train checkpoints of one fit (e.g. target-surrogate: a stage's trainings
+                           in turn); an interrupted training resumes from here
     tensorboard/<task>/    per-epoch scalars
     report/                report.md, metrics.json, figures
     export/<defense>/      model.pt, model.onnx, card.json (jobs/export.py)
@@ -50,7 +50,6 @@ class RunLayout:
     CLEAN = "data/clean"
     ADV = "data/adv"
     GNR_AUG = "data/gnr_aug"
-    DENOISED = "data/denoised"
     METRICS = "report/metrics.json"
     REPORT = "report/report.md"
     MODELS = "models"

@@ -34,6 +34,7 @@ from raydefense.pipeline.worker import (  # noqa: F401  (re-exported)
     global_batches,
     make_optimizer,
     setup_worker,
+    dataset_names,
     sharing_epoch_data,
     worker_device,
     world,
@@ -148,19 +149,21 @@ def sequence_task(name: str, tasks: Sequence[TrainingTask]) -> TrainingTask:
     (:func:`sequence_loop`), checkpoints under ``train/<name>``.
 
     Each fit pays seconds before its first batch (the controller and worker processes, their
-    imports, the process group, the first read of the data); trainings of one stage on the same
-    datasets (the target and the surrogate; the teacher and the student) pay it once this way,
-    and the later parts reuse the rows the first one read (:func:`~raydefense.pipeline.worker.
-    sharing_epoch_data`). A part may use an earlier part's artifact (the student its teacher):
-    every worker waits at the end of each part until rank 0 has written it.
+    imports, the process group, the first read of the data); the trainings of a stage (the
+    target and the surrogate; the teacher and the student; the denoisers) pay it once this way.
+    Parts that give the same dataset object the same name share it, and the later parts reuse
+    the rows the first one read (:func:`~raydefense.pipeline.worker.sharing_epoch_data`); a
+    part's other datasets are the fit's ``<part>.<name>``, which the part still reads as
+    ``<name>`` (:func:`~raydefense.pipeline.worker.dataset_names`). A part may use an earlier
+    part's artifact (the student its teacher): every worker waits at the end of each part until
+    rank 0 has written it.
 
     A part whose ``done`` path exists is skipped, so a rerun (or Ray Train's restart after a lost
     worker) goes on with the first unfinished part, from its own latest checkpoint: checkpoints
     carry their part's name, and a part never restores another's.
 
     Raises:
-        ValueError: no tasks, a task without ``done``, repeated names, or two tasks that
-            give different datasets the same name.
+        ValueError: no tasks, a task without ``done``, or repeated names.
     """
     if not tasks:
         raise ValueError("sequence_task: no tasks")
@@ -168,14 +171,17 @@ def sequence_task(name: str, tasks: Sequence[TrainingTask]) -> TrainingTask:
     if len(set(names)) != len(names):
         raise ValueError(f"sequence_task: repeated task names {names}")
     datasets: dict[str, Any] = {}
+    parts = []
     for t in tasks:
         if t.done is None or t.parts:
             raise ValueError(f"sequence_task: task '{t.name}' must be a single training with a 'done' path")
+        names: dict[str, str] = {}
         for key, ds in t.datasets.items():
             if datasets.setdefault(key, ds) is not ds:
-                raise ValueError(f"sequence_task: tasks give different datasets the name '{key}'")
-    config = {"parts": [{"name": t.name, "loop": t.loop, "config": t.config, "done": t.done} for t in tasks],
-              "storage": tasks[0].config["storage"]}
+                names[key] = f"{t.name}.{key}"  # no "/": Ray Data names log files after datasets
+                datasets[names[key]] = ds
+        parts.append({"name": t.name, "loop": t.loop, "config": t.config, "done": t.done, "datasets": names})
+    config = {"parts": parts, "storage": tasks[0].config["storage"]}
     return TrainingTask(name=name, loop=sequence_loop, config=config, datasets=datasets,
                         epochs=sum(t.epochs for t in tasks), parts=tuple((t.name, t.epochs) for t in tasks))
 
@@ -190,7 +196,8 @@ def sequence_loop(config: dict[str, Any]) -> None:
                 continue
             _PART = part["name"]
             try:
-                part["loop"](part["config"])
+                with dataset_names(part["datasets"]):
+                    part["loop"](part["config"])
             finally:
                 _PART = None
             # Rank 0 wrote the part's artifact last; the next part may load it on any worker.

@@ -147,6 +147,21 @@ def _row_keys(cols: dict[str, torch.Tensor], chunk: int = 512) -> torch.Tensor:
 # part reads the same shards, so the first part's EpochData (its rows cached in this process)
 # serves the next ones instead of streaming the dataset again. None outside a sequence.
 _SHARED_DATA: Optional[dict[str, "EpochData"]] = None
+# The fit's name of each dataset the running part of a sequence calls by another name (a part's
+# dataset that another part gives the same name); empty outside a sequence.
+_DATASET_NAMES: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def dataset_names(names: dict[str, str]) -> Iterator[None]:
+    """Within this block, :func:`epoch_data` reads dataset ``names[name]`` of the fit when asked
+    for ``name`` (a sequence part's own names for its datasets)."""
+    global _DATASET_NAMES
+    outer, _DATASET_NAMES = _DATASET_NAMES, dict(names)
+    try:
+        yield
+    finally:
+        _DATASET_NAMES = outer
 
 
 @contextlib.contextmanager
@@ -168,6 +183,7 @@ def epoch_data(dataset: str, *, cache_mb: float, name: str) -> "EpochData":
     it (:meth:`EpochData.add_column`)."""
     import ray.train
 
+    dataset = _DATASET_NAMES.get(dataset, dataset)
     if _SHARED_DATA is not None and dataset in _SHARED_DATA:
         return _SHARED_DATA[dataset]
     data = EpochData(ray.train.get_dataset_shard(dataset), cache_mb=cache_mb, name=name)

@@ -108,7 +108,7 @@ def test_borrowed_artifacts_do_not_depend_on_what_the_borrower_changes(cfg):
         for key, rel in spec.borrows:
             if rel == RunLayout.model_rel("uddn"):  # the UDDN: denoise.guidance, widths, epochs, ...
                 assert _flat(c[spec.key])["denoise.guidance"] == _flat(c[key])["denoise.guidance"]
-            if rel in (RunLayout.model_rel("teacher"), RunLayout.DENOISED):
+            if rel == RunLayout.model_rel("teacher"):
                 assert c[spec.key].distill.teacher == c[key].distill.teacher
 
 

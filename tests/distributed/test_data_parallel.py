@@ -137,53 +137,73 @@ def test_two_workers_classifier_stays_in_step_and_reduces_validation(ray_local, 
     model.load_state_dict(state["model"], strict=True)
 
 
-@pytest.mark.parametrize("batch_norm", [False, True])
-def test_two_workers_with_half_the_batch_track_one_worker(ray_local, tmp_path, batch_norm):
-    """Global batch 8 either way: 1 worker x 8 or 2 workers x 4, same seed. Without batch norm
-    (and without dropout) the two runs are the same computation up to float summation order:
-    their loss curves agree within 1e-3. With batch norm each worker normalises over its own
-    4 images (no SyncBatchNorm, see training.py), so the curves only track: within 35%."""
+def test_two_workers_with_half_the_batch_track_one_worker(ray_local, tmp_path):
+    """Global batch 8 either way: 1 worker x 8 or 2 workers x 4, same seed, with and without
+    batch norm (the two models of each side train in turn in one fit, training.sequence_task).
+    Without batch norm (and without dropout) the two runs are the same computation up to float
+    summation order: their loss curves agree within 1e-3. With batch norm each worker normalises
+    over its own 4 images (no SyncBatchNorm, see training.py), so the curves only track: within 35%."""
     from raydefense.pipeline.classifiers import classifier_loop
+    from raydefense.pipeline.training import TrainingTask, sequence_task
 
     storage = Storage.open(str(tmp_path))
     curves = {}
+    datasets = {"train": _classifier_ds(64, 2), "val": _classifier_ds(16, 3)}
     for workers, batch in ((1, 8), (2, 4)):
         cfg = _cfg(workers)
-        # One task name for both: the seed of a training is keyed by its task (seeding.worker_seed),
-        # so both runs start from the same weights; only the artifact differs.
-        lc = _classifier_config(cfg, storage, "target", batch=batch, epochs=4, artifact=f"w{workers}",
-                                arch_options={"batch_norm": batch_norm, "dropout": 0.0})
-        _fit(cfg, storage, f"w{workers}", classifier_loop, lc,
-             {"train": _classifier_ds(64, 2), "val": _classifier_ds(16, 3)}, tmp_path / f"w{workers}.jsonl")
-        curves[workers] = [h["train_loss"] for h in storage.load_torch(f"models/w{workers}.pt")["metrics"]["history"]]
-    one, two = np.array(curves[1]), np.array(curves[2])
-    print(f"batch_norm={batch_norm}: 1 worker x 8: {one.round(5).tolist()}; 2 workers x 4: {two.round(5).tolist()}")
-    assert one[-1] < one[0] and two[-1] < two[0]  # both learn
-    if batch_norm:
-        assert np.all(np.abs(one - two) <= 0.35 * np.maximum(one, two)), (one, two)
-    else:
-        assert np.allclose(one, two, rtol=0, atol=1e-3), (one, two)
+        tasks = []
+        for batch_norm in (False, True):
+            # One task name for every run: the seed of a training is keyed by its task
+            # (seeding.worker_seed), so all start from the same weights; only the artifact differs.
+            art = f"w{workers}_bn{int(batch_norm)}"
+            lc = _classifier_config(cfg, storage, "target", batch=batch, epochs=4, artifact=art,
+                                    arch_options={"batch_norm": batch_norm, "dropout": 0.0})
+            tasks.append(TrainingTask(name=art, loop=classifier_loop, config=lc, datasets=datasets, epochs=4,
+                                      done=f"models/{art}.pt"))
+        seq = sequence_task(f"w{workers}", tasks)
+        _fit(cfg, storage, seq.name, seq.loop, seq.config, seq.datasets, tmp_path / f"w{workers}.jsonl")
+        for batch_norm in (False, True):
+            hist = storage.load_torch(f"models/w{workers}_bn{int(batch_norm)}.pt")["metrics"]["history"]
+            curves[workers, batch_norm] = [h["train_loss"] for h in hist]
+    for batch_norm in (False, True):
+        one, two = np.array(curves[1, batch_norm]), np.array(curves[2, batch_norm])
+        print(f"batch_norm={batch_norm}: 1 worker x 8: {one.round(5).tolist()}; 2 workers x 4: {two.round(5).tolist()}")
+        assert one[-1] < one[0] and two[-1] < two[0]  # both learn
+        if batch_norm:
+            assert np.all(np.abs(one - two) <= 0.35 * np.maximum(one, two)), (one, two)
+        else:
+            assert np.allclose(one, two, rtol=0, atol=1e-3), (one, two)
 
 
 def test_two_workers_denoiser_and_gnr(ray_local, tmp_path):
+    """The denoiser and GNR loops under DDP, after the target they use, in one fit whose parts
+    read different datasets by the same names ('train', 'val': training.sequence_task gives each
+    part its own)."""
     from raydefense.pipeline.classifiers import classifier_loop
     from raydefense.pipeline.denoise import denoiser_loop
     from raydefense.pipeline.gnr import gnr_loop
+    from raydefense.pipeline.training import TrainingTask, sequence_task
 
     storage = Storage.open(str(tmp_path))
     cfg = _cfg(2, **{"denoise.epochs": 2, "gnr.epochs": 2})
-    lc = _classifier_config(cfg, storage, "target", batch=4, epochs=1)
-    _fit(cfg, storage, "target", classifier_loop, lc, {"train": _classifier_ds(24, 0), "val": _classifier_ds(8, 1)},
-         tmp_path / "t.jsonl")
     pairs, val = _pairs_ds(27, 4), _pairs_ds(9, 5)
-    lc = {"cfg": cfg.to_dict(), "storage": storage, "arch": "uddn", "loss": "logits", "artifact": "uddn"}
-    _, reports = _fit(cfg, storage, "uddn", denoiser_loop, lc, {"train": pairs, "val": val}, tmp_path / "d.jsonl")
-    _assert_in_step(reports, 2, keys=("param_digest", "val_white_acc", "train_loss"))
+    seq = sequence_task("all", [
+        TrainingTask(name="target", loop=classifier_loop, config=_classifier_config(cfg, storage, "target", batch=4, epochs=1),
+                     datasets={"train": _classifier_ds(24, 0), "val": _classifier_ds(8, 1)}, epochs=1,
+                     done="models/target.pt"),
+        TrainingTask(name="uddn", loop=denoiser_loop, epochs=2, done="models/uddn.pt", datasets={"train": pairs, "val": val},
+                     config={"cfg": cfg.to_dict(), "storage": storage, "arch": "uddn", "loss": "logits", "artifact": "uddn"}),
+        TrainingTask(name="gnr", loop=gnr_loop, epochs=2, done="models/gnr_generator.pt",
+                     datasets={"train": pairs.select_columns(["clean", "adv"])},
+                     config={"cfg": cfg.to_dict(), "storage": storage}),
+    ])
+    assert set(seq.datasets) == {"train", "val", "uddn.train", "uddn.val", "gnr.train"}
+    _, reports = _fit(cfg, storage, seq.name, seq.loop, seq.config, seq.datasets, tmp_path / "r.jsonl")
+    by_part = {name: [r for r in reports if r[0]["task"] == name] for name in ("target", "uddn", "gnr")}
+    assert [len(v) for v in by_part.values()] == [1, 2, 2]
+    _assert_in_step(by_part["uddn"], 2, keys=("param_digest", "val_white_acc", "train_loss"))
+    _assert_in_step(by_part["gnr"], 2, keys=("param_digest", "wasserstein"))
     load_artifact(storage, "uddn")  # plain weights
-    lc = {"cfg": cfg.to_dict(), "storage": storage}
-    _, reports = _fit(cfg, storage, "gnr", gnr_loop, lc, {"train": pairs.select_columns(["clean", "adv"])},
-                      tmp_path / "g.jsonl")
-    _assert_in_step(reports, 2, keys=("param_digest", "wasserstein"))
     load_artifact(storage, "gnr_generator")
 
 

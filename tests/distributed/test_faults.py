@@ -41,7 +41,7 @@ def cluster(monkeypatch):
     # Ray Train V2 waits this long for a worker group that cannot be placed (the lost node's
     # worker) before the elastic policy settles for fewer workers; Ray's default is 60 s. The
     # nodes inherit this process's environment, so the controller sees it (README: Faults).
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "object_store_memory": 128 * 1024 * 1024, "include_dashboard": False})

@@ -181,3 +181,43 @@ def test_a_sequence_reads_each_dataset_once(monkeypatch):
             assert epoch_data("train", cache_mb=10, name="x") is first
     assert reads == ["train", "val"]
     assert epoch_data("train", cache_mb=10, name="target") is not first
+
+
+class _Halve(torch.nn.Module):
+    """A stand-in denoiser that counts the images it sees: x -> 0.6 x + 0.1."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += len(x)
+        return x * 0.6 + 0.1
+
+
+def test_kt_inputs_are_denoised_once_per_row_as_8_bit_images():
+    """classifiers.denoised_inputs: each training row's image through the frozen denoiser, clamped
+    and rounded to 8 bits (what the Ray Data path wrote to Parquet), computed once per row for every
+    epoch and for the next training of a sequence on the same data; a streamed dataset is denoised
+    per step instead, to the same values."""
+    from raydefense.pipeline.classifiers import denoised_inputs
+    from raydefense.pipeline.runtime import images_to_tensor, tensor_to_images
+
+    def expected(images):
+        return torch.from_numpy(tensor_to_images(images_to_tensor(images) * 0.6 + 0.1))
+
+    net = _Halve()
+    data = EpochData(FakeDataset(23), cache_mb=10, rank=0, world_size=1)
+    column, per_step = denoised_inputs(data, net, name="uddn", batch_size=5, device=CPU)
+    assert column == "denoised:uddn" and per_step is None and net.seen == 23
+    for seed in (0, 1):
+        for s in data.steps(batch_size=4, device=CPU, shuffle=True, seed=seed):
+            assert s[column].dtype == torch.uint8 and torch.equal(s[column], expected(s["image"]))
+            assert not torch.equal(s[column], s["image"])
+    assert denoised_inputs(data, net, name="uddn", batch_size=5, device=CPU)[0] == column  # the student
+    assert net.seen == 23
+    streamed = EpochData(FakeDataset(23), cache_mb=0, rank=0, world_size=1)
+    column, per_step = denoised_inputs(streamed, net, name="uddn", batch_size=5, device=CPU)
+    assert column == "image" and per_step is not None
+    s = next(iter(streamed.steps(batch_size=4, device=CPU, shuffle=False, seed=0)))
+    assert torch.equal(per_step(s["image"]), expected(s["image"]))

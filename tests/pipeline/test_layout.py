@@ -44,10 +44,10 @@ def test_models_meta_and_small_reads(tmp_path):
 def test_a_dataset_is_complete_only_with_its_marker(tmp_path):
     st = Storage.open(str(tmp_path))
     layout = RunLayout(st)
-    _shard(st, "data/denoised/part-0.parquet", {"label": [0]})
-    assert not layout.has_dataset(RunLayout.DENOISED)  # shards without the marker: interrupted
-    st.write_text("data/denoised/_SUCCESS", "")
-    assert layout.has_dataset(RunLayout.DENOISED)
+    _shard(st, "data/gnr_aug/part-0.parquet", {"label": [0]})
+    assert not layout.has_dataset(RunLayout.GNR_AUG)  # shards without the marker: interrupted
+    st.write_text("data/gnr_aug/_SUCCESS", "")
+    assert layout.has_dataset(RunLayout.GNR_AUG)
 
 
 def test_reads_use_ray_datas_v1_parquet_reader(tmp_path, monkeypatch):
