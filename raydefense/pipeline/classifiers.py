@@ -212,6 +212,11 @@ def train_classifier(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, 
     return train_classifiers(ctx, [args], datasets, gpu=gpu)[args.artifact]
 
 
+def val_accuracy_line(name: str, record: dict[str, Any]) -> Optional[str]:
+    """The line printed after a classifier's last epoch (its validation accuracy), if it has one."""
+    return f"  {name}: val accuracy {record['val_acc']:.3f}" if "val_acc" in record else None
+
+
 def train_classifiers(ctx: RunContext, trainings: list[ClassifierArgs], datasets: dict[str, Any], *,
                       gpu: bool) -> dict[str, dict[str, Any]]:
     """Train (or resume) ``trainings`` in order, all on ``datasets``, in one Ray Train fit
@@ -228,10 +233,7 @@ def train_classifiers(ctx: RunContext, trainings: list[ClassifierArgs], datasets
     if not todo:
         return {a.artifact: {} for a in trainings}
     ctx.echo(intro.pop(todo[0].artifact))  # the others when their first epoch is reported
-
-    def conclude(name: str, record: dict[str, Any]) -> Optional[str]:
-        return f"  {name}: val accuracy {record['val_acc']:.3f}" if "val_acc" in record else None
-
+    conclude = val_accuracy_line
     tasks = [classifier_task(ctx, a, datasets) for a in trainings]
     if len(tasks) == 1:
         out = {trainings[0].artifact: T.run_task(ctx, tasks[0], gpu=gpu, conclude=conclude)}

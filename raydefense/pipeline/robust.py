@@ -32,7 +32,7 @@ import torch
 from raydefense.config import Config, TrainConfig, from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
-from raydefense.pipeline.classifiers import accuracy, robust_accuracy, train_classifier
+from raydefense.pipeline.classifiers import accuracy, robust_accuracy
 from raydefense.pipeline.loop_args import ClassifierArgs, RobustDenoiserArgs
 from raydefense.pipeline.run import RunContext
 from raydefense.pipeline.runtime import images_to_tensor
@@ -142,13 +142,16 @@ def robust_denoiser_loop(config: dict[str, Any]) -> None:
         save_artifact(storage, args.artifact, model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
 
 
-def robust_denoiser_task(ctx: RunContext, args: RobustDenoiserArgs, *, name: str | None = None) -> T.TrainingTask:
-    """The Ray Train task of the adversarially trained UDDN on the clean training images."""
+def robust_denoiser_task(ctx: RunContext, args: RobustDenoiserArgs, *, name: str | None = None,
+                         datasets: dict[str, Any] | None = None) -> T.TrainingTask:
+    """The Ray Train task of the adversarially trained UDDN on the clean training images
+    (``datasets``, default :func:`~raydefense.pipeline.models.clean_training_sets`)."""
     from raydefense.pipeline.models import clean_training_sets
+    from raydefense.pipeline.run import RunLayout
 
     return T.TrainingTask(name=name or args.artifact, loop=robust_denoiser_loop,
-                          config=args.loop_config(ctx.cfg, ctx.storage), datasets=clean_training_sets(ctx),
-                          epochs=args.epochs)
+                          config=args.loop_config(ctx.cfg, ctx.storage), datasets=datasets or clean_training_sets(ctx),
+                          epochs=args.epochs, done=RunLayout.model_rel(args.artifact))
 
 
 def _train_config_line(tc: TrainConfig) -> str:
@@ -156,11 +159,13 @@ def _train_config_line(tc: TrainConfig) -> str:
 
 
 def run_robust(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
-    """Train every defense in ``robust.defenses`` (skipping artifacts that exist); returns their
-    last metrics and each training's wall time (``seconds``)."""
-    import time
-
+    """Train every defense in ``robust.defenses`` (skipping artifacts that exist), all in one Ray
+    Train fit on the clean training sets (:func:`~raydefense.pipeline.training.sequence_task`:
+    ``pgd_at``, then ``uddn_adv`` and ``student_adv``); returns their last metrics and each
+    defense's training time (``seconds``: the sum of its epochs' ``epoch_s``, from its artifact)."""
+    from raydefense.pipeline.classifiers import classifier_task, val_accuracy_line
     from raydefense.pipeline.models import clean_training_sets
+    from raydefense.pipeline.run import RunLayout
 
     cfg = ctx.cfg
     r = cfg.robust
@@ -170,27 +175,38 @@ def run_robust(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     n_cls = ctx.layout.num_classes()
     budget = (f"eps {255 * r.eps:g}/255" + (f" (per image from {255 * r.eps_min:g}/255)" if r.eps_min is not None else "")
               + f", PGD-{r.steps}, robust weight {r.weight:g}" + (f", TRADES beta {r.beta:g}" if r.loss == "trades" else ""))
-    out: dict[str, Any] = {"defenses": list(r.defenses), "seconds": {}}
+    datasets = clean_training_sets(ctx)
+    tasks: list[T.TrainingTask] = []
+    intro: dict[str, str] = {}
     if "pgd_at" in r.defenses:
-        t0 = time.perf_counter()
-        ctx.echo(f"  pgd_at: PGD adversarial training ({budget}), {_train_config_line(r.pgd_at)}, "
-                 f"{'from the target' if r.pgd_at_init else 'from scratch'}")
-        out["pgd_at"] = train_classifier(ctx, pgd_at_args(cfg, num_classes=n_cls), clean_training_sets(ctx), gpu=gpu)
-        out["seconds"]["pgd_at"] = time.perf_counter() - t0
+        tasks.append(classifier_task(ctx, pgd_at_args(cfg, num_classes=n_cls), datasets))
+        intro["pgd_at"] = (f"  pgd_at: PGD adversarial training ({budget}), {_train_config_line(r.pgd_at)}, "
+                           f"{'from the target' if r.pgd_at_init else 'from scratch'}")
     if "uddn_kt_adv" in r.defenses:
-        t0 = time.perf_counter()
         args = robust_denoiser_args(cfg)
-        if ctx.layout.has_model(args.artifact):
-            ctx.echo(f"  {args.artifact}: already trained, skipping")
-            out["uddn_adv"] = {}
-        else:
-            ctx.echo(f"  uddn_adv: the UDDN on online PGD through UDDN + target ({budget}), {args.epochs} epochs at "
-                     f"lr {args.lr:g}")
-            out["uddn_adv"] = T.run_task(ctx, robust_denoiser_task(ctx, args), gpu=gpu)
+        tasks.append(robust_denoiser_task(ctx, args, datasets=datasets))
+        intro[args.artifact] = (f"  uddn_adv: the UDDN on online PGD through UDDN + target ({budget}), {args.epochs} "
+                                f"epochs at lr {args.lr:g}")
         init = "student" if ctx.layout.has_model("student") else None
-        ctx.echo(f"  student_adv: KT (ARD-style) on online PGD through UDDN_adv + student ({budget}), "
-                 f"{_train_config_line(r.student)}")
-        out["student_adv"] = train_classifier(ctx, student_adv_args(cfg, num_classes=n_cls, init=init),
-                                              clean_training_sets(ctx), gpu=gpu)
-        out["seconds"]["uddn_kt_adv"] = time.perf_counter() - t0
+        tasks.append(classifier_task(ctx, student_adv_args(cfg, num_classes=n_cls, init=init), datasets))
+        intro["student_adv"] = (f"  student_adv: KT (ARD-style) on online PGD through UDDN_adv + student ({budget}), "
+                                f"{_train_config_line(r.student)}")
+    todo = [t.name for t in tasks if not ctx.layout.has_model(t.name)]
+    for t in tasks:
+        if t.name not in todo:
+            ctx.echo(f"  {t.name}: already trained, skipping")
+    out: dict[str, Any] = {"defenses": list(r.defenses), **{t.name: {} for t in tasks}}
+    if todo:
+        ctx.echo(intro.pop(todo[0]))  # the others when their first epoch is reported
+        if len(tasks) == 1:
+            out[tasks[0].name] = T.run_task(ctx, tasks[0], gpu=gpu, conclude=val_accuracy_line)
+        else:  # named after the configured trainings, so a rerun finds the checkpoints of the one running
+            out.update(T.run_task(ctx, T.sequence_task("-".join(t.name for t in tasks), tasks), gpu=gpu,
+                                  announce=intro, conclude=val_accuracy_line))
+
+    def epochs_s(artifact: str) -> float:
+        history = ctx.storage.load_torch(RunLayout.model_rel(artifact))["metrics"].get("history", [])
+        return float(sum(h.get("epoch_s", 0.0) for h in history))
+
+    out["seconds"] = {d: sum(epochs_s(a) for a in ROBUST_ARTIFACTS[d]) for d in r.defenses}
     return out
