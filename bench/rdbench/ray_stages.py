@@ -32,6 +32,9 @@ target and the surrogate: what ``python jobs/full_pipeline.py`` runs):
 
 * *fixed cost*: wall seconds of ``training.fit`` (the project's TorchTrainer with its run config,
   checkpoint settings and callbacks) of a loop that does nothing, 1 worker, no datasets.
+* *two trainings, one fit*: the models stage's two trainings (target and surrogate, 1 epoch
+  each, the clean ``gnr`` + ``denoise`` rows) as one fit (``training.sequence_task``, what the
+  pipeline runs) against two fits, interleaved; ratio: two fits' wall / one fit's wall (speed).
 * *per epoch*: the target's training (``classifier_loop``, cross-entropy, the config's
   ``models.target_train`` with ``epochs`` set here) on Ray Train against the same epochs in a
   plain loop in this process: same model, data (the clean ``gnr`` + ``denoise`` rows, held by
@@ -324,6 +327,29 @@ def run_train(section: Section, ctx, *, fixed_rounds: int, epochs: int, rounds: 
     fixed = interleave({"noop": noop_fit}, rounds=fixed_rounds, warmup=warmup)["noop"]
     section.rows.append(Row.of("Ray Train fixed cost: fit of an empty loop, 1 worker", fixed, "s"))
     log(f"  Ray Train fixed cost: {summarize(fixed).median:.2f} s")
+
+    def pair(*, one_fit: bool) -> None:
+        count["fit"] += 1
+        tasks = []
+        for which in ("target", "surrogate"):
+            name = f"bench_{which}_{count['fit']}"
+            args = classifier_model_args(ctx, which)
+            args = dataclasses.replace(args, task=name, artifact=name, train=dataclasses.replace(args.train, epochs=1))
+            tasks.append(classifier_task(ctx, args, sets))
+        if one_fit:
+            T.run_task(ctx, T.sequence_task("-".join(t.name for t in tasks), tasks), gpu=False)
+        else:
+            for t in tasks:
+                T.run_task(ctx, t, gpu=False)
+
+    sets = clean_training_sets(ctx)
+    both = interleave({"one": lambda: pair(one_fit=True), "two": lambda: pair(one_fit=False)},
+                      rounds=fixed_rounds, warmup=warmup)
+    section.rows.append(Row.of("two trainings (target, surrogate; 1 epoch each): two fits / one fit (speed)",
+                               paired_ratios(both["two"], both["one"]), "x", ratio=True))
+    section.rows.append(Row.of("two trainings as one fit (training.sequence_task), wall", both["one"], "s"))
+    section.rows.append(Row.of("two trainings as two fits, wall", both["two"], "s"))
+    log(f"  two trainings: one fit {summarize(both['one']).median:.1f} s, two fits {summarize(both['two']).median:.1f} s")
 
     base = classifier_model_args(ctx, "target")
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=epochs))

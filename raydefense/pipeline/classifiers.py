@@ -220,26 +220,11 @@ def val_accuracy_line(name: str, record: dict[str, Any]) -> Optional[str]:
 def train_classifiers(ctx: RunContext, trainings: list[ClassifierArgs], datasets: dict[str, Any], *,
                       gpu: bool) -> dict[str, dict[str, Any]]:
     """Train (or resume) ``trainings`` in order, all on ``datasets``, in one Ray Train fit
-    (:func:`~raydefense.pipeline.training.sequence_task`, checkpoints under
+    (:func:`~raydefense.pipeline.training.run_trainings`, checkpoints under
     ``train/<artifact>-<artifact>...``; one training alone: ``train/<artifact>``), writing
     ``models/<artifact>.pt`` for each; returns ``{artifact: its last epoch's metrics}`` (``{}``
     for one that was already trained: artifacts are written last, atomically, and skipped)."""
-    todo = [a for a in trainings if not ctx.layout.has_model(a.artifact)]
     intro = {a.artifact: f"  {a.artifact}: training {a.arch} ({a.loss}) for {a.train.epochs} epochs on Ray Train"
-             for a in todo}
-    for a in trainings:
-        if a not in todo:
-            ctx.echo(f"  {a.artifact}: already trained, skipping")
-    if not todo:
-        return {a.artifact: {} for a in trainings}
-    ctx.echo(intro.pop(todo[0].artifact))  # the others when their first epoch is reported
-    conclude = val_accuracy_line
-    tasks = [classifier_task(ctx, a, datasets) for a in trainings]
-    if len(tasks) == 1:
-        out = {trainings[0].artifact: T.run_task(ctx, tasks[0], gpu=gpu, conclude=conclude)}
-    else:
-        # The fit's name depends on the configured trainings only, not on which are left, so a
-        # rerun after a stop finds the checkpoints of the one that was running.
-        out = T.run_task(ctx, T.sequence_task("-".join(t.name for t in tasks), tasks), gpu=gpu,
-                         announce=intro, conclude=conclude)
-    return {a.artifact: out.get(a.artifact, {}) for a in trainings}
+             for a in trainings}
+    return T.run_trainings(ctx, [classifier_task(ctx, a, datasets) for a in trainings], gpu=gpu, intro=intro,
+                           conclude=val_accuracy_line)

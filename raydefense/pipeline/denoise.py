@@ -162,20 +162,13 @@ def denoiser_task(ctx: RunContext, args: DenoiserArgs, *, name: str | None = Non
 def train_denoisers(ctx: RunContext, tasks: list[str], *, gpu: bool) -> dict[str, dict[str, Any]]:
     """Train (or skip, when ``models/<task>.pt`` exists) the denoisers ``tasks`` of
     :data:`DENOISERS`, one after the other in one Ray Train fit (:func:`~raydefense.pipeline.
-    training.sequence_task`, checkpoints under ``train/<task>-<task>...``; one alone:
+    training.run_trainings`, checkpoints under ``train/<task>-<task>...``; one alone:
     ``train/<task>``); returns ``{task: its last metrics}`` (``{}`` for one already trained)."""
-    todo = [t for t in tasks if not ctx.layout.has_model(t)]
     intro = {}
     for task in tasks:
-        if task not in todo:
-            ctx.echo(f"  {task}: already trained, skipping")
-            continue
         args = denoiser_args(ctx.cfg, task)
         intro[task] = (f"  {task}: training {args.arch.upper()} with the {args.loss}-guided loss for "
                        f"{ctx.cfg.denoise.epochs} epochs on Ray Train")
-    if not todo:
-        return {t: {} for t in tasks}
-    ctx.echo(intro.pop(todo[0]))  # the others when their first epoch is reported
 
     def conclude(task: str, m: dict[str, Any]) -> Optional[str]:
         if "val_white_acc" not in m:
@@ -185,11 +178,7 @@ def train_denoisers(ctx: RunContext, tasks: list[str], *, gpu: bool) -> dict[str
 
     datasets = denoiser_datasets(ctx)
     parts = [denoiser_task(ctx, denoiser_args(ctx.cfg, t), datasets=datasets) for t in tasks]
-    if len(parts) == 1:
-        out = {tasks[0]: T.run_task(ctx, parts[0], gpu=gpu, conclude=conclude)}
-    else:  # named after the configured denoisers, not the ones left, so a rerun finds its checkpoints
-        out = T.run_task(ctx, T.sequence_task("-".join(tasks), parts), gpu=gpu, announce=intro, conclude=conclude)
-    return {t: out.get(t, {}) for t in tasks}
+    return T.run_trainings(ctx, parts, gpu=gpu, intro=intro, conclude=conclude)
 
 
 def run_denoise(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:

@@ -191,18 +191,8 @@ def run_robust(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
         tasks.append(classifier_task(ctx, student_adv_args(cfg, num_classes=n_cls, init=init), datasets))
         intro["student_adv"] = (f"  student_adv: KT (ARD-style) on online PGD through UDDN_adv + student ({budget}), "
                                 f"{_train_config_line(r.student)}")
-    todo = [t.name for t in tasks if not ctx.layout.has_model(t.name)]
-    for t in tasks:
-        if t.name not in todo:
-            ctx.echo(f"  {t.name}: already trained, skipping")
-    out: dict[str, Any] = {"defenses": list(r.defenses), **{t.name: {} for t in tasks}}
-    if todo:
-        ctx.echo(intro.pop(todo[0]))  # the others when their first epoch is reported
-        if len(tasks) == 1:
-            out[tasks[0].name] = T.run_task(ctx, tasks[0], gpu=gpu, conclude=val_accuracy_line)
-        else:  # named after the configured trainings, so a rerun finds the checkpoints of the one running
-            out.update(T.run_task(ctx, T.sequence_task("-".join(t.name for t in tasks), tasks), gpu=gpu,
-                                  announce=intro, conclude=val_accuracy_line))
+    out: dict[str, Any] = {"defenses": list(r.defenses),
+                           **T.run_trainings(ctx, tasks, gpu=gpu, intro=intro, conclude=val_accuracy_line)}
 
     def epochs_s(artifact: str) -> float:
         history = ctx.storage.load_torch(RunLayout.model_rel(artifact))["metrics"].get("history", [])

@@ -186,6 +186,33 @@ def sequence_task(name: str, tasks: Sequence[TrainingTask]) -> TrainingTask:
                         epochs=sum(t.epochs for t in tasks), parts=tuple((t.name, t.epochs) for t in tasks))
 
 
+def run_trainings(ctx: RunContext, tasks: Sequence[TrainingTask], *, gpu: bool, intro: dict[str, str],
+                  conclude: Optional[Callable[[str, dict[str, Any]], Optional[str]]] = None) -> dict[str, dict[str, Any]]:
+    """Run a stage's trainings ``tasks`` (each with its ``done`` path) in order, in one fit
+    (:func:`sequence_task`, named ``<name>-<name>...``; a single task alone under its own name);
+    returns ``{task name: its last reported metrics}`` (``{}`` for a task whose ``done`` path
+    existed: it is skipped, and said so).
+
+    ``intro[name]`` is the console line before a task's epochs, ``conclude`` the one after them
+    (:class:`EpochLog`). The fit's name depends on the configured tasks only, not on which are
+    left, so a rerun after a stop finds the checkpoints of the one that was running.
+    """
+    todo = [t.name for t in tasks if not ctx.storage.exists(t.done)]
+    for t in tasks:
+        if t.name not in todo:
+            ctx.echo(f"  {t.name}: already trained, skipping")
+    if not todo:
+        return {t.name: {} for t in tasks}
+    ctx.echo(intro[todo[0]])  # the others when their first epoch is reported
+    announce = {name: intro[name] for name in todo[1:]}
+    if len(tasks) == 1:
+        out = {tasks[0].name: run_task(ctx, tasks[0], gpu=gpu, conclude=conclude)}
+    else:
+        out = run_task(ctx, sequence_task("-".join(t.name for t in tasks), tasks), gpu=gpu, announce=announce,
+                       conclude=conclude)
+    return {t.name: out.get(t.name, {}) for t in tasks}
+
+
 def sequence_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop of :func:`sequence_task`: each unfinished part's loop in turn."""
     global _PART

@@ -1,0 +1,104 @@
+"""A stage's trainings in one Ray Train fit (training.sequence_task, run_trainings), without Ray:
+which parts run, under which fit name, with which datasets, and what the console says. The fits
+themselves run in tests/distributed/test_data_parallel.py and every pipeline test."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from raydefense.pipeline import training as T
+from raydefense.storage import Storage
+
+
+def _task(name: str, datasets: dict, epochs: int = 2) -> T.TrainingTask:
+    return T.TrainingTask(name=name, loop=print, config={"storage": None}, datasets=datasets, epochs=epochs,
+                          done=f"models/{name}.pt")
+
+
+def test_parts_share_a_dataset_object_and_keep_their_own_under_their_own_name():
+    clean, val, pairs = object(), object(), object()
+    seq = T.sequence_task("a-b", [_task("a", {"train": clean, "val": val}), _task("b", {"train": pairs, "val": val})])
+    assert seq.datasets == {"train": clean, "val": val, "b.train": pairs}
+    assert [p["datasets"] for p in seq.config["parts"]] == [{}, {"train": "b.train"}]
+    assert seq.parts == (("a", 2), ("b", 2)) and seq.epochs == 4 and seq.loop is T.sequence_loop
+
+
+@pytest.mark.parametrize("tasks, culprit", [
+    ([], "no tasks"),
+    ([_task("a", {}), _task("a", {})], "repeated"),
+    ([T.TrainingTask(name="a", loop=print, config={"storage": None}, datasets={}, epochs=1)], "'done'"),
+])
+def test_bad_sequences_are_refused(tasks, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        T.sequence_task("x", tasks)
+
+
+def test_run_trainings_skips_finished_parts_under_a_name_that_does_not_change(tmp_path, monkeypatch):
+    """The fit is named after every configured part, so a rerun after a stop finds the running
+    part's checkpoints; finished parts are said to be skipped; the first part left prints its
+    line before the fit, the others when their epochs start (announce)."""
+    storage = Storage.open(str(tmp_path))
+    lines: list[str] = []
+    ctx = SimpleNamespace(storage=storage, echo=lines.append)
+    calls = []
+
+    def run_task(ctx, task, *, gpu, announce=None, conclude=None):
+        calls.append((task.name, [p["name"] for p in task.config["parts"]], dict(announce or {})))
+        return {"b": {"val_acc": 0.5}}
+
+    monkeypatch.setattr(T, "run_task", run_task)
+    tasks = [_task(n, {}) for n in ("a", "b", "c")]
+    intro = {n: f"  {n}: training" for n in "abc"}
+    storage.write_bytes("models/a.pt", b"x")
+    out = T.run_trainings(ctx, tasks, gpu=False, intro=intro)
+    assert calls == [("a-b-c", ["a", "b", "c"], {"c": "  c: training"})]
+    assert lines == ["  a: already trained, skipping", "  b: training"]
+    assert out == {"a": {}, "b": {"val_acc": 0.5}, "c": {}}
+    for n in "bc":
+        storage.write_bytes(f"models/{n}.pt", b"x")
+    lines.clear()
+    assert T.run_trainings(ctx, tasks, gpu=False, intro=intro) == {"a": {}, "b": {}, "c": {}}
+    assert len(calls) == 1 and lines == [f"  {n}: already trained, skipping" for n in "abc"]
+
+
+def test_epoch_log_gives_each_part_its_lines_and_tensorboard_folder(tmp_path):
+    """One fit's records, tagged with their part, print under the part's name (epoch/total of
+    that part), between the part's announce and conclude lines, and land in
+    tensorboard/<part>/ with tags <part>/<metric>."""
+    import json
+
+    from raydefense.config import load_config
+    from tests.conftest import REPO
+
+    storage = Storage.open(str(tmp_path / "run"))
+    lines: list[str] = []
+    ctx = SimpleNamespace(cfg=load_config(f"{REPO}/configs/smoke.yaml"), storage=storage, echo=lines.append)
+    with T.EpochLog(ctx, "a-b", epochs=3, parts=[("a", 2), ("b", 1)], announce={"b": "  b: starts"},
+                    conclude=lambda name, rec: f"  {name}: done at {rec['val_acc']}") as log:
+        with open(log.path, "a") as f:
+            for task, epoch, acc in (("a", 0, 0.25), ("a", 1, 0.5), ("b", 0, 0.75)):
+                f.write(json.dumps({"task": task, "epoch": epoch, "train_loss": 1.0, "val_acc": acc, "epoch_s": 0.1}) + "\n")
+        log.poll()
+    assert [line.split("  train_loss")[0] for line in lines] == [
+        "  a: epoch 1/2", "  a: epoch 2/2", "  a: done at 0.5", "  b: starts", "  b: epoch 1/1", "  b: done at 0.75"]
+    assert log.last["a"]["val_acc"] == 0.5 and "task" not in log.last["a"]
+    for part, n in (("a", 2), ("b", 1)):
+        (events,) = (tmp_path / "run" / "tensorboard" / part).iterdir()
+        assert [step for tag, step in _scalars(events.read_bytes()) if tag == f"{part}/val_acc"] == list(range(n))
+
+
+def _scalars(data: bytes) -> list[tuple[str, int]]:
+    """(tag, step) of every scalar in a TensorBoard event file (TFRecord framing: length, its
+    CRC, the Event proto, its CRC), read with tensorboardX's own protos."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out, i = [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i:i + 8])
+        event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+        out += [(v.tag, event.step) for v in event.summary.value]
+        i += 12 + n + 4
+    return out
