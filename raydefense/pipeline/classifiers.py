@@ -20,7 +20,7 @@ from raydefense.pipeline.classifier_losses import CLASSIFIER_LOSSES, LOSSES, Los
 from raydefense.pipeline.loop_args import ClassifierArgs
 from raydefense.pipeline.runtime import images_to_tensor, tensor_to_images
 from raydefense.seeding import epoch_seed, seed_everything, torch_generator, worker_seed
-from raydefense.pipeline.run import RunContext
+from raydefense.pipeline.run import RunContext, RunLayout
 
 
 def augment(x: torch.Tensor, step: T.Step) -> torch.Tensor:
@@ -199,8 +199,6 @@ def classifier_loop(config: dict[str, Any]) -> None:
 def classifier_task(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, Any], *, name: str | None = None) -> T.TrainingTask:
     """The Ray Train task that trains ``args`` on ``datasets`` (``train`` and every ``args.val_sets``),
     its checkpoints under ``train/<name>`` (default: the artifact's name)."""
-    from raydefense.pipeline.run import RunLayout
-
     return T.TrainingTask(name=name or args.artifact, loop=classifier_loop,
                           config=args.loop_config(ctx.cfg, ctx.storage), datasets=datasets, epochs=args.train.epochs,
                           done=RunLayout.model_rel(args.artifact))

@@ -21,7 +21,7 @@ from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 from raydefense.pipeline.loop_args import DenoiserArgs
 from raydefense.pipeline.runtime import images_to_tensor
 from raydefense.seeding import seed_everything, worker_seed
-from raydefense.pipeline.run import RunContext
+from raydefense.pipeline.run import RunContext, RunLayout
 
 DENOISERS = {
     # task: (architecture, loss)
@@ -152,8 +152,6 @@ def denoiser_task(ctx: RunContext, args: DenoiserArgs, *, name: str | None = Non
                   datasets: dict[str, Any] | None = None) -> T.TrainingTask:
     """The Ray Train task of one denoiser on ``datasets`` (default :func:`denoiser_datasets`),
     checkpoints under ``train/<name>`` (default: the artifact's name)."""
-    from raydefense.pipeline.run import RunLayout
-
     return T.TrainingTask(name=name or args.artifact, loop=denoiser_loop, config=args.loop_config(ctx.cfg, ctx.storage),
                           datasets=datasets or denoiser_datasets(ctx), epochs=ctx.cfg.denoise.epochs,
                           done=RunLayout.model_rel(args.artifact) if args.artifact else None)

@@ -133,7 +133,7 @@ def run_baselines(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
 
     datasets = clean_training_sets(ctx)
     trainings = baseline_args(ctx.cfg, num_classes=ctx.layout.num_classes())
-    out = train_classifiers(ctx, trainings, datasets, gpu=gpu) if trainings else {}
+    out = train_classifiers(ctx, trainings, datasets, gpu=gpu)
     if not out:
         ctx.echo("  no trained baselines enabled (baselines.enabled lists none of dcn, distillation)")
     return out

@@ -100,5 +100,5 @@ def run_models(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     clean sets)."""
     trainings = {which: training_args(ctx, which) for which in ("target", "surrogate")}
     todo = [a for a in trainings.values() if a is not None]
-    done = train_classifiers(ctx, todo, clean_training_sets(ctx), gpu=gpu) if todo else {}
+    done = train_classifiers(ctx, todo, clean_training_sets(ctx), gpu=gpu)
     return {which: done.get(which, {}) for which in trainings}

@@ -34,7 +34,7 @@ from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
 from raydefense.pipeline.classifiers import accuracy, robust_accuracy
 from raydefense.pipeline.loop_args import ClassifierArgs, RobustDenoiserArgs
-from raydefense.pipeline.run import RunContext
+from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.runtime import images_to_tensor
 from raydefense.seeding import seed_everything, torch_generator, worker_seed
 
@@ -147,8 +147,6 @@ def robust_denoiser_task(ctx: RunContext, args: RobustDenoiserArgs, *, name: str
     """The Ray Train task of the adversarially trained UDDN on the clean training images
     (``datasets``, default :func:`~raydefense.pipeline.models.clean_training_sets`)."""
     from raydefense.pipeline.models import clean_training_sets
-    from raydefense.pipeline.run import RunLayout
-
     return T.TrainingTask(name=name or args.artifact, loop=robust_denoiser_loop,
                           config=args.loop_config(ctx.cfg, ctx.storage), datasets=datasets or clean_training_sets(ctx),
                           epochs=args.epochs, done=RunLayout.model_rel(args.artifact))
@@ -165,8 +163,6 @@ def run_robust(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     defense's training time (``seconds``: the sum of its epochs' ``epoch_s``, from its artifact)."""
     from raydefense.pipeline.classifiers import classifier_task, val_accuracy_line
     from raydefense.pipeline.models import clean_training_sets
-    from raydefense.pipeline.run import RunLayout
-
     cfg = ctx.cfg
     r = cfg.robust
     if not r.defenses:

@@ -179,8 +179,8 @@ def sharing_epoch_data() -> Iterator[None]:
 def epoch_data(dataset: str, *, cache_mb: float, name: str) -> "EpochData":
     """:class:`EpochData` over this worker's shard of the fit's dataset ``dataset`` (Ray Train's
     ``get_dataset_shard``); ``name`` labels it in errors. Inside :func:`sharing_epoch_data`,
-    the same object for every call with the same ``dataset``, so callers there must not change
-    it (:meth:`EpochData.add_column`)."""
+    the same object for every call with the same ``dataset`` (a column one caller adds with
+    :meth:`EpochData.add_column` is there for the next, under a name that says what it holds)."""
     import ray.train
 
     dataset = _DATASET_NAMES.get(dataset, dataset)
