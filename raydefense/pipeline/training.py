@@ -456,21 +456,31 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(last).__name__}: {head}"[:300] if head else type(last).__name__
 
 
+def _state_file() -> str:
+    """The checkpoint file of the running part (``state.pt`` outside a sequence): a later part
+    of the same fit sees the earlier part's latest checkpoint and must not read it."""
+    return "state.pt" if _PART is None else f"state.{_PART}.pt"
+
+
 def restore(objects: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Load the latest Ray Train checkpoint into ``objects`` (name -> module/optimizer/scheduler).
 
     Returns (first epoch to run, extra state saved with the checkpoint); (0, {}) when there is
     none, or when it is another part's of a sequence (:func:`sequence_task`).
     """
+    import io
+
+    import pyarrow.fs as pafs
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return 0, {}
-    with ckpt.as_directory() as d:
-        blob = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    if blob.get("part") != _PART:
-        return 0, {}
+    path = f"{ckpt.path.rstrip('/')}/{_state_file()}"
+    if ckpt.filesystem.get_file_info(path).type != pafs.FileType.File:
+        return 0, {}  # another part's checkpoint
+    with ckpt.filesystem.open_input_stream(path) as f:
+        blob = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     for name, obj in objects.items():
         target = obj.module if hasattr(obj, "module") and isinstance(obj, nn.Module) else obj
         target.load_state_dict(blob[name])
@@ -545,16 +555,54 @@ def param_digest(objects: dict[str, Any]) -> float:
 
 def _report(epoch: int, metrics: dict[str, float], objects: dict[str, Any], *, config: dict[str, Any],
             extra: Optional[dict[str, Any]], rank: int) -> None:
+    """``ray.train.report`` of one epoch; on rank 0 (``rank == 0``) with a checkpoint of ``objects``.
+
+    The checkpoint is written in Ray Train's background upload thread
+    (``CheckpointUploadMode.ASYNC`` with a ``checkpoint_upload_fn``), straight into the fit's
+    storage (local or S3) in one pass: the loop only waits for a copy of the state in memory.
+    Ray registers the checkpoint (what a restart resumes from) only once the write has
+    finished, so a worker lost mid-write resumes from the one before. The next report without
+    a checkpoint waits for this upload (Ray keeps reports in order), so at most one is pending.
+    Measured on FaceNet's 282 MB of weights and Adam moments (2-core VM): the synchronous way
+    (torch.save to a temporary folder, then Ray's copy into storage) held the loop 4-5 s.
+    """
+    import functools
+
     import ray.train
 
     metrics = {**metrics, "epoch": epoch, **({"task": _PART} if _PART is not None else {})}
     if rank != 0:  # other ranks, or rank 0 between checkpoints (rank -1)
         ray.train.report(metrics, checkpoint=None)
         return
-    state = {"epoch": epoch, "config": config, "extra": extra or {}, **({"part": _PART} if _PART is not None else {})}
+    state = checkpoint_state(epoch, objects, config=config, extra=extra)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tempfile.mkdtemp(prefix="raydefense-ckpt-")),
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True,
+                     checkpoint_upload_fn=functools.partial(_write_checkpoint, state, _state_file()))
+
+
+def checkpoint_state(epoch: int, objects: dict[str, Any], *, config: dict[str, Any],
+                     extra: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint holds: ``epoch``, ``config``, ``extra``, the running part's name and each
+    object's state_dict (unwrapped from DDP), all copied: the loop goes on changing the live
+    tensors (and appending to the history) while the copy is written in the background."""
+    import copy
+
+    state = {"epoch": epoch, "config": config, "extra": copy.deepcopy(extra or {}),
+             **({"part": _PART} if _PART is not None else {})}
     for name, obj in objects.items():
         target = obj.module if hasattr(obj, "module") and isinstance(obj, nn.Module) else obj
-        state[name] = target.state_dict()
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(state, os.path.join(d, "state.pt"))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        state[name] = copy.deepcopy(target.state_dict())
+    return state
+
+
+def _write_checkpoint(state: dict[str, Any], file_name: str, _local: Any, dir_name: str) -> Any:
+    """Ray Train's ``checkpoint_upload_fn``: ``torch.save`` of ``state`` to ``<fit>/<dir_name>/<file_name>``
+    on the fit's storage filesystem; returns the Checkpoint there."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    path = storage.build_checkpoint_path_from_name(dir_name)
+    storage.storage_filesystem.create_dir(path)
+    with storage.storage_filesystem.open_output_stream(f"{path}/{file_name}") as f:
+        torch.save(state, f)
+    return ray.train.Checkpoint(path, filesystem=storage.storage_filesystem)

@@ -131,10 +131,19 @@ def test_two_workers_classifier_stays_in_step_and_reduces_validation(ray_local, 
     # The per-epoch history: each epoch once, on the first attempt.
     hist = blob["metrics"]["history"]
     assert [h["epoch"] for h in hist] == [0, 1, 2] and {h["attempt"] for h in hist} == {1}
-    # The checkpoint holds an unwrapped state_dict too.
+    # The checkpoints hold unwrapped state_dicts too. They are written in Ray Train's background
+    # upload thread while the loop trains on: each kept one (num_to_keep=2) holds the parameters
+    # of the epoch it was reported at (the digest the workers reported), not later ones.
+    from raydefense.pipeline.training import param_digest
+
     ckpts = sorted((tmp_path / "train" / "target").glob("checkpoint_*/state.pt"))
-    state = torch.load(ckpts[-1], weights_only=True)
-    model.load_state_dict(state["model"], strict=True)
+    assert len(ckpts) == 2
+    digests = {r[0]["epoch"]: r[0]["param_digest"] for r in reports}
+    for path in ckpts:
+        state = torch.load(path, weights_only=True)
+        model.load_state_dict(state["model"], strict=True)
+        assert param_digest({"model": model}) == pytest.approx(digests[state["epoch"]], rel=1e-12)
+    assert [torch.load(p, weights_only=True)["epoch"] for p in ckpts] == [1, 2]
 
 
 def test_two_workers_with_half_the_batch_track_one_worker(ray_local, tmp_path):

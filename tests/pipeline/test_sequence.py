@@ -102,3 +102,32 @@ def _scalars(data: bytes) -> list[tuple[str, int]]:
         out += [(v.tag, event.step) for v in event.summary.value]
         i += 12 + n + 4
     return out
+
+
+def test_a_checkpoint_state_is_a_copy_the_loop_cannot_change_while_it_is_written(monkeypatch):
+    """The checkpoint is written in Ray Train's upload thread while the loop trains on (training._report):
+    its state must not follow the live parameters, optimizer moments or history."""
+    import torch
+    from torch import nn
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    history = [{"epoch": 0}]
+    monkeypatch.setattr(T, "_PART", "teacher")
+    state = T.checkpoint_state(0, {"model": model, "optimizer": opt}, config={"k": 1}, extra={"history": history})
+    weight = model.weight.detach().clone()
+    moment = opt.state[model.weight]["exp_avg"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    history.append({"epoch": 1})
+    assert torch.equal(state["model"]["weight"], weight)
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], moment)
+    assert state["extra"]["history"] == [{"epoch": 0}] and state["part"] == "teacher" and state["epoch"] == 0
+    # What restore() reads back: the part's own file name, so a later part skips it.
+    assert T._state_file() == "state.teacher.pt"
+    monkeypatch.setattr(T, "_PART", None)
+    assert T._state_file() == "state.pt"
