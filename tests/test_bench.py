@@ -157,6 +157,31 @@ def test_throughput_section_on_a_tiny_config():
     assert all(r.summary.median > 0 for r in section.rows)
 
 
+def test_checkpoint_rows_on_a_tiny_config(tmp_path):
+    """Section 3's checkpoint rows: the three ways run, the ratios are ratios, nothing is left behind."""
+    section = results.Section("3", "train")
+    ray_stages.run_checkpoint(section, _tiny_config(), rounds=2, steps=1, warmup=0, root=str(tmp_path),
+                              log=lambda _: None)
+    names = [r.name for r in section.rows]
+    assert names[0].startswith("checkpoint + steps: Ray's synchronous save / in the background") and section.rows[0].ratio
+    assert names[1].startswith("checkpoint + steps in the background / the steps alone") and section.rows[1].ratio
+    assert [n.rsplit(", ", 2)[-2] for n in names[2:]] == ["Ray's synchronous save", "in the background", "no checkpoint"]
+    assert all(r.summary.median > 0 and r.summary.n == 2 for r in section.rows)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_state_writes_a_torch_file_in_a_new_folder(tmp_path):
+    import pyarrow.fs as pafs
+
+    from raydefense.pipeline.training import save_state
+
+    state = {"epoch": 3, "model": {"w": torch.arange(6.0)}}
+    path = f"{tmp_path}/checkpoint_x/state.pt"
+    save_state(state, pafs.LocalFileSystem(), path)
+    back = torch.load(path, weights_only=True)
+    assert back["epoch"] == 3 and torch.equal(back["model"]["w"], torch.arange(6.0))
+
+
 def test_plain_classifier_loop_and_image_column():
     import pyarrow as pa
 

@@ -55,6 +55,8 @@ class Settings:
     fixed_rounds: int = 5
     epochs: int = 4  # 3 timed epochs: the median drops the one that carries the first checkpoint
     epoch_rounds: int = 3
+    checkpoint_rounds: int = 5
+    checkpoint_steps: int = 10  # about one default-size epoch's worth of FaceNet steps
     throughput_steps: int = 5
     throughput_rounds: int = 5
     gpu_batch: int = 128
@@ -70,7 +72,8 @@ QUICK = Settings(
     ray_overrides=("data.num_identities=4", "data.images_per_identity=12", "data.splits.gnr=4",
                    "data.splits.denoise=4", "data.splits.val=2", "data.splits.test=2"),
     stage_rounds=2, stage_full_rounds=1, fixed_rounds=2, epochs=3, epoch_rounds=2,
-    throughput_steps=2, throughput_rounds=2, gpu_batch=32, gpu_steps=3, gpu_rounds=2,
+    checkpoint_rounds=2, checkpoint_steps=2, throughput_steps=2, throughput_rounds=2,
+    gpu_batch=32, gpu_steps=3, gpu_rounds=2,
     default_config="configs/smoke.yaml", default_timeout_s=1800.0,
 )
 
@@ -106,7 +109,8 @@ def settings_for(args: argparse.Namespace) -> Settings:
         s = dataclasses.replace(s, attack_rounds=args.rounds, attack_rounds_large=args.rounds, stage_rounds=args.rounds,
                                 stage_full_rounds=args.rounds,
                                 fixed_rounds=args.rounds,
-                                epoch_rounds=args.rounds, throughput_rounds=args.rounds, gpu_rounds=args.rounds)
+                                epoch_rounds=args.rounds, checkpoint_rounds=args.rounds, throughput_rounds=args.rounds,
+                                gpu_rounds=args.rounds)
     if args.default_config:
         s = dataclasses.replace(s, default_config=args.default_config)
     return s
@@ -204,7 +208,7 @@ def _ray_sections(sections: dict[str, Section], cfg, settings: Settings, *, log:
     """Sections 2 and 3 on one local Ray (started by the project, shut down at the end)."""
     import ray
 
-    from .ray_stages import prepare_run, run_attack_stage, run_train
+    from .ray_stages import prepare_run, run_attack_stage, run_checkpoint, run_train
 
     with tempfile.TemporaryDirectory(prefix="raydefense-bench-") as root:
         try:
@@ -246,8 +250,13 @@ def _ray_sections(sections: dict[str, Section], cfg, settings: Settings, *, log:
 
                 _run(sections["2"], section_2, log)
             if "3" in sections:
-                _run(sections["3"], lambda: run_train(sections["3"], ctx, fixed_rounds=settings.fixed_rounds,
-                                                      epochs=settings.epochs, rounds=settings.epoch_rounds, log=log), log)
+                def section_3() -> None:
+                    run_train(sections["3"], ctx, fixed_rounds=settings.fixed_rounds, epochs=settings.epochs,
+                              rounds=settings.epoch_rounds, log=log)
+                    run_checkpoint(sections["3"], ctx.cfg, rounds=settings.checkpoint_rounds,
+                                   steps=settings.checkpoint_steps, log=log)
+
+                _run(sections["3"], section_3, log)
         finally:
             if ray.is_initialized():
                 ray.shutdown()

@@ -46,6 +46,13 @@ target and the surrogate: what ``python jobs/full_pipeline.py`` runs):
   median over its epochs is taken (with 4 epochs the one interval that carries the first
   checkpoint drops out; the mean, which spreads it, is reported too). Ratio: Ray epoch / plain
   epoch, per round, the two interleaved.
+* *checkpoint cost* (:func:`run_checkpoint`, in this process, no Ray): a checkpoint of the
+  target (weights and Adam moments) followed by training steps, timed to the end of both, three
+  ways interleaved: Ray Train's default ``CheckpointUploadMode.SYNC`` path (``torch.save`` to a
+  temporary folder, then the copy into storage with ``pyarrow.fs.copy_files``, what Ray's
+  ``StorageContext.persist_current_checkpoint`` does), the project's way
+  (``training.checkpoint_state``, then ``training.save_state`` straight into storage in another
+  thread, as Ray's ASYNC upload thread runs it, while the steps run), and the steps alone.
 """
 from __future__ import annotations
 
@@ -60,8 +67,8 @@ import torch
 from .results import Row, Section
 from .stats import interleave, paired_ratios, summarize
 
-__all__ = ["prepare_run", "run_attack_stage", "run_train", "image_array", "LocalDataset", "plain_attack_pass",
-           "plain_classifier_epochs"]
+__all__ = ["prepare_run", "run_attack_stage", "run_train", "run_checkpoint", "image_array", "LocalDataset",
+           "plain_attack_pass", "plain_classifier_epochs"]
 
 
 # ----------------------------------------------------------------------------- setup
@@ -419,3 +426,79 @@ def run_train(section: Section, ctx, *, fixed_rounds: int, epochs: int, rounds: 
     section.rows.append(Row.of("plain PyTorch first epoch", extra["plain_first"][warm], "s"))
     for r in section.rows:
         log(f"  {r.name}: {r.summary.median:.4g} {r.unit}")
+
+
+def run_checkpoint(section: Section, cfg, *, rounds: int, steps: int, warmup: int = 1, root: str | None = None,
+                   log: Callable[[str], None] = print) -> None:
+    """Section 3's checkpoint rows (module docstring): ``cfg.models.target`` with Adam after one
+    step, ``steps`` training steps of ``models.target_train.batch_size`` random images at
+    ``data.image_size`` with ``scale.cpus_per_worker`` torch threads; checkpoints written under
+    ``root`` (a temporary folder by default) on the local filesystem."""
+    import os
+    import shutil
+    import tempfile
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from raydefense.models import create_model
+    from raydefense.pipeline import training as T
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    base = tempfile.mkdtemp(prefix="rdbench-ckpt-", dir=root)
+    fs = pafs.LocalFileSystem()
+    try:
+        model = create_model(cfg.models.target, num_classes=cfg.data.num_identities)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        size, batch = cfg.data.image_size, cfg.models.target_train.batch_size
+        x, y = torch.rand(batch, 3, size, size), torch.arange(batch) % cfg.data.num_identities
+
+        def step() -> None:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        step()
+        objects = {"model": model, "opt": opt}
+        count = [0]
+
+        def steps_after(checkpoint: Callable[[str], Any]) -> Callable[[], None]:
+            def run() -> None:
+                count[0] += 1
+                pending = checkpoint(os.path.join(base, f"c{count[0]}"))
+                for _ in range(steps):
+                    step()
+                if pending is not None:
+                    pending.join()
+            return run
+
+        def sync(dest: str) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.save(T.checkpoint_state(0, objects, config={}, extra=None), os.path.join(tmp, "state.pt"))
+                fs.create_dir(dest)
+                pafs.copy_files(tmp, dest, source_filesystem=fs, destination_filesystem=fs)
+
+        def background(dest: str) -> threading.Thread:
+            state = T.checkpoint_state(0, objects, config={}, extra=None)
+            writer = threading.Thread(target=T.save_state, args=(state, fs, f"{dest}/state.pt"))
+            writer.start()
+            return writer
+
+        times = interleave({"sync": steps_after(sync), "background": steps_after(background),
+                            "none": steps_after(lambda _: None)}, rounds=rounds, warmup=warmup)
+        mb = os.path.getsize(os.path.join(base, f"c{count[0]}", "state.pt")) / 1e6
+    finally:
+        torch.set_num_threads(saved)
+        shutil.rmtree(base, ignore_errors=True)
+    what = f"{cfg.models.target} + Adam ({mb:.0f} MB) then {steps} steps of batch {batch} at {size} px"
+    section.rows.append(Row.of(f"checkpoint + steps: Ray's synchronous save / in the background (speed; {what})",
+                               paired_ratios(times["sync"], times["background"]), "x", ratio=True))
+    section.rows.append(Row.of("checkpoint + steps in the background / the steps alone (the write's cost to the loop)",
+                               paired_ratios(times["background"], times["none"]), "x", ratio=True))
+    for name, label in (("sync", "Ray's synchronous save"), ("background", "in the background"),
+                        ("none", "no checkpoint")):
+        section.rows.append(Row.of(f"checkpoint + steps, {label}, wall", times[name], "s"))
+    log(f"  checkpoint + {steps} steps: sync {summarize(times['sync']).median:.2f} s, background "
+        f"{summarize(times['background']).median:.2f} s, none {summarize(times['none']).median:.2f} s")

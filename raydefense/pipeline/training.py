@@ -602,7 +602,13 @@ def _write_checkpoint(state: dict[str, Any], file_name: str, _local: Any, dir_na
 
     storage = ray.train.get_context().get_storage()
     path = storage.build_checkpoint_path_from_name(dir_name)
-    storage.storage_filesystem.create_dir(path)
-    with storage.storage_filesystem.open_output_stream(f"{path}/{file_name}") as f:
-        torch.save(state, f)
+    save_state(state, storage.storage_filesystem, f"{path}/{file_name}")
     return ray.train.Checkpoint(path, filesystem=storage.storage_filesystem)
+
+
+def save_state(state: dict[str, Any], filesystem: Any, path: str) -> None:
+    """``torch.save(state)`` straight to ``path`` on a pyarrow ``filesystem`` (local or S3), in one
+    pass (no temporary file); creates the parent folder."""
+    filesystem.create_dir(path.rsplit("/", 1)[0])
+    with filesystem.open_output_stream(path) as f:
+        torch.save(state, f)
