@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,7 +162,9 @@ def _check_run_on_s3(s3, bucket: str, prefix: str, stdout: str) -> None:
         body = s3.get_object(Bucket=bucket, Key=f"{prefix}/report/{png}")["Body"].read()
         with Image.open(io.BytesIO(body)) as im:
             assert im.size[0] > 200 and im.size[1] > 100
-    assert any(k.startswith("train/target-surrogate/checkpoint_") and k.endswith("/state.target.pt") for k in keys)
+    # The fit keeps its latest two checkpoints (the surrogate's, the part trained last), each
+    # named after its part.
+    assert any(re.fullmatch(r"train/target-surrogate/checkpoint_[^/]+/state\.surrogate\.pt", k) for k in keys)
     assert any(k.startswith("data/clean/") and k.endswith(".parquet") for k in keys)
     assert any(k.startswith("data/adv/set=test_black/") and k.endswith(".parquet") for k in keys)
     for name in ("target", "surrogate", "uddn", "dae", "pixel_guided", "teacher", "student", "dcn", "distillation",
