@@ -450,8 +450,10 @@ class ScaleConfig:
     object_store_memory_mb: int = 512  # local Ray only
     num_cpus: int = 0  # local Ray only; 0 = detect
     worker_logs: bool = False  # stream every Ray worker's output to the console (noisy; logs stay in /tmp/ray)
-    # A Ray Train checkpoint costs ~1-2 s to persist: write one at the first and last epoch of
-    # a training and otherwise at most every this many seconds (0 = every epoch).
+    # A Ray Train checkpoint of FaceNet with its Adam moments is 282 MB; it is written in the
+    # background but still slows the next ~10 steps by about a fifth (bench section 3): write one
+    # at the first and last epoch of a training and otherwise at most every this many seconds
+    # (0 = every epoch).
     checkpoint_interval_s: float = 30.0
     # Also checkpoint at least every this many epochs (0 = by time only). A lost worker costs at
     # most one interval of work: whichever of the two comes first.
