@@ -163,6 +163,7 @@ def run_robust(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     defense's training time (``seconds``: the sum of its epochs' ``epoch_s``, from its artifact)."""
     from raydefense.pipeline.classifiers import classifier_task, val_accuracy_line
     from raydefense.pipeline.models import clean_training_sets
+
     cfg = ctx.cfg
     r = cfg.robust
     if not r.defenses:
