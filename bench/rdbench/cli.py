@@ -244,9 +244,9 @@ def _ray_sections(sections: dict[str, Section], cfg, settings: Settings, *, log:
                                      label=f"Ray Data stage, '{settings.stage_split}' split")
                     if settings.stage_full_rounds:
                         # The whole stage: every pass is ~1 min at the default size, so no warm-up
-                        # pass (the subset's passes warmed the same code and files) and 1 actor only.
+                        # pass (the subset's passes warmed the same code and files).
                         run_attack_stage(sections["2"], ctx, rounds=settings.stage_full_rounds, warmup=0,
-                                         two_actors=False, plan=attack_plan(ctx.cfg), label="Ray Data stage, whole")
+                                         plan=attack_plan(ctx.cfg), label="Ray Data stage, whole")
 
                 _run(sections["2"], section_2, log)
             if "3" in sections:

@@ -15,12 +15,12 @@ target and the surrogate: what ``python jobs/full_pipeline.py`` runs):
   (:func:`raydefense.pipeline.attack.attack_dataset`: one read of the plan's splits ->
   ``actor_map(..., AttackActor, ...)``: a streaming repartition to full batches, then the
   stage's actor pool and actor class) ->
-  ``layout.write_dataset`` (Parquet partitioned by set + ``_SUCCESS``); with
-  ``scale.attack_actors=1`` and the config's ``scale.cpus_per_actor`` (the default run's
-  setting), then (subset only) with 2 actors sharing the same CPUs (``cpus_per_actor / 2``
-  torch threads each).
+  ``layout.write_dataset`` (Parquet partitioned by set + ``_SUCCESS``); with 1 actor holding
+  the stage's CPUs (``scale.attack_actors x scale.cpus_per_actor``, 2 in the default) as torch
+  threads, then with 2 actors sharing them (the default run's setting: 2 actors x 1 thread).
 * *plain*: one process reads the same Parquet rows with pyarrow, calls the same
-  ``AttackActor`` (same model artifacts, plan, per-image eps, batch size and torch threads)
+  ``AttackActor`` (same model artifacts, plan, per-image eps and batch size; the stage's CPUs
+  as torch threads: what one would run without Ray)
   batch after batch, one split at a time, and writes the result with pyarrow, one file per
   set. The per-batch work is identical, so
   the ratio ``plain seconds / Ray seconds`` (Ray's speed relative to the plain loop) is the
@@ -196,8 +196,10 @@ def run_attack_stage(section: Section, ctx, *, plan: dict[str, list[tuple[str, s
     cfg = ctx.cfg
     a = cfg.attack
     kwargs = {"storage": ctx.storage, "plan": plan, "seed": a.seed, "eps_min": a.eps_min, "eps_max": a.eps_max}
-    threads = max(1, int(cfg.scale.cpus_per_actor))
-    one = cfg.replace(["scale.attack_actors=1"])
+    # The stage's CPUs (the default: 2 actors x 1 CPU), as one process's torch threads on the
+    # plain side and in the 1-actor pool, and split between 2 actors.
+    threads = max(1, int(cfg.scale.attack_actors * cfg.scale.cpus_per_actor))
+    one = cfg.replace(["scale.attack_actors=1", f"scale.cpus_per_actor={threads}"])
     two = cfg.replace(["scale.attack_actors=2", f"scale.cpus_per_actor={max(1, threads // 2)}"])
     keys = ["ray_1_actor", "plain"] + (["ray_2_actors"] if two_actors else [])
     rows: dict[str, list[int]] = {k: [] for k in keys}

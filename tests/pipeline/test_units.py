@@ -9,7 +9,7 @@ from raydefense.config import load_config
 from raydefense.errors import ConfigError, DataError
 from raydefense.pipeline.attack import attack_plan, per_image_eps
 from raydefense.pipeline.run import open_run
-from raydefense.pipeline.runtime import find_user_error, images_to_tensor, tensor_to_images
+from raydefense.pipeline.runtime import find_user_error, images_to_tensor, pool_batch_size, tensor_to_images
 from raydefense.pipeline.training import HEALTH_CHECK_INTERVAL_ENV, make_trainer, scaling_config
 from raydefense.storage import Storage
 from tests.conftest import REPO
@@ -74,6 +74,21 @@ def test_user_errors_are_found_inside_ray_wrappers():
     found = find_user_error(text)
     assert isinstance(found, DataError) and "bob" in str(found)
     assert find_user_error(RuntimeError("plain bug")) is None
+
+
+def test_pool_batch_size_gives_every_actor_rows_and_never_exceeds_the_batch():
+    cfg = load_config(f"{REPO}/configs/default.yaml")
+    two = cfg.replace(["scale.attack_actors=2"])
+    # The default's whole-model attacks: 24 images x 2 test methods at eval.batch_size 64.
+    assert pool_batch_size(48, cfg=two, batch_size=64) == 24
+    assert pool_batch_size(49, cfg=two, batch_size=64) == 25  # 25 + 24: still two batches
+    assert pool_batch_size(1000, cfg=two, batch_size=64) == 64
+    assert pool_batch_size(48, cfg=cfg.replace(["scale.attack_actors=1"]), batch_size=64) == 48
+    assert pool_batch_size(0, cfg=two, batch_size=64) == 1
+    assert pool_batch_size(3, cfg=cfg.replace(["scale.attack_actors=4"]), batch_size=64) == 1
+    # Several batches per actor, to balance rows of unequal cost.
+    assert pool_batch_size(48, cfg=two, batch_size=64, batches_per_actor=4) == 6
+    assert pool_batch_size(4800, cfg=two, batch_size=64, batches_per_actor=4) == 64
 
 
 def test_image_conversions_round_trip():
