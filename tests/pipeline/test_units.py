@@ -89,6 +89,8 @@ def test_pool_batch_size_gives_every_actor_rows_and_never_exceeds_the_batch():
     # Several batches per actor, to balance rows of unequal cost.
     assert pool_batch_size(48, cfg=two, batch_size=64, batches_per_actor=4) == 6
     assert pool_batch_size(4800, cfg=two, batch_size=64, batches_per_actor=4) == 64
+    # One actor: nothing to balance, whole batches.
+    assert pool_batch_size(48, cfg=cfg.replace(["scale.attack_actors=1"]), batch_size=64, batches_per_actor=4) == 48
 
 
 def test_image_conversions_round_trip():
