@@ -89,6 +89,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                           "--quick: configs/smoke.yaml)")
     p.add_argument("--gpu-peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, TFLOP/s "
                                                                        "(default: from the device name)")
+    p.add_argument("--device", default="cpu", help="torch device of sections 1 and 4 (e.g. cuda; default cpu). Section 6 "
+                                                   "always uses cuda; sections 2, 3 and 5 place work as Ray does")
     p.add_argument("--out", default=None, help="results file (default: bench/results/<host>-<date>[-quick].json)")
     p.add_argument("--keep", action="store_true", help="keep section 5's run folder (its path is printed)")
     p.add_argument("--verbose", action="store_true", help="show the pipeline's own lines (stage and epoch progress)")
@@ -99,6 +101,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--sections: unknown section(s) {unknown}; known: {', '.join(TITLES)}")
     if args.rounds is not None and args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA device (torch.cuda.is_available() is False)")
     args.chosen = [s for s in TITLES if s in chosen]
     return args
 
@@ -165,14 +172,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 sections["1"], sizes=list(settings.attack_sizes), batch=settings.attack_batch,
                 rounds=settings.attack_rounds, large_rounds=settings.attack_rounds_large,
                 apgd_steps=settings.apgd_steps, num_classes=num_classes,
-                theirs=theirs, log=log), log)
+                theirs=theirs, device=args.device, log=log), log)
     if "4" in sections:
         from .throughput import run_throughput
 
         cfg4 = base.replace(list(settings.ray_overrides))
         _run(sections["4"], lambda: run_throughput(sections["4"], cfg4, num_classes=num_classes,
                                                    steps=settings.throughput_steps, rounds=settings.throughput_rounds,
-                                                   log=log), log)
+                                                   device=args.device, log=log), log)
     if "6" in sections:
         from .gpu import run_gpu
 

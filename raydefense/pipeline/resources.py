@@ -18,7 +18,9 @@ A run makes these requests, one stage at a time (stages never overlap):
   (see ``training.make_trainer``);
 * each Ray Data actor pool (prepare, attack, GNR augmentation, KT denoising, evaluation,
   whole-model attacks, see ``runtime.actor_map``): ``scale.attack_actors`` actors of
-  ``{CPU: scale.cpus_per_actor}`` plus one GPU each on GPU.
+  ``{CPU: scale.cpus_per_actor}``; on GPU one actor per GPU, at most ``scale.attack_actors``
+  (``runtime.pool_actors``), each with one GPU and one CPU (Ray Data's default beside a GPU), so
+  the check asks for one such actor.
 
 A Tune trial (``jobs/tune_defense.py``) also holds a small driver actor
 (``TRIAL_DRIVER_CPU``) while its workers or its actor pool run, so with ``tune=True`` each
@@ -81,12 +83,14 @@ def requests_for(cfg: Config, *, gpu: bool) -> list[Request]:
     if gpu:
         worker["GPU"] = float(s.gpus_per_worker)
         worker_keys["GPU"] = "scale.gpus_per_worker"
-        actor["GPU"] = 1.0  # runtime.actor_map: one GPU per actor
-        actor_keys["GPU"] = "scale.use_gpu"
+        # runtime.actor_map: one GPU per actor and the 1 CPU Ray Data reserves beside it.
+        actor = {"CPU": 1.0, "GPU": 1.0}
+        actor_keys = {"CPU": "scale.use_gpu", "GPU": "scale.use_gpu"}
     # Elastic training starts with the minimum (scale.num_workers) and grows when it can.
     return [
         Request("training worker", worker, s.num_workers, "scale.num_workers", worker_keys),
-        Request("Ray Data actor", actor, s.attack_actors, "scale.attack_actors", actor_keys),
+        # On GPU the pool shrinks to the GPUs there are (runtime.pool_actors): one actor must fit.
+        Request("Ray Data actor", actor, 1 if gpu else s.attack_actors, "scale.attack_actors", actor_keys),
     ]
 
 

@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import sys
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -224,8 +224,9 @@ def use_gpu(cfg: Config) -> bool:
 
 
 def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_size: int):
-    """``ds.map_batches`` on an actor pool of ``cls`` sized by ``scale.attack_actors``: one GPU per
-    actor when ``gpu``, else ``scale.cpus_per_actor`` CPUs, which the actor uses as torch threads
+    """``ds.map_batches`` on an actor pool of ``cls`` of :func:`pool_actors` actors: one GPU (and
+    the one CPU Ray Data reserves beside it) per actor when ``gpu``, else ``scale.cpus_per_actor``
+    CPUs; the actor uses ``scale.cpus_per_actor`` torch threads
     (``cls`` takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``). The rows reach
     the pool in order and re-cut into blocks of ``batch_size`` (Ray's streaming repartition), so
     every batch but the last is full.
@@ -247,20 +248,39 @@ def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_
     # many rows) makes every batch but the last a full one.
     ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
     return ds.map_batches(cls, fn_constructor_kwargs={**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)},
-                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-                          num_cpus=cfg.scale.cpus_per_actor, num_gpus=1 if gpu else None)
+                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=pool_actors(cfg, gpu=gpu)),
+                          # On GPU Ray Data's own default: 1 GPU and 1 CPU per actor (it reserves the
+                          # CPU itself and warns on the console when both are given).
+                          **({"num_gpus": 1} if gpu else {"num_cpus": cfg.scale.cpus_per_actor}))
 
 
-def pool_batch_size(rows: int, *, cfg: Config, batch_size: int, batches_per_actor: int = 1) -> int:
-    """The batch size for ``rows`` rows on :func:`actor_map`'s pool of ``scale.attack_actors``
-    actors: ``batch_size``, or less where ``rows`` would otherwise give an actor fewer than
+def pool_actors(cfg: Config, *, gpu: bool, gpus: Optional[float] = None) -> int:
+    """How many actors :func:`actor_map` starts: ``scale.attack_actors`` on CPU; on GPU one per
+    GPU, at most ``scale.attack_actors`` and at most the whole GPUs the cluster has when the
+    stage starts (``gpus``, default ``ray.cluster_resources()``), so that a CPU-tuned preset
+    (the default's two 1-thread actors) also runs on a one-GPU machine instead of leaving an
+    actor pending forever. Ray Data's usual GPU pool: ``num_gpus=1``, one actor per device."""
+    actors = max(1, int(cfg.scale.attack_actors))
+    if not gpu:
+        return actors
+    if gpus is None:
+        import ray
+
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+    return max(1, min(actors, int(math.floor(float(gpus) + 1e-9))))
+
+
+def pool_batch_size(rows: int, *, cfg: Config, batch_size: int, batches_per_actor: int = 1,
+                    actors: Optional[int] = None) -> int:
+    """The batch size for ``rows`` rows on :func:`actor_map`'s pool of ``actors`` actors
+    (default ``scale.attack_actors``; pass :func:`pool_actors`' count on GPU): ``batch_size``, or less where ``rows`` would otherwise give an actor fewer than
     ``batches_per_actor`` batches. More batches than actors balance rows of unequal cost: Ray Data
     hands an actor its next batch when one of its two in flight is done. A single actor keeps
     whole batches (nothing to balance; a GPU wants them large). Only for stages whose rows do
     not depend on their batch (per-row seeds). Measured: the default's whole-model attacks, 48
     rows, were one batch at ``eval.batch_size`` 64, then two of 24 on two actors, one of which
     finished ~30 s before the other (early-stopped rows; two cores 60% busy)."""
-    actors = max(1, int(cfg.scale.attack_actors))
+    actors = max(1, int(cfg.scale.attack_actors if actors is None else actors))
     per = actors * (max(1, int(batches_per_actor)) if actors > 1 else 1)
     return max(1, min(int(batch_size), math.ceil(int(rows) / per)))
 

@@ -226,7 +226,10 @@ class EpochData:
             return
         cols: dict[str, list[torch.Tensor]] = {}
         size = 0
-        for batch in self.dataset.iter_torch_batches(batch_size=512, drop_last=False):
+        # device="cpu": Ray's default ("auto") puts the batches on a GPU worker's device, and the
+        # cache is host memory that each step slices and moves (found on an H200, 2026-12-04:
+        # "Expected all tensors to be on the same device, cuda:0 and cpu" in _row_keys).
+        for batch in self.dataset.iter_torch_batches(batch_size=512, drop_last=False, device="cpu"):
             for k, v in batch.items():
                 cols.setdefault(k, []).append(v)
                 size += v.element_size() * v.nelement()
@@ -266,7 +269,7 @@ class EpochData:
                        global_size=b - a, world_size=w, seed=seed * 100_003 + i)
 
     def _streaming_steps(self, g: int, *, device: torch.device, shuffle: bool, seed: int) -> Iterator[Step]:
-        kwargs: dict[str, Any] = {"batch_size": g, "drop_last": False}
+        kwargs: dict[str, Any] = {"batch_size": g, "drop_last": False, "device": "cpu"}  # see _fill
         if shuffle:
             kwargs["local_shuffle_buffer_size"] = max(4 * g, 256)
             kwargs["local_shuffle_seed"] = seed
@@ -315,7 +318,8 @@ class EpochData:
         forward syncs buffers with the other workers, whose batch counts may differ."""
         self._fill()
         if self.streaming:
-            for batch in self.dataset.iter_torch_batches(batch_size=batch_size * self.world_size, drop_last=False):
+            for batch in self.dataset.iter_torch_batches(batch_size=batch_size * self.world_size, drop_last=False,
+                                                         device="cpu"):  # see _fill
                 n = len(next(iter(batch.values())))
                 rows = torch.arange(self.rank, n, self.world_size)
                 if len(rows):

@@ -59,10 +59,14 @@ def test_gpu_requests_are_checked_only_on_gpu():
     R.check_resources(cfg, LOCAL, gpu=False)
     with pytest.raises(ConfigError, match="'scale.gpus_per_worker'.*2 GPU"):
         R.check_resources(cfg, {**LOCAL, "GPU": 1.0}, gpu=True)
-    # One GPU per actor: two actors on a one-GPU cluster do not fit.
-    with pytest.raises(ConfigError, match="'scale.attack_actors'"):
-        R.check_resources(cfg_with("scale.attack_actors=2"), {**LOCAL, "GPU": 1.0}, gpu=True)
+    # One GPU per actor, and the pool shrinks to the GPUs there are (runtime.pool_actors): the
+    # default's two CPU actors run as one GPU actor on a one-GPU machine, but that one must fit.
+    R.check_resources(cfg_with("scale.attack_actors=2"), {**LOCAL, "GPU": 1.0}, gpu=True)
     R.check_resources(cfg_with("scale.attack_actors=2", "scale.num_workers=2"), {"CPU": 8.0, "GPU": 2.0}, gpu=True)
+    # A GPU actor holds 1 GPU and Ray Data's 1 CPU, whatever scale.cpus_per_actor (its CPU-pool size).
+    R.check_resources(cfg_with("scale.attack_actors=2", "scale.cpus_per_actor=6"), {**LOCAL, "GPU": 1.0}, gpu=True)
+    with pytest.raises(ConfigError, match="'scale.cpus_per_actor'"):
+        R.check_resources(cfg_with("scale.attack_actors=2", "scale.cpus_per_actor=6"), LOCAL, gpu=False)
 
 
 def test_a_bundle_must_fit_on_one_node():

@@ -20,13 +20,15 @@ class FakeDataset:
         self.rows = {"x": ids, "image": (ids.view(-1, 1, 1, 1) % 251).to(torch.uint8).expand(n, 2, 2, 3).contiguous()}
         self.block = block
         self.passes = 0
+        self.devices: list = []  # the device each pass asked for (Ray's default: "auto")
 
     def count(self) -> int:
         return len(self.rows["x"])
 
     def iter_torch_batches(self, *, batch_size, drop_last=False, local_shuffle_buffer_size=None,
-                           local_shuffle_seed=None, **_):
+                           local_shuffle_seed=None, device="auto", **_):
         self.passes += 1
+        self.devices.append(device)
         n = len(self.rows["x"])
         order = torch.arange(n)
         if local_shuffle_buffer_size:  # deterministic for a seed, as Ray's is for the same input order
@@ -221,3 +223,16 @@ def test_kt_inputs_are_denoised_once_per_row_as_8_bit_images():
     assert column == "image" and per_step is not None
     s = next(iter(streamed.steps(batch_size=4, device=CPU, shuffle=False, seed=0)))
     assert torch.equal(per_step(s["image"]), expected(s["image"]))
+
+
+@pytest.mark.parametrize("cache_mb", [10, 1e-4, 0])  # cached, cache given up, streamed
+def test_batches_come_to_host_memory_whatever_the_worker_device(cache_mb):
+    """Ray's ``iter_torch_batches`` puts batches on a GPU worker's device by default ("auto");
+    the cache (and the streamed rows each worker slices) must be host tensors, moved per step.
+    On an H200 the default gave 'Expected all tensors to be on the same device' in the cache's
+    sort (2026-12-04); tests/gpu runs the real thing."""
+    ds = FakeDataset(30)
+    data = EpochData(ds, cache_mb=cache_mb, rank=0, world_size=1)
+    list(data.steps(batch_size=8, device=CPU, shuffle=True, seed=0))
+    list(data.eval_batches(batch_size=8, device=CPU))
+    assert ds.devices and set(ds.devices) == {"cpu"}

@@ -9,7 +9,8 @@ from raydefense.config import load_config
 from raydefense.errors import ConfigError, DataError
 from raydefense.pipeline.attack import attack_plan, per_image_eps
 from raydefense.pipeline.run import open_run
-from raydefense.pipeline.runtime import find_user_error, images_to_tensor, pool_batch_size, tensor_to_images
+from raydefense.pipeline.runtime import (find_user_error, images_to_tensor, pool_actors, pool_batch_size,
+                                         tensor_to_images)
 from raydefense.pipeline.training import HEALTH_CHECK_INTERVAL_ENV, make_trainer, scaling_config
 from raydefense.storage import Storage
 from tests.conftest import REPO
@@ -74,6 +75,17 @@ def test_user_errors_are_found_inside_ray_wrappers():
     found = find_user_error(text)
     assert isinstance(found, DataError) and "bob" in str(found)
     assert find_user_error(RuntimeError("plain bug")) is None
+
+
+def test_gpu_pools_have_one_actor_per_gpu_at_most_attack_actors():
+    two = load_config(overrides=["scale.attack_actors=2"])
+    assert pool_actors(two, gpu=False) == 2
+    assert pool_actors(two, gpu=True, gpus=1.0) == 1  # the CPU default on a one-GPU machine
+    assert pool_actors(two, gpu=True, gpus=8.0) == 2
+    assert pool_actors(two, gpu=True, gpus=0.5) == 1  # never an empty pool
+    assert pool_actors(load_config(overrides=["scale.attack_actors=4"]), gpu=True, gpus=3.0) == 3
+    # The batch split follows the pool that runs: one GPU actor keeps whole batches.
+    assert pool_batch_size(48, cfg=two, batch_size=64, batches_per_actor=4, actors=1) == 48
 
 
 def test_pool_batch_size_gives_every_actor_rows_and_never_exceeds_the_batch():
