@@ -273,9 +273,10 @@ def pool_actors(cfg: Config, *, gpu: bool, gpus: Optional[float] = None) -> int:
 def pool_batch_size(rows: int, *, cfg: Config, batch_size: int, batches_per_actor: int = 1,
                     actors: Optional[int] = None) -> int:
     """The batch size for ``rows`` rows on :func:`actor_map`'s pool of ``actors`` actors
-    (default ``scale.attack_actors``; pass :func:`pool_actors`' count on GPU): ``batch_size``, or less where ``rows`` would otherwise give an actor fewer than
-    ``batches_per_actor`` batches. More batches than actors balance rows of unequal cost: Ray Data
-    hands an actor its next batch when one of its two in flight is done. A single actor keeps
+    (default ``scale.attack_actors``; pass :func:`pool_actors`' count on GPU): ``batch_size``,
+    or less where ``rows`` would otherwise give an actor fewer than ``batches_per_actor`` batches.
+    More batches than actors balance rows of unequal cost: Ray Data hands an actor its next
+    batch when one of its two in flight is done. A single actor keeps
     whole batches (nothing to balance; a GPU wants them large). Only for stages whose rows do
     not depend on their batch (per-row seeds). Measured: the default's whole-model attacks, 48
     rows, were one batch at ``eval.batch_size`` 64, then two of 24 on two actors, one of which
