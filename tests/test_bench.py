@@ -300,6 +300,14 @@ def test_cli_arguments():
     assert cli.settings_for(cli.parse_args([])).attack_sizes == (80, 160)
     with pytest.raises(SystemExit):
         cli.parse_args(["--sections", "7"])
+    assert cli.parse_args([]).device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_cli_refuses_a_cuda_device_it_does_not_have(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--device", "cuda", "--sections", "1"])
+    assert exc.value.code == 2 and "--device cuda: no CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path of section 6")
