@@ -445,7 +445,9 @@ class ScaleConfig:
     cpus_per_worker: float = 2.0
     gpus_per_worker: float = 1.0
     amp: bool = False  # mixed precision (bf16 autocast) on GPU
-    attack_actors: int = 1  # Ray Data actor pool size for attack/augment/eval stages
+    # Ray Data actor pool size for attack/augment/eval stages; on GPU one actor per GPU, at most this many
+    attack_actors: int = 1
+    # CPUs each CPU actor reserves, and every actor's torch threads (a GPU actor reserves 1 CPU, Ray Data's default)
     cpus_per_actor: float = 1.0
     object_store_memory_mb: int = 512  # local Ray only
     num_cpus: int = 0  # local Ray only; 0 = detect
