@@ -59,7 +59,7 @@ def test_deterministic_attacks_on_cuda_match_the_cpu(name):
     assert agree >= {"fgsm": 0.99, "ifgsm4": 0.95}[name], f"{name}: only {agree:.4f} of the pixels agree between CPU and CUDA"
 
 
-def test_bf16_autocast_trains_the_uddn_like_fp32():
+def test_bf16_autocast_runs_the_uddn_in_bf16_and_trains_it():
     """``scale.amp`` on CUDA: the convolutions run in bf16 (autocast is on; the UDDN's output is
     fp32 all the same, x_adv minus the predicted noise), the weights stay fp32, and the guided
     loss falls. Seen on an H200 (2026-12-04): after 40 steps the loss is 0.20 of its start in
