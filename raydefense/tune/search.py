@@ -166,7 +166,8 @@ def trial_concurrency(cfg: Config, *, requested: int, resources: Mapping[str, fl
 
     One trial at a time needs ``scale.num_workers`` Ray Train workers of
     ``scale.cpus_per_worker`` CPUs (or ``scale.gpus_per_worker`` GPUs), and an actor pool of
-    ``scale.attack_actors`` x ``scale.cpus_per_actor`` CPUs while it denoises its KT data.
+    ``scale.attack_actors`` x ``scale.cpus_per_actor`` CPUs while it denoises its KT data (on GPU
+    one actor per GPU, at most ``scale.attack_actors``, of 1 CPU each: ``runtime.pool_actors``).
     On a local Ray, ``local_cpus`` (the machine's cores) caps the CPUs counted: the local
     cluster advertises a few logical CPUs more than there are cores.
     """
@@ -174,7 +175,13 @@ def trial_concurrency(cfg: Config, *, requested: int, resources: Mapping[str, fl
     cpus = resources.get("CPU", 0.0)
     if local_cpus:
         cpus = min(cpus, float(local_cpus))
-    cpu_need = max(s.num_workers * (0.0 if gpu else s.cpus_per_worker), s.attack_actors * s.cpus_per_actor)
+    if gpu:
+        from raydefense.pipeline.runtime import pool_actors
+
+        actor_cpu = float(pool_actors(cfg, gpu=True, gpus=resources.get("GPU", 0.0)))
+    else:
+        actor_cpu = s.attack_actors * s.cpus_per_actor
+    cpu_need = max(s.num_workers * (0.0 if gpu else s.cpus_per_worker), actor_cpu)
     fits = int(cpus // (cpu_need + TRIAL_DRIVER_CPU)) if cpu_need > 0 else requested or 1
     if gpu:
         gpu_fits = int(resources.get("GPU", 0.0) // (s.num_workers * s.gpus_per_worker))

@@ -151,6 +151,10 @@ def test_concurrency_follows_resources(cfg):
     gpu = cfg.replace(["scale.use_gpu=true", "scale.num_workers=2", "scale.gpus_per_worker=1"])
     assert trial_concurrency(gpu, requested=0, resources={"CPU": 64.0, "GPU": 8.0}, gpu=True) == 4
     assert trial_concurrency(gpu, requested=16, resources={"CPU": 64.0, "GPU": 8.0}, gpu=True) == 4
+    # A GPU trial's actors hold 1 CPU each (Ray Data's default beside a GPU), whatever the CPU pools'
+    # scale.cpus_per_actor: 16 CPUs per actor would have allowed one trial on 64 CPUs.
+    wide_cpu_pool = gpu.replace(["scale.cpus_per_actor=16"])
+    assert trial_concurrency(wide_cpu_pool, requested=0, resources={"CPU": 64.0, "GPU": 8.0}, gpu=True) == 4
     # Never zero: a trial that does not fit waits for resources rather than never running.
     assert trial_concurrency(two_workers, requested=1, resources={"CPU": 2.0}, gpu=False) == 1
 
