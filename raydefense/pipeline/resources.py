@@ -50,6 +50,10 @@ Node = Mapping[str, float]
 # imported from there, which would import Ray Tune into every run).
 TRIAL_DRIVER_CPU = 0.01
 
+# The CPU a GPU actor of runtime.actor_map holds: Ray Data's own default beside num_gpus=1
+# (actor_map passes only num_gpus on GPU; Ray Data warns when both are given).
+GPU_ACTOR_CPU = 1.0
+
 
 @dataclass(frozen=True)
 class Request:
@@ -83,8 +87,7 @@ def requests_for(cfg: Config, *, gpu: bool) -> list[Request]:
     if gpu:
         worker["GPU"] = float(s.gpus_per_worker)
         worker_keys["GPU"] = "scale.gpus_per_worker"
-        # runtime.actor_map: one GPU per actor and the 1 CPU Ray Data reserves beside it.
-        actor = {"CPU": 1.0, "GPU": 1.0}
+        actor = {"CPU": GPU_ACTOR_CPU, "GPU": 1.0}  # runtime.actor_map: one GPU per actor
         actor_keys = {"CPU": "scale.use_gpu", "GPU": "scale.use_gpu"}
     # Elastic training starts with the minimum (scale.num_workers) and grows when it can.
     return [

@@ -276,8 +276,8 @@ def pool_batch_size(rows: int, *, cfg: Config, batch_size: int, batches_per_acto
     (default ``scale.attack_actors``; pass :func:`pool_actors`' count on GPU): ``batch_size``,
     or less where ``rows`` would otherwise give an actor fewer than ``batches_per_actor`` batches.
     More batches than actors balance rows of unequal cost: Ray Data hands an actor its next
-    batch when one of its two in flight is done. A single actor keeps
-    whole batches (nothing to balance; a GPU wants them large). Only for stages whose rows do
+    batch when one of its two in flight is done. A single actor keeps whole batches (nothing to
+    balance; a GPU wants them large). Only for stages whose rows do
     not depend on their batch (per-row seeds). Measured: the default's whole-model attacks, 48
     rows, were one batch at ``eval.batch_size`` 64, then two of 24 on two actors, one of which
     finished ~30 s before the other (early-stopped rows; two cores 60% busy)."""

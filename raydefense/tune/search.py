@@ -58,7 +58,7 @@ from raydefense.tune.trial import DefenseTrial, TrialSpec
 # Resources of the trial function itself: it only drives the inner Ray Train runs, whose
 # workers reserve their own CPUs/GPUs. Ray cannot schedule an actor with no resources at
 # all, so it takes a sliver of a CPU (the Ray Train docs use the same trick).
-from raydefense.pipeline.resources import TRIAL_DRIVER_CPU  # noqa: E402  the one value, checked before a search
+from raydefense.pipeline.resources import GPU_ACTOR_CPU, TRIAL_DRIVER_CPU  # noqa: E402  checked before a search
 from raydefense.pipeline.run import RunLayout  # noqa: E402
 # Sections of the run's config that stages prepare..gnr do not read: a search may change them.
 _TRIAL_ONLY_SECTIONS = ("denoise", "distill", "baselines", "robust")
@@ -178,7 +178,7 @@ def trial_concurrency(cfg: Config, *, requested: int, resources: Mapping[str, fl
     if gpu:
         from raydefense.pipeline.runtime import pool_actors
 
-        actor_cpu = float(pool_actors(cfg, gpu=True, gpus=resources.get("GPU", 0.0)))
+        actor_cpu = pool_actors(cfg, gpu=True, gpus=resources.get("GPU", 0.0)) * GPU_ACTOR_CPU
     else:
         actor_cpu = s.attack_actors * s.cpus_per_actor
     cpu_need = max(s.num_workers * (0.0 if gpu else s.cpus_per_worker), actor_cpu)
