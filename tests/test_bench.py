@@ -116,10 +116,12 @@ def test_attack_section_on_a_tiny_model():
     bench_attacks.run_attacks(section, sizes=[32], batch=4, rounds=2, warmup=0, apgd_steps=3, model_name="small_cnn",
                               num_classes=4, theirs=_fake_torchattacks(), log=lambda _: None)
     ratios = [r for r in section.rows if r.ratio]
-    assert len(ratios) == 4 and len(section.rows) == 12
+    assert len(ratios) == 4 + 2 and len(section.rows) == 12 + 2
     assert all(r.summary.n == 2 and r.summary.min > 0 for r in section.rows)
     fgsm = ratios[0].detail["check"]
     assert fgsm["pixels_agree"] == 1.0 and fgsm["linf_ours"] <= bench_attacks.EPS + 1e-6
+    # Our attacks on the inference form (BatchNorm folded) make the same images to float rounding.
+    assert all(r.detail["check"]["pixels_agree"] >= 0.99 for r in ratios[-2:])
 
 
 def test_check_pair_refuses_outputs_outside_the_ball():

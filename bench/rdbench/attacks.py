@@ -30,6 +30,10 @@ Before timing, each pair is checked to be comparable: both outputs lie in [0, 1]
 of the input (L-inf, 1e-6 slack); for the deterministic pairs (FGSM, I-FGSM4/BIM) the fraction of
 pixels on which both agree is recorded (expected ~1.0); the fraction of images each one fools is
 recorded for all. A pair that fails the check fails the section.
+
+Per size, also our FGSM and I-FGSM4 on the model as built against the same attacks on its
+inference form (BatchNorm folded, channels-last weights: what the pipeline's loops get from
+``load_artifact``), interleaved, with the fraction of output pixels on which they agree.
 """
 from __future__ import annotations
 
@@ -163,6 +167,32 @@ def run_attacks(section: Section, *, sizes: list[int], batch: int, rounds: int, 
                                        seconds=times["theirs"]))
             r = section.rows[-3].summary
             log(f"  {name}: ours/torchattacks {r.median:.3f}x [{r.min:.3f}, {r.max:.3f}]  check {_fmt(check)}")
+        _inference_form_rows(section, model, x, y, size=size, rounds=n_rounds, warmup=warmup, sync=sync, log=log)
+
+
+def _inference_form_rows(section: Section, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, size: int,
+                         rounds: int, warmup: int, sync, log: Callable[[str], None]) -> None:
+    """Our FGSM and I-FGSM4 on the model as built against the same attack on its inference form
+    (:func:`raydefense.models.fusion.inference_form`, what ``load_artifact`` hands the pipeline's
+    attack, evaluation and guidance loops), interleaved: the speed ratio and the fraction of
+    output pixels on which both agree (folding changes float rounding only)."""
+    import copy
+
+    from raydefense.attacks import create_attack
+    from raydefense.models.fusion import inference_form
+
+    fast = inference_form(copy.deepcopy(model))
+    for label, name in (("FGSM", "fgsm"), ("I-FGSM4", "ifgsm4")):
+        built, folded = create_attack(name, model, eps=EPS), create_attack(name, fast, eps=EPS)
+        agree = float(((built(x, y) - folded(x, y)).abs() <= 1e-5).float().mean())
+        times = interleave({"built": lambda: built(x, y), "folded": lambda: folded(x, y)},
+                           rounds=rounds, warmup=warmup, sync=sync)
+        section.rows.append(Row.of(f"{label} @ {size} px: ours on the inference form / on the model as built",
+                                   paired_ratios(times["built"], times["folded"]), "x", ratio=True,
+                                   check={"pixels_agree": agree}, batch=len(x)))
+        r = section.rows[-1].summary
+        log(f"  {label} @ {size} px: inference form / as built {r.median:.3f}x [{r.min:.3f}, {r.max:.3f}]  "
+            f"pixels agree {agree:.4f}")
 
 
 def _fmt(check: dict[str, float]) -> str:

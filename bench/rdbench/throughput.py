@@ -32,13 +32,12 @@ __all__ = ["run_throughput", "uddn_trainer", "gnr_trainer", "evaluators"]
 
 
 def _target(cfg, num_classes: int, device: str) -> torch.nn.Module:
-    """The target classifier as ``load_artifact`` hands it to the loops: eval mode, frozen."""
+    """The target classifier as ``load_artifact`` hands it to the loops: eval mode, frozen, in
+    inference form (:func:`raydefense.models.fusion.inference_form`)."""
     from raydefense.models import create_model
+    from raydefense.models.fusion import inference_form
 
-    model = create_model(cfg.models.target, num_classes=num_classes).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return inference_form(create_model(cfg.models.target, num_classes=num_classes).to(device))
 
 
 def _uddn(cfg, device: str) -> torch.nn.Module:

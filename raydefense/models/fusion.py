@@ -22,10 +22,11 @@ by an activation.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batch_norm", "CONV_BN_UNITS"]
+__all__ = ["fold_batch_norm", "inference_form", "CONV_BN_UNITS"]
 
 
 def _known_units() -> tuple[type, ...]:
@@ -94,3 +95,26 @@ def fold_batch_norm(model: nn.Module) -> int:
                     module._modules[b] = nn.Identity()
                     folded += 1
     return folded
+
+
+def inference_form(model: nn.Module) -> nn.Module:
+    """``model`` made ready to be run, not trained, in place: eval mode, parameters frozen, each
+    BatchNorm folded (:func:`fold_batch_norm`), and for a
+    :class:`~raydefense.models.base.Classifier` channels-last weights (its convolutions then run
+    in NHWC whatever the input's layout; outputs and input gradients keep the caller's layout).
+
+    Measured on FaceNet, 80 px, batch 32, 2 CPU threads, one input gradient (bench section 1
+    has the current figure): folding 1.14-1.20x, channels-last 1.09x more, 1.28x together.
+
+    Returns:
+        ``model`` itself.
+    """
+    from raydefense.models.base import Classifier
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fold_batch_norm(model)
+    if isinstance(model, Classifier):
+        model.to(memory_format=torch.channels_last)
+    return model
