@@ -129,14 +129,13 @@ def run_gnr(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
         if metrics:
             ctx.echo(f"  gnr: Wasserstein estimate {metrics.get('wasserstein', float('nan')):.4f}, GP {metrics.get('gp', float('nan')):.4f}")
     n_real = ctx.layout.count_rows(RunLayout.adv_rel("train"))
-    clean = ctx.layout.read_clean("denoise")
-    n_clean = clean.count()
+    n_clean = ctx.layout.count_clean("denoise")
     k = max(1, math.ceil(cfg.gnr.augment_ratio * n_real / max(n_clean, 1))) if cfg.gnr.augment_ratio > 0 else 0
     if k == 0 or n_clean == 0:
         ctx.echo("  gnr: augment_ratio is 0 or the denoise split is empty: no generated images")
         return {"generated": 0}
-    ds = actor_map(clean, AugmentActor, {"storage": ctx.storage, "k": k, "seed": cfg.seed}, cfg=cfg, gpu=gpu,
-                   batch_size=cfg.attack.batch_size)
+    ds = actor_map(ctx.layout.read_clean("denoise"), AugmentActor, {"storage": ctx.storage, "k": k, "seed": cfg.seed},
+                   cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
     ctx.layout.write_dataset(ctx.layout.GNR_AUG, ds, min_rows_per_file=cfg.data.shard_size)
     generated = ctx.layout.count_rows(ctx.layout.GNR_AUG)
     ctx.echo(f"  gnr: {generated} generated adversarial images ({k} per clean image) beside {n_real} real ones")

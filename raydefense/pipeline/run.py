@@ -144,6 +144,17 @@ class RunLayout:
 
         return pads.dataset(self.storage.path(rel), filesystem=self.storage.fs, format="parquet").count_rows()
 
+    def count_clean(self, splits: list[str] | str) -> int:
+        """Rows of the clean images of the given split(s), from the Parquet files' own metadata and
+        split column in this process (a Ray Data ``count()`` of :meth:`read_clean` runs a whole
+        dataset execution: ~3 s of the default run's GNR stage)."""
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        wanted = [splits] if isinstance(splits, str) else list(splits)
+        files = pads.dataset(self.storage.path(self.CLEAN), filesystem=self.storage.fs, format="parquet")
+        return files.count_rows(filter=pc.field("split").isin(wanted))
+
     def read_clean(self, splits: list[str] | str, columns: Optional[list[str]] = None):
         """The clean images of the given split(s): ``image, label, split, index`` unless ``columns``."""
         from ray.data.expressions import col

@@ -36,8 +36,11 @@ def test_models_meta_and_small_reads(tmp_path):
     _shard(st, "data/clean/part-0.parquet", {"split": ["test", "val", "test"], "label": [1, 2, 3]})
     st.write_text("data/clean/_SUCCESS", "")  # the marker is not a shard
     assert layout.count_rows(RunLayout.CLEAN) == 3
+    _shard(st, "data/clean/part-1.parquet", {"split": ["denoise", "test"], "label": [4, 5]})
+    assert layout.count_clean("test") == 3 and layout.count_clean(["val", "denoise"]) == 2
+    assert layout.count_clean("gnr") == 0
     table = layout.table(RunLayout.CLEAN, columns=["label"], filter=pc.field("split") == "test")
-    assert table.column("label").to_pylist() == [1, 3]
+    assert sorted(table.column("label").to_pylist()) == [1, 3, 5]
     assert layout.table(RunLayout.CLEAN, head=1).num_rows == 1
 
 
