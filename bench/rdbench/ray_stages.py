@@ -290,7 +290,7 @@ def plain_classifier_epochs(cfg, args, train: dict[str, torch.Tensor], val: dict
         model = initial_model(cfg.seed, args)  # the worker's starting weights (seeded by args.task)
         if args.init:
             model.load_state_dict(load_artifact(storage, args.init, frozen=False).state_dict())
-        model.to(device)
+        model.to(device, memory_format=torch.channels_last)  # as T.prepare_model lays it out in the worker
         opt = T.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
         train_data = T.EpochData(LocalDataset(train), cache_mb=cfg.scale.cache_mb, name="train", rank=0, world_size=1)

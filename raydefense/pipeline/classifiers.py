@@ -116,9 +116,6 @@ def classifier_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop; ``config`` is :meth:`ClassifierArgs.loop_config`'s dict.
 
     One cohesive loop, read top to bottom (setup, epochs, final artifact), hence its length."""
-    import ray.train
-    import ray.train.torch
-
     cfg = from_dict(config["cfg"])
     args = ClassifierArgs.from_loop_config(config)
     tc = args.train
@@ -139,7 +136,7 @@ def classifier_loop(config: dict[str, Any]) -> None:
 
         pre = torch.nn.Sequential(load_artifact(storage, args.preprocess, device), UnitClamp()).eval()
     robust = {k: v for k, v in args.robust.items() if k != "val_steps"}
-    model = ray.train.torch.prepare_model(model)
+    model = T.prepare_model(model, device)
     opt = T.make_optimizer(model.parameters(), name=tc.optimizer, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tc.epochs)
     progress = T.Progress(cfg, {"model": model, "opt": opt, "sched": sched}, config=config["cfg"], epochs=tc.epochs)

@@ -54,9 +54,6 @@ def denoised_accuracy(denoiser, classifier, data: T.EpochData, *, batch_size: in
 def denoiser_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop for one denoiser (also the inner loop of a Tune trial); ``config`` is
     :meth:`DenoiserArgs.loop_config`'s dict. One cohesive loop (setup, epochs, artifact)."""
-    import ray.train
-    import ray.train.torch
-
     from raydefense.denoise import guidance_reference, guided_loss
     from raydefense.pipeline.artifacts import build_network
 
@@ -70,7 +67,7 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     storage = config["storage"]
     target = load_artifact(storage, args.classifier, device)
     spec = {"kind": "denoiser", "arch": args.arch, "widths": list(d.widths)}
-    model = ray.train.torch.prepare_model(build_network(spec).to(device))
+    model = T.prepare_model(build_network(spec), device)
     opt = torch.optim.Adam(model.parameters(), lr=d.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=0.1, patience=d.plateau_patience,
                                                        min_lr=d.lr_min, threshold=1e-3)

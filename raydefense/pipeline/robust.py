@@ -79,9 +79,6 @@ def robust_denoiser_loop(config: dict[str, Any]) -> None:
     w = ``robust.weight``; one forward pass of the denoiser over both halves. Each epoch reports
     ``val_clean_acc`` (target on denoised clean validation images) and ``val_pgd_acc``.
     """
-    import ray.train
-    import ray.train.torch
-
     from raydefense.denoise import guidance_reference, guided_loss
     from raydefense.pipeline.classifier_losses import RobustInputs
     from raydefense.pipeline.defended import UnitClamp
@@ -98,7 +95,7 @@ def robust_denoiser_loop(config: dict[str, Any]) -> None:
     target = load_artifact(storage, args.classifier, device)
     init = load_artifact(storage, args.init, frozen=False)
     spec = {"kind": "denoiser", "arch": "uddn", "widths": list(cfg.denoise.widths)}
-    model = ray.train.torch.prepare_model(init.to(device))
+    model = T.prepare_model(init, device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     progress = T.Progress(cfg, {"model": model, "opt": opt}, config=config["cfg"], epochs=args.epochs)
     r = RobustInputs(**{k: v for k, v in args.robust.items() if k != "val_steps"})

@@ -34,6 +34,7 @@ from raydefense.pipeline.worker import (  # noqa: F401  (re-exported)
     epoch_data,
     global_batches,
     make_optimizer,
+    prepare_model,
     setup_worker,
     dataset_names,
     sharing_epoch_data,

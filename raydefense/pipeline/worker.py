@@ -24,6 +24,21 @@ def worker_device() -> torch.device:
     return ray.train.torch.get_device()
 
 
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A network to train, on ``device`` with channels-last weights, through Ray Train's
+    ``prepare_model`` (DistributedDataParallel with several workers).
+
+    Channels-last (NHWC) convolutions train faster on this project's CPUs and are cuDNN's
+    preferred layout on GPUs; inputs may stay NCHW (the first convolution converts). Measured on
+    2 threads, paired steps: FaceNet at 80 px, batch 32, 1.10x; the UDDN (batch 8, eq. 5 with
+    the frozen target) 1.14x. Only the layout of 4-d weights changes, not their values, so
+    checkpoints and artifacts load into either layout.
+    """
+    import ray.train.torch
+
+    return ray.train.torch.prepare_model(model.to(device, memory_format=torch.channels_last))
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this Ray Train worker; (0, 1) outside a training."""
     import ray.train
