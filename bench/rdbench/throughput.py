@@ -9,6 +9,10 @@ sizes of the config (``data.image_size``, ``denoise.widths`` / ``batch_size`` / 
   uddn(x_adv), x)`` (equation 5; the frozen target's logits or features), ``backward``, Adam step.
   Beside it the same step with the target's output on the clean images computed beforehand
   (``reference``, as ``denoiser_loop`` does once per training row), as a speed ratio.
+  Also against the same step with the UDDN's weights in NCHW instead of the channels-last layout
+  the training workers use (ratio).
+* **Target training** (images/s): one ``classifier_loop`` step of the target (cross-entropy, Adam)
+  at ``models.target_train``'s batch, channels-last against NCHW weights (ratio).
 * **GNR training** (images/s of real noise consumed): one round of ``gnr_loop`` = ``n_critic``
   ``critic_step`` calls (WGAN-GP critic loss with gradient penalty) and one ``generator_step``.
 * **Evaluation** (images/s): ``DefendedModel(target, Sequential(UDDN, UnitClamp()))`` forward
@@ -28,7 +32,7 @@ import torch
 from .results import Row, Section
 from .stats import interleave, paired_ratios
 
-__all__ = ["run_throughput", "uddn_trainer", "gnr_trainer", "evaluators"]
+__all__ = ["run_throughput", "uddn_trainer", "classifier_trainer", "gnr_trainer", "evaluators"]
 
 
 def _target(cfg, num_classes: int, device: str) -> torch.nn.Module:
@@ -55,17 +59,22 @@ def _batch(n: int, size: int, device: str, *, eps: float, seed: int) -> tuple[to
 
 
 def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool = False,
-                 batch: int | None = None, reference: bool = False) -> tuple[Callable[[], None], int]:
+                 batch: int | None = None, reference: bool = False,
+                 channels_last: bool = True) -> tuple[Callable[[], None], int]:
     """``(step, batch)``: one UDDN training step of ``denoiser_loop`` (guided loss, Adam) on
     ``batch`` images (default ``denoise.batch_size``); ``amp``: bf16 autocast as ``scale.amp``
     does on GPU (:func:`raydefense.pipeline.worker.autocast`); ``reference``: the target's
     output on the clean images computed once beforehand (:func:`raydefense.denoise.guidance_reference`,
-    what ``denoiser_loop`` does once per row for a cached training set) instead of in every step."""
+    what ``denoiser_loop`` does once per row for a cached training set) instead of in every step;
+    ``channels_last``: the UDDN's weights in the layout the training workers give it
+    (:func:`raydefense.pipeline.worker.prepare_model`), False for PyTorch's default NCHW."""
     from raydefense.denoise import guidance_reference, guided_loss
     from raydefense.pipeline.worker import autocast
 
     d = cfg.denoise
     target, model = _target(cfg, num_classes, device), _uddn(cfg, device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=d.lr)
     batch = batch or d.batch_size
     x, x_adv = _batch(batch, cfg.data.image_size, device, eps=cfg.attack.eps_max, seed=1)
@@ -83,6 +92,30 @@ def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool = Fals
         opt.step()
 
     return step, batch
+
+
+def classifier_trainer(cfg, *, num_classes: int, device: str = "cpu",
+                       channels_last: bool = True) -> tuple[Callable[[], None], int]:
+    """``(step, batch)``: one training step of the target as ``classifier_loop`` takes it
+    (cross-entropy, Adam at ``models.target_train``'s learning rate and batch, train mode) on random
+    images; ``channels_last`` as in :func:`uddn_trainer`."""
+    from raydefense.models import create_model
+
+    tc = cfg.models.target_train
+    model = create_model(cfg.models.target, num_classes=num_classes).to(device).train()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    x, _ = _batch(tc.batch_size, cfg.data.image_size, device, eps=0.0, seed=5)
+    y = torch.arange(tc.batch_size, device=device) % num_classes
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, tc.batch_size
 
 
 def gnr_trainer(cfg, *, device: str = "cpu") -> tuple[Callable[[], None], int]:
@@ -142,6 +175,9 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
         torch.manual_seed(0)
         uddn_step, uddn_batch = uddn_trainer(cfg, num_classes=num_classes, device=device)
         uddn_ref_step, _ = uddn_trainer(cfg, num_classes=num_classes, device=device, reference=True)
+        uddn_nchw_step, _ = uddn_trainer(cfg, num_classes=num_classes, device=device, channels_last=False)
+        clf_step, clf_batch = classifier_trainer(cfg, num_classes=num_classes, device=device)
+        clf_nchw_step, _ = classifier_trainer(cfg, num_classes=num_classes, device=device, channels_last=False)
         gnr_round, gnr_images = gnr_trainer(cfg, device=device)
         evals, eval_batch = evaluators(cfg, num_classes=num_classes, device=device)
         sync = torch.cuda.synchronize if device.startswith("cuda") else None
@@ -153,6 +189,8 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
             return run
 
         times = interleave({"uddn_train": repeat(uddn_step), "uddn_train_ref": repeat(uddn_ref_step),
+                            "uddn_train_nchw": repeat(uddn_nchw_step),
+                            "clf_train": repeat(clf_step), "clf_train_nchw": repeat(clf_nchw_step),
                             "gnr_train": repeat(gnr_round),
                             "eval_defended": repeat(evals["defended"]), "eval_none": repeat(evals["none"])},
                            rounds=rounds, warmup=warmup, sync=sync)
@@ -169,6 +207,12 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
                                "img/s", seconds=times["uddn_train"]))
     section.rows.append(Row.of("UDDN training: eq. 5 reference once per row / once per step speed",
                                paired_ratios(times["uddn_train"], times["uddn_train_ref"]), "x", ratio=True))
+    section.rows.append(Row.of("UDDN training: channels-last / NCHW weights speed",
+                               paired_ratios(times["uddn_train_nchw"], times["uddn_train"]), "x", ratio=True))
+    section.rows.append(Row.of(f"target training ({cfg.models.target}, batch {clf_batch})",
+                               [steps * clf_batch / t for t in times["clf_train"]], "img/s", seconds=times["clf_train"]))
+    section.rows.append(Row.of("target training: channels-last / NCHW weights speed",
+                               paired_ratios(times["clf_train_nchw"], times["clf_train"]), "x", ratio=True))
     section.rows.append(Row.of(f"GNR training (batch {cfg.gnr.batch_size}, n_critic {cfg.gnr.n_critic})",
                                [steps * gnr_images / t for t in times["gnr_train"]], "img/s", seconds=times["gnr_train"]))
     section.rows.append(Row.of(f"eval: UDDN + target forward (batch {eval_batch})",
