@@ -103,8 +103,9 @@ def inference_form(model: nn.Module) -> nn.Module:
     :class:`~raydefense.models.base.Classifier` channels-last weights (its convolutions then run
     in NHWC whatever the input's layout; outputs and input gradients keep the caller's layout).
 
-    Measured on FaceNet, 80 px, batch 32, 2 CPU threads, one input gradient (bench section 1
-    has the current figure): folding 1.14-1.20x, channels-last 1.09x more, 1.28x together.
+    Measured on FaceNet, batch 32, 2 CPU threads, interleaved (bench section 1): our FGSM /
+    I-FGSM4 on the inference form against the model as built 1.22x / 1.20x at 80 px, 1.30x /
+    1.28x at 160 px (one input gradient in a probe: folding alone 1.14-1.20x).
 
     Returns:
         ``model`` itself.

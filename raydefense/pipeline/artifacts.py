@@ -54,8 +54,9 @@ def load_artifact(storage: Storage, name: str, device: torch.device | str = "cpu
     ``frozen=True`` (the default; every consumer that only runs the network: attacks, guidance,
     soft targets, evaluation) also freezes its parameters and returns it in inference form
     (:func:`raydefense.models.fusion.inference_form`: each BatchNorm folded into its convolution,
-    a classifier's weights channels-last; same outputs to float rounding, 1.28x faster FaceNet
-    input gradients on 2 CPU threads). Such a network must stay in eval mode. ``frozen=False`` returns the network as saved, to train or to save.
+    a classifier's weights channels-last; same outputs to float rounding, our attacks on FaceNet
+    1.2-1.3x faster on 2 CPU threads). Such a network must stay in eval mode. ``frozen=False``
+    returns the network as saved, to train or to save.
 
     Raises:
         StorageError: the artifact cannot be read (CorruptFileError: truncated or not a torch file).
