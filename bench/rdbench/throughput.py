@@ -14,7 +14,8 @@ sizes of the config (``data.image_size``, ``denoise.widths`` / ``batch_size`` / 
 * **Target training** (images/s): one ``classifier_loop`` step of the target (cross-entropy, Adam)
   at ``models.target_train``'s batch, channels-last against NCHW weights (ratio).
 * **GNR training** (images/s of real noise consumed): one round of ``gnr_loop`` = ``n_critic``
-  ``critic_step`` calls (WGAN-GP critic loss with gradient penalty) and one ``generator_step``.
+  ``critic_step`` calls (WGAN-GP critic loss with gradient penalty) and one ``generator_step``;
+  channels-last against NCHW weights (ratio).
 * **Evaluation** (images/s): ``DefendedModel(target, Sequential(UDDN, UnitClamp()))`` forward
   under ``torch.no_grad`` (the ``uddn`` / ``uddn_kt`` defense as the tables evaluate it), against
   the undefended target; their ratio is the defense's cost at inference.
@@ -118,9 +119,10 @@ def classifier_trainer(cfg, *, num_classes: int, device: str = "cpu",
     return step, tc.batch_size
 
 
-def gnr_trainer(cfg, *, device: str = "cpu") -> tuple[Callable[[], None], int]:
+def gnr_trainer(cfg, *, device: str = "cpu", channels_last: bool = True) -> tuple[Callable[[], None], int]:
     """``(round, images)``: ``n_critic`` critic steps and one generator step of ``gnr_loop``;
-    ``images`` is the real-noise images the round consumes (``n_critic x batch``)."""
+    ``images`` is the real-noise images the round consumes (``n_critic x batch``);
+    ``channels_last`` as in :func:`uddn_trainer`."""
     from raydefense.gnr import Critic, critic_step, generator_step, make_optimizers
     from raydefense.pipeline.artifacts import build_network
 
@@ -128,6 +130,9 @@ def gnr_trainer(cfg, *, device: str = "cpu") -> tuple[Callable[[], None], int]:
     gen = build_network({"kind": "generator", "image_size": cfg.data.image_size, "z_dim": g.z_dim,
                          "widths": list(g.widths), "max_noise": cfg.attack.eps_max}).to(device).train()
     critic = Critic(image_size=cfg.data.image_size, widths=tuple(g.critic_widths), norm=g.critic_norm).to(device).train()
+    if channels_last:
+        gen.to(memory_format=torch.channels_last)
+        critic.to(memory_format=torch.channels_last)
     opt_g, opt_c = make_optimizers(gen, critic, lr=g.lr)
     x, x_adv = _batch(g.batch_size, cfg.data.image_size, device, eps=cfg.attack.eps_max, seed=2)
     real = x_adv - x
@@ -179,6 +184,7 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
         clf_step, clf_batch = classifier_trainer(cfg, num_classes=num_classes, device=device)
         clf_nchw_step, _ = classifier_trainer(cfg, num_classes=num_classes, device=device, channels_last=False)
         gnr_round, gnr_images = gnr_trainer(cfg, device=device)
+        gnr_nchw_round, _ = gnr_trainer(cfg, device=device, channels_last=False)
         evals, eval_batch = evaluators(cfg, num_classes=num_classes, device=device)
         sync = torch.cuda.synchronize if device.startswith("cuda") else None
 
@@ -191,7 +197,7 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
         times = interleave({"uddn_train": repeat(uddn_step), "uddn_train_ref": repeat(uddn_ref_step),
                             "uddn_train_nchw": repeat(uddn_nchw_step),
                             "clf_train": repeat(clf_step), "clf_train_nchw": repeat(clf_nchw_step),
-                            "gnr_train": repeat(gnr_round),
+                            "gnr_train": repeat(gnr_round), "gnr_train_nchw": repeat(gnr_nchw_round),
                             "eval_defended": repeat(evals["defended"]), "eval_none": repeat(evals["none"])},
                            rounds=rounds, warmup=warmup, sync=sync)
     finally:
@@ -215,6 +221,8 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
                                paired_ratios(times["clf_train_nchw"], times["clf_train"]), "x", ratio=True))
     section.rows.append(Row.of(f"GNR training (batch {cfg.gnr.batch_size}, n_critic {cfg.gnr.n_critic})",
                                [steps * gnr_images / t for t in times["gnr_train"]], "img/s", seconds=times["gnr_train"]))
+    section.rows.append(Row.of("GNR training: channels-last / NCHW weights speed",
+                               paired_ratios(times["gnr_train_nchw"], times["gnr_train"]), "x", ratio=True))
     section.rows.append(Row.of(f"eval: UDDN + target forward (batch {eval_batch})",
                                [steps * eval_batch / t for t in times["eval_defended"]], "img/s"))
     section.rows.append(Row.of(f"eval: target alone forward (batch {eval_batch})",

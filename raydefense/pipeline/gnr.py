@@ -31,9 +31,6 @@ def _generator_spec(cfg) -> dict[str, Any]:
 
 def gnr_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop for the WGAN-GP (equation 3), n_critic critic steps per generator step."""
-    import ray.train
-    import ray.train.torch
-
     from raydefense.gnr import Critic, critic_step, generator_step, make_optimizers
     from raydefense.pipeline.artifacts import build_network, unwrap
 
@@ -45,9 +42,9 @@ def gnr_loop(config: dict[str, Any]) -> None:
     rank, _ = T.world()
     seed_everything(worker_seed(cfg.seed, "gnr", rank))
     spec = _generator_spec(cfg)
-    gen = ray.train.torch.prepare_model(build_network(spec).to(device))
-    critic = ray.train.torch.prepare_model(
-        Critic(image_size=cfg.data.image_size, widths=tuple(g.critic_widths), norm=g.critic_norm).to(device))
+    gen = T.prepare_model(build_network(spec), device)
+    critic = T.prepare_model(Critic(image_size=cfg.data.image_size, widths=tuple(g.critic_widths), norm=g.critic_norm),
+                             device)
     opt_g, opt_c = make_optimizers(gen, critic, lr=g.lr)
     objects = {"gen": gen, "critic": critic, "opt_g": opt_g, "opt_c": opt_c}
     progress = T.Progress(cfg, objects, config=config["cfg"], epochs=g.epochs)

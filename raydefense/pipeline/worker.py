@@ -30,8 +30,9 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
 
     Channels-last (NHWC) convolutions train faster on this project's CPUs and are cuDNN's
     preferred layout on GPUs; inputs may stay NCHW (the first convolution converts). Measured on
-    2 threads, paired steps: FaceNet at 80 px, batch 32, 1.10x; the UDDN (batch 8, eq. 5 with
-    the frozen target) 1.14x. Only the layout of 4-d weights changes, not their values, so
+    2 threads, interleaved (bench section 4): a FaceNet training step at 80 px, batch 32, 1.08x;
+    a UDDN step (batch 8, eq. 5 through the frozen target) 1.08x; a WGAN-GP round (``n_critic``
+    critic steps with the gradient penalty, one generator step) 1.15x in a probe. Only the layout of 4-d weights changes, not their values, so
     checkpoints and artifacts load into either layout.
     """
     import ray.train.torch

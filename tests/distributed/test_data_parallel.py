@@ -216,9 +216,9 @@ def test_two_workers_denoiser_and_gnr(ray_local, tmp_path):
     _assert_in_step(by_part["gnr"], 2, keys=("param_digest", "wasserstein"))
     load_artifact(storage, "uddn")  # plain weights
     load_artifact(storage, "gnr_generator")
-    # The target and the UDDN trained in channels-last layout (T.prepare_model), under DDP too; the
-    # saved weights keep that layout and load into a fresh network of either layout.
-    for name in ("target", "uddn"):
+    # The target, the UDDN and the GNR generator trained in channels-last layout (T.prepare_model),
+    # under DDP too; the saved weights keep that layout and load into a fresh network of either layout.
+    for name in ("target", "uddn", "gnr_generator"):
         state = storage.load_torch(f"models/{name}.pt")["state_dict"]
         convs = [v for v in state.values() if v.dim() == 4 and v.shape[2] * v.shape[3] > 1]
         assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs), name
