@@ -50,8 +50,11 @@ _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
 def _fusable(conv: nn.Module, bn: nn.Module) -> bool:
-    return (isinstance(conv, _CONVS) and type(bn) is nn.BatchNorm2d and bn.track_running_stats
-            and bn.running_mean is not None and conv.out_channels == bn.num_features)
+    # A grouped transposed convolution keeps out_channels / groups per weight slice, which the
+    # per-output-channel scale of torch's fuse_conv_bn_weights does not broadcast over.
+    grouped_transposed = isinstance(conv, nn.ConvTranspose2d) and conv.groups != 1
+    return (isinstance(conv, _CONVS) and not grouped_transposed and type(bn) is nn.BatchNorm2d
+            and bn.track_running_stats and bn.running_mean is not None and conv.out_channels == bn.num_features)
 
 
 def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:

@@ -109,6 +109,16 @@ def test_a_convolution_whose_output_is_used_twice_is_left_alone():
     assert torch.equal(net(x), folded(x))
 
 
+def test_grouped_convolutions_fold_and_grouped_transposed_ones_are_left_alone():
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 8, 2, stride=2, groups=4), nn.BatchNorm2d(8))
+    net = _with_running_stats(net, lambda: torch.rand(2, 4, 6, 6))
+    folded = copy.deepcopy(net)
+    assert fold_batch_norm(folded) == 1 and isinstance(folded[1], nn.Identity) and _bn_count(folded) == 1
+    x = torch.rand(2, 4, 6, 6)
+    assert _close(net(x), folded(x))
+
+
 def test_load_artifact_folds_frozen_loads_only(tmp_path):
     storage = Storage.open(str(tmp_path))
     model = _with_running_stats(create_model("small_cnn", num_classes=3), lambda: torch.rand(4, 3, 32, 32))
