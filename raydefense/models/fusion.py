@@ -17,20 +17,25 @@ in place keeps every path through the model consistent.
 
 Only patterns whose data flow is known are folded: adjacent ``Conv2d``/``ConvTranspose2d`` and
 ``BatchNorm2d`` children of an ``nn.Sequential`` (the convolution's output goes nowhere else),
-and the units listed in :data:`CONV_BN_UNITS`, whose ``forward`` is ``bn(conv(x))`` followed
+and the units :func:`conv_bn_units` lists, whose ``forward`` is ``bn(conv(x))`` followed
 by an activation.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batch_norm", "inference_form", "CONV_BN_UNITS"]
+__all__ = ["fold_batch_norm", "inference_form", "conv_bn_units"]
 
 
-def _known_units() -> tuple[type, ...]:
-    """Module classes whose forward is ``act(bn(conv(x)))`` with attributes ``conv`` and ``bn``."""
+@functools.cache
+def conv_bn_units() -> tuple[type, ...]:
+    """Module classes whose forward is ``act(bn(conv(x)))`` with attributes ``conv`` and ``bn``
+    (imported on first use: the imports are heavy and this module is imported by every
+    artifact load)."""
     units: list[type] = []
     from facenet_pytorch.models.inception_resnet_v1 import BasicConv2d as FaceNetBasicConv2d
     units.append(FaceNetBasicConv2d)
@@ -41,10 +46,6 @@ def _known_units() -> tuple[type, ...]:
     units.append(UDDNUnit)
     return tuple(units)
 
-
-#: Unit classes folded through their ``conv``/``bn`` attributes (filled on first use: the
-#: imports are heavy and this module is imported by every artifact load).
-CONV_BN_UNITS: tuple[type, ...] = ()
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -77,15 +78,12 @@ def fold_batch_norm(model: nn.Module) -> int:
 
     Outputs agree with the unfolded network's to float rounding (~1e-7 relative).
     """
-    global CONV_BN_UNITS
-    if not CONV_BN_UNITS:
-        CONV_BN_UNITS = _known_units()
     training = [name or "<model>" for name, m in model.named_modules() if m.training]
     if training:
         raise ValueError(f"fold_batch_norm needs an eval-mode model; in training mode: {training[0]}")
     folded = 0
     for module in list(model.modules()):
-        if isinstance(module, CONV_BN_UNITS) and _fusable(module.conv, module.bn):
+        if isinstance(module, conv_bn_units()) and _fusable(module.conv, module.bn):
             module.conv = _fold(module.conv, module.bn)
             module.bn = nn.Identity()
             folded += 1
@@ -93,7 +91,7 @@ def fold_batch_norm(model: nn.Module) -> int:
             keys = list(module._modules)
             for a, b in zip(keys, keys[1:]):
                 conv, bn = module._modules[a], module._modules[b]
-                if conv is not None and bn is not None and _fusable(conv, bn):
+                if _fusable(conv, bn):  # False for None children too
                     module._modules[a] = _fold(conv, bn)
                     module._modules[b] = nn.Identity()
                     folded += 1

@@ -139,21 +139,22 @@ class RunLayout:
             return ds.head(head, columns=columns, filter=filter)
         return ds.to_table(columns=columns, filter=filter)
 
-    def count_rows(self, rel: str) -> int:
+    def count_rows(self, rel: str, filter=None) -> int:
+        """Rows of the Parquet shards under ``rel`` (those matching the pyarrow expression
+        ``filter``), read in this process from the files' metadata (and the filter's columns)."""
         import pyarrow.dataset as pads
 
-        return pads.dataset(self.storage.path(rel), filesystem=self.storage.fs, format="parquet").count_rows()
+        files = pads.dataset(self.storage.path(rel), filesystem=self.storage.fs, format="parquet")
+        return files.count_rows(filter=filter)
 
     def count_clean(self, splits: list[str] | str) -> int:
-        """Rows of the clean images of the given split(s), from the Parquet files' own metadata and
-        split column in this process (a Ray Data ``count()`` of :meth:`read_clean` runs a whole
-        dataset execution: ~3 s of the default run's GNR stage)."""
+        """Rows of the clean images of the given split(s) (:meth:`count_rows`; a Ray Data
+        ``count()`` of :meth:`read_clean` runs a whole dataset execution: ~3 s of the default
+        run's GNR stage)."""
         import pyarrow.compute as pc
-        import pyarrow.dataset as pads
 
         wanted = [splits] if isinstance(splits, str) else list(splits)
-        files = pads.dataset(self.storage.path(self.CLEAN), filesystem=self.storage.fs, format="parquet")
-        return files.count_rows(filter=pc.field("split").isin(wanted))
+        return self.count_rows(self.CLEAN, filter=pc.field("split").isin(wanted))
 
     def read_clean(self, splits: list[str] | str, columns: Optional[list[str]] = None):
         """The clean images of the given split(s): ``image, label, split, index`` unless ``columns``."""

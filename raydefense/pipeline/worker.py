@@ -31,9 +31,10 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     Channels-last (NHWC) convolutions train faster on this project's CPUs and are cuDNN's
     preferred layout on GPUs; inputs may stay NCHW (the first convolution converts). Measured on
     2 threads, interleaved (bench section 4): a FaceNet training step at 80 px, batch 32, 1.08x;
-    a UDDN step (batch 8, eq. 5 through the frozen target) 1.08x; a WGAN-GP round (``n_critic``
-    critic steps with the gradient penalty, one generator step) 1.15x in a probe. Only the layout of 4-d weights changes, not their values, so
-    checkpoints and artifacts load into either layout.
+    a UDDN step (batch 8, eq. 5 through the frozen target) 1.07-1.08x; a WGAN-GP round
+    (``n_critic`` critic steps with the gradient penalty, one generator step) 1.12x. Only the
+    layout of 4-d weights changes, not their values, so checkpoints and artifacts load into
+    either layout.
     """
     import ray.train.torch
 
