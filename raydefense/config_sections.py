@@ -28,6 +28,7 @@ TUNE_METRIC_ALIASES = {"val_white_box_acc": "val_white_acc", "val_clean_box_acc"
 MAX_SEED = 2**31 - 1
 # object_store_memory_mb above this (16 TiB) is a unit mistake (bytes or 1e8 typed for MB).
 MAX_OBJECT_STORE_MB = 16 * 1024 * 1024
+MAP_COMPUTE = ("auto", "tasks", "actors")
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -449,6 +450,12 @@ class ScaleConfig:
     attack_actors: int = 1
     # CPUs each CPU actor reserves, and every actor's torch threads (a GPU actor reserves 1 CPU, Ray Data's default)
     cpus_per_actor: float = 1.0
+    # How the Ray Data model stages (attack, GNR pairs, KT inputs, evaluation, prepare) hold their
+    # models: "actors" (Ray Data's actor pool: a process per actor, made and ended with each
+    # execution), "tasks" (a task pool of the same size and CPUs; each worker process keeps the
+    # model object it built for the execution, and Ray reuses the processes across stages), or
+    # "auto": tasks on CPU, actors on GPU (runtime.pool_map has the measurements).
+    map_compute: str = "auto"
     object_store_memory_mb: int = 512  # local Ray only
     num_cpus: int = 0  # local Ray only; 0 = detect
     worker_logs: bool = False  # stream every Ray worker's output to the console (noisy; logs stay in /tmp/ray)
@@ -485,6 +492,8 @@ class ScaleConfig:
         _check(self.gpus_per_worker > 0, f"{prefix}.gpus_per_worker", "must be > 0")
         _check(self.attack_actors >= 1, f"{prefix}.attack_actors", "must be >= 1")
         _check(self.cpus_per_actor > 0, f"{prefix}.cpus_per_actor", "must be > 0")
+        _check(self.map_compute in MAP_COMPUTE, f"{prefix}.map_compute",
+               f"must be one of {', '.join(MAP_COMPUTE)}, got '{self.map_compute}'")
         _check(128 <= self.object_store_memory_mb <= MAX_OBJECT_STORE_MB, f"{prefix}.object_store_memory_mb",
                f"must be in [128, {MAX_OBJECT_STORE_MB}] (megabytes), got {self.object_store_memory_mb}")
         _check(self.resource_wait_s >= 0, f"{prefix}.resource_wait_s", "must be >= 0 (0 = fail at once)")

@@ -136,6 +136,7 @@ def test_every_float_key_rejects_non_finite(key, value):
     ("scale.object_store_memory_mb=64", "scale.object_store_memory_mb"),
     ("scale.resource_wait_s=-1", "scale.resource_wait_s"),
     ("scale.num_workers=1.5", "scale.num_workers"),
+    ("scale.map_compute=threads", "scale.map_compute"),
     ("models.target=resnet", "models.target"),
     ("models.surrogate=", "models.surrogate"),
     ("models.extra_targets=[vgg16, vgg16]", "models.extra_targets"),

@@ -13,11 +13,14 @@ target and the surrogate: what ``python jobs/full_pipeline.py`` runs):
 
 * *Ray Data*: what ``run_attack`` does: the stage's own pipeline
   (:func:`raydefense.pipeline.attack.attack_dataset`: one read of the plan's splits ->
-  ``actor_map(..., AttackActor, ...)``: a streaming repartition to full batches, then the
+  ``pool_map(..., AttackActor, ...)``: a streaming repartition to full batches, then the
   stage's actor pool and actor class) ->
   ``layout.write_dataset`` (Parquet partitioned by set + ``_SUCCESS``); with 1 actor holding
   the stage's CPUs (``scale.attack_actors x scale.cpus_per_actor``, 2 in the default) as torch
-  threads, then with 2 actors sharing them (the default run's setting: 2 actors x 1 thread).
+  threads, then with 2 actors sharing them (the default run's setting until 2026-12-04: 2 actors
+  x 1 thread), then as a pool of 2 tasks x 1 thread whose worker processes keep the stage's
+  ``AttackActor`` (``scale.map_compute: tasks``, the CPU default since:
+  :func:`raydefense.pipeline.runtime.map_compute`).
 * *plain*: one process reads the same Parquet rows with pyarrow, calls the same
   ``AttackActor`` (same model artifacts, plan, per-image eps and batch size; the stage's CPUs
   as torch threads: what one would run without Ray)
@@ -199,9 +202,13 @@ def run_attack_stage(section: Section, ctx, *, plan: dict[str, list[tuple[str, s
     # The stage's CPUs (the default: 2 actors x 1 CPU), as one process's torch threads on the
     # plain side and in the 1-actor pool, and split between 2 actors.
     threads = max(1, int(cfg.scale.attack_actors * cfg.scale.cpus_per_actor))
-    one = cfg.replace(["scale.attack_actors=1", f"scale.cpus_per_actor={threads}"])
-    two = cfg.replace(["scale.attack_actors=2", f"scale.cpus_per_actor={max(1, threads // 2)}"])
-    keys = ["ray_1_actor", "plain"] + (["ray_2_actors"] if two_actors else [])
+    one = cfg.replace(["scale.attack_actors=1", f"scale.cpus_per_actor={threads}", "scale.map_compute=actors"])
+    two = cfg.replace(["scale.attack_actors=2", f"scale.cpus_per_actor={max(1, threads // 2)}",
+                       "scale.map_compute=actors"])
+    # The same pool of 2 as tasks whose worker processes keep the instance (scale.map_compute:
+    # tasks, the CPU default since 2026-12-04: runtime.map_compute).
+    two_tasks = two.replace(["scale.map_compute=tasks"])
+    keys = ["ray_1_actor", "plain"] + (["ray_2_actors", "ray_2_tasks"] if two_actors else [])
     rows: dict[str, list[int]] = {k: [] for k in keys}
 
     def ray_stage(run_cfg, key: str) -> Callable[[], None]:
@@ -218,6 +225,7 @@ def run_attack_stage(section: Section, ctx, *, plan: dict[str, list[tuple[str, s
     contenders = {"ray_1_actor": ray_stage(one, "ray_1_actor"), "plain": plain}
     if two_actors:
         contenders["ray_2_actors"] = ray_stage(two, "ray_2_actors")
+        contenders["ray_2_tasks"] = ray_stage(two_tasks, "ray_2_tasks")
     times = interleave(contenders, rounds=rounds, warmup=warmup)
     if len({n for k in keys for n in rows[k]}) != 1:
         raise RuntimeError(f"the attack passes wrote different row counts: {rows}")
@@ -226,6 +234,7 @@ def run_attack_stage(section: Section, ctx, *, plan: dict[str, list[tuple[str, s
     section.notes.append(f"{label}: {rows['plain'][0]} adversarial rows ({sets}) against random-init "
                          f"{cfg.models.target} / {cfg.models.surrogate} at {cfg.data.image_size} px, batch {a.batch_size}; "
                          f"1 actor x {threads} CPU(s)" + (f" and 2 actors x {max(1, threads // 2)}" if two_actors else "")
+                           + (f" and 2 tasks x {max(1, threads // 2)}" if two_actors else "")
                          + f" vs 1 process x {threads} torch thread(s); seconds per pass including Parquet read and "
                          "write; ratio = plain seconds / Ray seconds (Ray's relative speed)")
     new_rows = [Row.of(f"{label}, 1 actor / plain loop speed", paired_ratios(times["plain"], times["ray_1_actor"]),
@@ -233,7 +242,12 @@ def run_attack_stage(section: Section, ctx, *, plan: dict[str, list[tuple[str, s
     if two_actors:
         new_rows.append(Row.of(f"{label}, 2 actors / plain loop speed",
                                paired_ratios(times["plain"], times["ray_2_actors"]), "x", ratio=True))
-    names = {"ray_1_actor": f"{label}, 1 actor", "ray_2_actors": f"{label}, 2 actors", "plain": f"{label}, plain loop"}
+        new_rows.append(Row.of(f"{label}, 2 tasks / plain loop speed",
+                               paired_ratios(times["plain"], times["ray_2_tasks"]), "x", ratio=True))
+        new_rows.append(Row.of(f"{label}, 2 tasks / 2 actors speed",
+                               paired_ratios(times["ray_2_actors"], times["ray_2_tasks"]), "x", ratio=True))
+    names = {"ray_1_actor": f"{label}, 1 actor", "ray_2_actors": f"{label}, 2 actors",
+             "ray_2_tasks": f"{label}, 2 tasks", "plain": f"{label}, plain loop"}
     for key in keys:
         new_rows.append(Row.of(names[key], [rows[key][0] / t for t in times[key]], "adv img/s", seconds=times[key]))
     section.rows.extend(new_rows)

@@ -48,7 +48,7 @@ from torch import nn
 
 from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.defended import available_defenses, build_defended_models
-from raydefense.pipeline.runtime import (actor_map, device_for, images_to_tensor, pool_actors, pool_batch_size,
+from raydefense.pipeline.runtime import (pool_map, device_for, images_to_tensor, pool_actors, pool_batch_size,
                                          user_errors)
 from raydefense.report.stats import proportion
 from raydefense.seeding import numpy_rng, row_seeds, seed_everything
@@ -283,7 +283,7 @@ def run_adaptive(ctx: RunContext, *, gpu: bool, metrics: dict[str, Any]) -> dict
         rows = len(subset) * len(cfg.attack.test_methods)
         batch = pool_batch_size(rows, cfg=cfg, batch_size=e.batch_size, batches_per_actor=4,
                                 actors=pool_actors(cfg, gpu=gpu))
-        df = actor_map(ds, WholeModelActor, kwargs, cfg=cfg, gpu=gpu, batch_size=batch).to_pandas()
+        df = pool_map(ds, WholeModelActor, kwargs, cfg=cfg, gpu=gpu, batch_size=batch).to_pandas()
     # EOT is decided per defense by the model itself (a submodule with randomized = True).
     eot = {d: int(df[f"{d}:eot"].max()) if len(df) else 1 for d in defenses}
     out = summarize_whole_model(df, defenses, levels=levels, cfg=cfg, eot=eot)

@@ -24,7 +24,7 @@ import torch
 from raydefense.config import ATTACK_METHODS
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.run import RunContext, RunLayout
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
+from raydefense.pipeline.runtime import pool_map, device_for, images_to_tensor, tensor_to_images
 from raydefense.seeding import numpy_rng, row_seeds, seed_everything
 
 
@@ -139,7 +139,7 @@ def attack_dataset(ctx: RunContext, plan: dict[str, list[tuple[str, str, list[st
     # split, so in order (keep_order) a batch holds one split except where two meet, and
     # AttackActor merges the rows of one (model, method) across splits anyway.
     ds = ctx.layout.read_clean(sorted(plan))
-    return actor_map(ds, AttackActor, {"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
+    return pool_map(ds, AttackActor, {"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
                                        "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max},
                      cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
 

@@ -27,7 +27,7 @@ from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.classifiers import train_classifiers
 from raydefense.pipeline.loop_args import ClassifierArgs
 from raydefense.pipeline.run import RunContext, RunLayout
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
+from raydefense.pipeline.runtime import pool_map, device_for, images_to_tensor, tensor_to_images
 
 
 class DenoiseActor:
@@ -48,7 +48,7 @@ class DenoiseActor:
 def denoise_images(ctx: RunContext, ds, *, denoiser: str, column: str, gpu: bool):
     """``ds`` with ``column`` replaced by the output of the run's denoiser ``denoiser`` (a name under
     ``models/``), as ``image, label`` rows, on one Ray Data actor pool."""
-    return actor_map(ds, DenoiseActor, {"storage": ctx.storage, "denoiser": denoiser, "column": column},
+    return pool_map(ds, DenoiseActor, {"storage": ctx.storage, "denoiser": denoiser, "column": column},
                      cfg=ctx.cfg, gpu=gpu, batch_size=ctx.cfg.attack.batch_size)
 
 

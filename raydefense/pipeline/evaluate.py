@@ -19,7 +19,7 @@ import torch
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.run import RunContext, RunLayout
 from raydefense.pipeline.defended import DEFENSES, DENOISERS, available_defenses, load_parts  # noqa: F401  (re-exported)
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
+from raydefense.pipeline.runtime import pool_map, device_for, images_to_tensor, user_errors
 from raydefense.report.significance import clustered_accuracy, paired_comparisons
 from raydefense.report.stats import proportion, wilson  # noqa: F401  (wilson: re-exported)
 
@@ -125,7 +125,7 @@ def evaluate_defenses(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     tests = ctx.layout.read_adv_sets(list(TEST_SETS.values()))
     kwargs = {**common, "levels": levels, "first_method": first_method}
     with user_errors():
-        df_all = actor_map(tests, EvalActor, kwargs, cfg=cfg, gpu=gpu, batch_size=cfg.eval.batch_size).to_pandas()
+        df_all = pool_map(tests, EvalActor, kwargs, cfg=cfg, gpu=gpu, batch_size=cfg.eval.batch_size).to_pandas()
     # Rows in a fixed order (set, image, method), not the order they came back in: the means, stds
     # and row bootstraps below then depend only on which rows there are, not on the storage layout.
     df_all = df_all.sort_values(["set", "index", "method"], kind="stable", ignore_index=True)

@@ -20,7 +20,7 @@ from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact
 from raydefense.pipeline.loop_args import GnrArgs
 from raydefense.pipeline.run import RunContext, RunLayout
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, tensor_to_images
+from raydefense.pipeline.runtime import pool_map, device_for, images_to_tensor, tensor_to_images
 from raydefense.seeding import seed_everything, torch_generator, worker_seed
 
 
@@ -131,7 +131,7 @@ def run_gnr(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     if k == 0 or n_clean == 0:
         ctx.echo("  gnr: augment_ratio is 0 or the denoise split is empty: no generated images")
         return {"generated": 0}
-    ds = actor_map(ctx.layout.read_clean("denoise"), AugmentActor, {"storage": ctx.storage, "k": k, "seed": cfg.seed},
+    ds = pool_map(ctx.layout.read_clean("denoise"), AugmentActor, {"storage": ctx.storage, "k": k, "seed": cfg.seed},
                    cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
     ctx.layout.write_dataset(ctx.layout.GNR_AUG, ds, min_rows_per_file=cfg.data.shard_size)
     generated = ctx.layout.count_rows(ctx.layout.GNR_AUG)

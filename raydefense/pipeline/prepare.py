@@ -17,6 +17,7 @@ from raydefense.config import Config
 from raydefense.errors import ConfigError, DataError
 from raydefense.storage import Storage
 from raydefense.pipeline.run import RunContext
+from raydefense.pipeline.runtime import map_instances
 
 
 class RenderSynthetic:
@@ -153,9 +154,9 @@ def run_prepare(ctx: RunContext, *, gpu: bool = False) -> dict[str, Any]:
                  for i in keep]
         ds = ray.data.from_items(_by_split(items, splits),
                                  override_num_blocks=max(1, math.ceil(len(items) / cfg.data.shard_size)))
-        ds = ds.map_batches(RenderSynthetic, fn_constructor_kwargs={
+        ds = map_instances(ds, RenderSynthetic, {
             "image_size": cfg.data.image_size, "seed": cfg.seed, "difficulty": cfg.data.difficulty},
-            batch_size=cfg.data.shard_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.scale.cpus_per_actor)
+            cfg=cfg, gpu=False, batch_size=cfg.data.shard_size, size=1)
         meta.update(classes=[f"synthetic_{i:04d}" for i in range(n_id)], skipped_identities=[])
     else:
         records, classes, listing = _folder_records(cfg)
@@ -166,11 +167,10 @@ def run_prepare(ctx: RunContext, *, gpu: bool = False) -> dict[str, Any]:
                  for i in keep]
         ds = ray.data.from_items(_by_split(items, splits),
                                  override_num_blocks=max(1, math.ceil(len(items) / cfg.data.shard_size)))
-        ds = ds.map_batches(LoadFolderImages, fn_constructor_kwargs={
+        ds = map_instances(ds, LoadFolderImages, {
             "source": cfg.data.source, "image_size": cfg.data.image_size, "align": cfg.data.align,
             "endpoint_url": cfg.storage.endpoint_url, "region": cfg.storage.region},
-            batch_size=min(cfg.data.shard_size, 64), compute=ray.data.ActorPoolStrategy(size=cfg.scale.attack_actors),
-            num_cpus=cfg.scale.cpus_per_actor)
+            cfg=cfg, gpu=False, batch_size=min(cfg.data.shard_size, 64), size=cfg.scale.attack_actors)
         meta.update(classes=classes, skipped_identities=list(listing.skipped_identities))
 
     layout.write_dataset(layout.CLEAN, ds, min_rows_per_file=cfg.data.shard_size)

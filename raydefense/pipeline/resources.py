@@ -17,7 +17,7 @@ A run makes these requests, one stage at a time (stages never overlap):
   ``{GPU: scale.gpus_per_worker}`` when training on GPU and ``scale.worker_resources``
   (see ``training.make_trainer``);
 * each Ray Data actor pool (prepare, attack, GNR augmentation, KT denoising, evaluation,
-  whole-model attacks, see ``runtime.actor_map``): ``scale.attack_actors`` actors of
+  whole-model attacks, see ``runtime.pool_map``): ``scale.attack_actors`` actors of
   ``{CPU: scale.cpus_per_actor}``; on GPU one actor per GPU, at most ``scale.attack_actors``
   (``runtime.pool_actors``), each with one GPU and one CPU (Ray Data's default beside a GPU), so
   the check asks for one such actor.
@@ -50,8 +50,8 @@ Node = Mapping[str, float]
 # imported from there, which would import Ray Tune into every run).
 TRIAL_DRIVER_CPU = 0.01
 
-# The CPU a GPU actor of runtime.actor_map holds: Ray Data's own default beside num_gpus=1
-# (actor_map passes only num_gpus on GPU; Ray Data warns when both are given).
+# The CPU a GPU actor of runtime.pool_map holds: Ray Data's own default beside num_gpus=1
+# (pool_map passes only num_gpus on GPU; Ray Data warns when both are given).
 GPU_ACTOR_CPU = 1.0
 
 
@@ -87,7 +87,7 @@ def requests_for(cfg: Config, *, gpu: bool) -> list[Request]:
     if gpu:
         worker["GPU"] = float(s.gpus_per_worker)
         worker_keys["GPU"] = "scale.gpus_per_worker"
-        actor = {"CPU": GPU_ACTOR_CPU, "GPU": 1.0}  # runtime.actor_map: one GPU per actor
+        actor = {"CPU": GPU_ACTOR_CPU, "GPU": 1.0}  # runtime.pool_map: one GPU per actor
         actor_keys = {"CPU": "scale.use_gpu", "GPU": "scale.use_gpu"}
     # Elastic training starts with the minimum (scale.num_workers) and grows when it can.
     return [

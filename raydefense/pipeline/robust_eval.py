@@ -48,7 +48,7 @@ import torch
 from raydefense.pipeline.artifacts import load_artifact
 from raydefense.pipeline.defended import available_defenses, build_defended_models
 from raydefense.pipeline.run import RunContext
-from raydefense.pipeline.runtime import actor_map, device_for, images_to_tensor, user_errors
+from raydefense.pipeline.runtime import pool_map, device_for, images_to_tensor, user_errors
 from raydefense.report.stats import proportion
 from raydefense.seeding import numpy_rng, row_seeds, seed_everything, torch_generator
 
@@ -302,7 +302,7 @@ def run_robust_eval(ctx: RunContext, *, gpu: bool, metrics: dict[str, Any]) -> d
               "apgd_steps": r.apgd_steps, "square_queries": r.square_queries,
               "jpeg_quality": cfg.baselines.jpeg_quality, "eot_samples": cfg.eval.eot_samples, "seed": cfg.seed}
     with user_errors():
-        df = actor_map(ds, RobustEvalActor, kwargs, cfg=cfg, gpu=gpu, batch_size=cfg.eval.batch_size).to_pandas()
+        df = pool_map(ds, RobustEvalActor, kwargs, cfg=cfg, gpu=gpu, batch_size=cfg.eval.batch_size).to_pandas()
     df = df.sort_values("index", kind="stable", ignore_index=True)
     setup = {"images": int(len(df)), "eps": eps, "pgd_steps": r.pgd_steps, "pgd_restarts": r.pgd_restarts,
              "apgd_steps": r.apgd_steps, "square_queries": r.square_queries, "headline_eps": r.headline_eps,

@@ -1,6 +1,7 @@
 """Ray plumbing shared by every stage: connecting to Ray, batch conversion, error unwrapping."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -223,23 +224,22 @@ def use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_size: int):
-    """``ds.map_batches`` on an actor pool of ``cls`` of :func:`pool_actors` actors: one GPU (and
-    the one CPU Ray Data reserves beside it) per actor when ``gpu``, else ``scale.cpus_per_actor``
-    CPUs; the actor uses ``scale.cpus_per_actor`` torch threads
-    (``cls`` takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``). The rows reach
-    the pool in order and re-cut into blocks of ``batch_size`` (Ray's streaming repartition), so
-    every batch but the last is full.
+def pool_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_size: int):
+    """``ds.map_batches`` of ``cls`` instances (:func:`map_instances`) on a pool of
+    :func:`pool_actors` workers: one GPU (and the one CPU Ray Data reserves beside it) per actor
+    when ``gpu``, else ``scale.cpus_per_actor`` CPUs each; ``cls`` uses ``scale.cpus_per_actor``
+    torch threads (it takes ``gpu`` and ``threads`` keyword arguments besides ``kwargs``). The
+    rows reach the pool in order and re-cut into blocks of ``batch_size`` (Ray's streaming
+    repartition), so every batch but the last is full.
 
-    Fault tolerance is Ray's own: an actor that dies (its process killed, its node lost) is
-    restarted and its unfinished batches are retried on the pool: Ray Data gives actor pools
-    ``max_restarts=-1`` and ``max_task_retries=-1`` unless told otherwise
+    Fault tolerance is Ray's own. In an actor pool, an actor that dies (its process killed, its
+    node lost) is restarted and its unfinished batches are retried on the pool: Ray Data gives
+    actor pools ``max_restarts=-1`` and ``max_task_retries=-1`` unless told otherwise
     (ray/data/_internal/execution/operators/actor_pool_map_operator.py; passing them again is a
-    deprecated ``ray_remote_args`` in Ray 2.60, so they are not restated here, and
-    tests/distributed/test_faults.py kills an actor to hold Ray to it); an exception raised by
+    deprecated ``ray_remote_args`` in Ray 2.60, so they are not restated here). In a task pool a
+    task whose worker dies is retried by Ray (its default ``max_retries`` for a lost worker).
+    tests/distributed/test_faults.py kills a map process mid-stage in both. An exception raised by
     ``cls`` itself is a user error and is not retried."""
-    import ray
-
     keep_order(ds.context)  # also where no init_ray ran in this process (a Tune trial, a test)
     # Ray Data cuts batches within a block bundle and never carries a block's remainder over to
     # the next one: blocks of 36 rows (a Parquet shard split for read parallelism) gave batches of
@@ -247,15 +247,78 @@ def actor_map(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_
     # Ray's streaming repartition (no shuffle; strict: every block but the last has exactly this
     # many rows) makes every batch but the last a full one.
     ds = ds.repartition(target_num_rows_per_block=batch_size, strict=True)
-    return ds.map_batches(cls, fn_constructor_kwargs={**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)},
-                          batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=pool_actors(cfg, gpu=gpu)),
-                          # On GPU Ray Data's own default: 1 GPU and 1 CPU per actor (it reserves the
-                          # CPU itself and warns on the console when both are given).
-                          **({"num_gpus": 1} if gpu else {"num_cpus": cfg.scale.cpus_per_actor}))
+    return map_instances(ds, cls, {**kwargs, "gpu": gpu, "threads": int(cfg.scale.cpus_per_actor)}, cfg=cfg, gpu=gpu,
+                         batch_size=batch_size, size=pool_actors(cfg, gpu=gpu))
+
+
+def map_compute(cfg: Config, *, gpu: bool) -> str:
+    """``"tasks"`` or ``"actors"``: how :func:`map_instances` holds its ``cls`` instances
+    (``scale.map_compute``; ``auto``: actors on GPU, tasks on CPU).
+
+    Why tasks on CPU: an actor pool's processes live for one Dataset execution, so every model
+    stage paid a process start and the imports of torch, torchvision and facenet-pytorch per
+    actor (5-7 CPU-seconds each; ``/proc`` CPU times of a default run, 9 actors), and Ray Core
+    printed an ERROR line on the console for each pool ("constructor arguments in the object
+    store": Ray Data puts an actor's constructor arguments there). Task workers are Ray's pooled
+    processes: a stage's tasks share them, and later stages reuse those still alive. Measured on
+    the default run (2 cores, 2026-12-04): 404 s with tasks against 419 s with actors (the
+    evaluation 61 s against 68 s, the attack stage 36 s against 32 s; one run each, and the
+    host's spread is of that size), the same report. Keeping idle workers longer (Ray's
+    ``idle_worker_killing_time_threshold_ms`` and ``num_workers_soft_limit`` raised for the
+    local Ray) made the Ray Data stages faster still but the trainings slower (models 129-131 s
+    against 113-122 s in two runs each: every idle Ray process costs ~0.6% of a core), so Ray's
+    defaults stay. Why actors on GPU: a task worker that kept a model would keep its CUDA context
+    and device memory after the stage, in every process that ran a map task.
+    """
+    if cfg.scale.map_compute != "auto":
+        return cfg.scale.map_compute
+    return "actors" if gpu else "tasks"
+
+
+# Per worker process: the instances map tasks built, by execution (map_instances), newest last.
+_INSTANCES: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+# Two: one execution's, and one more for two executions sharing the processes (parallel trials).
+_INSTANCES_KEPT = 2
+
+
+def _call_instance(batch: dict[str, np.ndarray], *, key: str, cls: type, kwargs: dict[str, Any]) -> Any:
+    """Ray Data map task of :func:`map_instances`: the process's ``cls(**kwargs)`` for the
+    execution ``key`` (built on its first batch here) called on ``batch``."""
+    instance = _INSTANCES.get(key)
+    if instance is None:
+        instance = cls(**kwargs)
+        _INSTANCES[key] = instance
+        while len(_INSTANCES) > _INSTANCES_KEPT:
+            _INSTANCES.popitem(last=False)
+    else:
+        _INSTANCES.move_to_end(key)
+    return instance(batch)
+
+
+def map_instances(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_size: int, size: int):
+    """``ds.map_batches`` with ``cls(**kwargs)`` called on each batch of ``batch_size`` rows, on
+    ``size`` workers of ``scale.cpus_per_actor`` CPUs (on GPU: one GPU each and Ray Data's CPU
+    beside it), held as :func:`map_compute` says: an ``ActorPoolStrategy`` of ``cls`` (one
+    instance per actor), or a ``TaskPoolStrategy`` of at most ``size`` concurrent tasks whose
+    worker processes build ``cls`` once per execution and keep it for the next batches
+    (:func:`_call_instance`; an execution is one call of this function)."""
+    import uuid
+
+    import ray
+
+    resources = {"num_gpus": 1} if gpu else {"num_cpus": cfg.scale.cpus_per_actor}
+    if map_compute(cfg, gpu=gpu) == "actors":
+        # On GPU Ray Data's own default: 1 GPU and 1 CPU per actor (it reserves the CPU itself
+        # and warns on the console when both are given).
+        return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_size,
+                              compute=ray.data.ActorPoolStrategy(size=size), **resources)
+    key = f"{cls.__module__}.{cls.__qualname__}:{uuid.uuid4().hex}"
+    return ds.map_batches(_call_instance, fn_kwargs={"key": key, "cls": cls, "kwargs": kwargs}, batch_size=batch_size,
+                          compute=ray.data.TaskPoolStrategy(size=size), **resources)
 
 
 def pool_actors(cfg: Config, *, gpu: bool, gpus: Optional[float] = None) -> int:
-    """How many actors :func:`actor_map` starts: ``scale.attack_actors`` on CPU; on GPU one per
+    """How many workers :func:`pool_map` starts: ``scale.attack_actors`` on CPU; on GPU one per
     GPU, at most ``scale.attack_actors`` and at most the whole GPUs the cluster has when the
     stage starts (``gpus``, default ``ray.cluster_resources()``), so that a CPU-tuned preset
     (the default's two 1-thread actors) also runs on a one-GPU machine instead of leaving an
@@ -272,7 +335,7 @@ def pool_actors(cfg: Config, *, gpu: bool, gpus: Optional[float] = None) -> int:
 
 def pool_batch_size(rows: int, *, cfg: Config, batch_size: int, batches_per_actor: int = 1,
                     actors: Optional[int] = None) -> int:
-    """The batch size for ``rows`` rows on :func:`actor_map`'s pool of ``actors`` actors
+    """The batch size for ``rows`` rows on :func:`pool_map`'s pool of ``actors`` actors
     (default ``scale.attack_actors``; pass :func:`pool_actors`' count on GPU): ``batch_size``,
     or less where ``rows`` would otherwise give an actor fewer than ``batches_per_actor`` batches.
     More batches than actors balance rows of unequal cost: Ray Data hands an actor its next

@@ -1,5 +1,5 @@
 """Faults on a real multi-node Ray (``ray.cluster_utils.Cluster``: a head and worker nodes,
-each a real raylet on this machine): a Ray Data actor killed mid-stage, and elastic
+each a real raylet on this machine): a Ray Data map worker (actor or task) killed mid-stage, and elastic
 training that loses a node and grows back when one is added."""
 from __future__ import annotations
 
@@ -55,17 +55,19 @@ def _worker_node(cluster, cpus: int = 1):
     return cluster.add_node(num_cpus=cpus, resources={"train_slot": 1}, object_store_memory=128 * 1024 * 1024)
 
 
-def test_killed_ray_data_actor_keeps_exact_rows(cluster):
-    """SIGKILL one map actor mid-stage: Ray Data restarts it and retries its batches (Ray's own
-    max_restarts / max_task_retries, which actor_map leaves on), and the output has every
-    input row exactly once."""
+@pytest.mark.parametrize("compute", ["actors", "tasks"])
+def test_killed_ray_data_map_worker_keeps_exact_rows(cluster, compute):
+    """SIGKILL one map worker process mid-stage: in an actor pool Ray Data restarts the actor and
+    retries its batches (Ray's own max_restarts / max_task_retries, which pool_map leaves on); in
+    a task pool Ray retries the lost worker's task. The output has every input row exactly once."""
     import ray
 
-    from raydefense.pipeline.runtime import actor_map
+    from raydefense.pipeline.runtime import pool_map
 
-    _worker_node(cluster, cpus=2)  # 3 CPUs: two actors, and one for Ray Data's read tasks
+    _worker_node(cluster, cpus=2)  # 3 CPUs: two pool workers, and one for Ray Data's read tasks
     cluster.wait_for_nodes()
-    cfg = load_config(f"{REPO}/configs/smoke.yaml", ["scale.attack_actors=2", "scale.cpus_per_actor=1"])
+    cfg = load_config(f"{REPO}/configs/smoke.yaml",
+                      ["scale.attack_actors=2", "scale.cpus_per_actor=1", f"scale.map_compute={compute}"])
 
     class SlowIdentity:
         def __init__(self, *, gpu: bool, threads: int):
@@ -76,22 +78,24 @@ def test_killed_ray_data_actor_keeps_exact_rows(cluster):
             return {"index": batch["index"], "pid": np.full(len(batch["index"]), self.pid)}
 
     n = 240
-    ds = actor_map(ray.data.range(n, override_num_blocks=24).rename_columns({"id": "index"}), SlowIdentity, {},
-                   cfg=cfg, gpu=False, batch_size=5)
+    ds = pool_map(ray.data.range(n, override_num_blocks=24).rename_columns({"id": "index"}), SlowIdentity, {},
+                  cfg=cfg, gpu=False, batch_size=5)
     rows, killed = [], None
     for row in ds.iter_rows():
         rows.append(row)
-        if killed is None and len(rows) >= 40:  # well into the stage: kill an actor that has produced rows
+        if killed is None and len(rows) >= 40:  # well into the stage: kill a process that has produced rows
             producers = {int(r["pid"]) for r in rows}
-            victims = [p for p in _processes("MapWorker") if p.pid in producers]
-            assert victims, "no map actor found to kill"
+            victims = [p for p in _processes("ray::") if p.pid in producers]
+            assert victims, "no map worker found to kill"
+            if compute == "actors":
+                assert all("MapWorker" in " ".join(p.cmdline()) for p in victims)
             victims[0].send_signal(signal.SIGKILL)
             killed = (victims[0].pid, len(rows))
     assert killed is not None
     idx = sorted(int(r["index"]) for r in rows)
     assert idx == list(range(n))  # nothing lost, nothing duplicated
     after = {int(r["pid"]) for r in rows[killed[1]:]}
-    assert len(after - {killed[0]}) >= 1  # the rest came from the surviving / restarted actors
+    assert len(after - {killed[0]}) >= 1  # the rest came from the surviving / restarted workers
 
 
 def _pace_callback(flag: str):

@@ -105,7 +105,7 @@ def test_bf16_autocast_runs_the_uddn_in_bf16_and_trains_it():
 
 
 class _Where:
-    """A Ray Data actor that reports where it runs (actor_map passes ``gpu`` and ``threads``)."""
+    """A Ray Data actor that reports where it runs (pool_map passes ``gpu`` and ``threads``)."""
 
     def __init__(self, *, gpu: bool, threads: int) -> None:
         from raydefense.pipeline.runtime import device_for
@@ -126,7 +126,7 @@ def test_the_actor_pool_runs_on_the_gpu_and_shrinks_to_the_gpus_there_are():
     import ray
 
     from raydefense.config import load_config
-    from raydefense.pipeline.runtime import actor_map, pool_actors
+    from raydefense.pipeline.runtime import pool_map, pool_actors
 
     cfg = load_config(overrides=["scale.attack_actors=64"])
     started = not ray.is_initialized()
@@ -136,7 +136,7 @@ def test_the_actor_pool_runs_on_the_gpu_and_shrinks_to_the_gpus_there_are():
     try:
         assert pool_actors(cfg, gpu=True) == 1
         ds = ray.data.range(40)
-        df = actor_map(ds, _Where, {}, cfg=cfg, gpu=True, batch_size=8).to_pandas()
+        df = pool_map(ds, _Where, {}, cfg=cfg, gpu=True, batch_size=8).to_pandas()
     finally:
         if started:
             ray.shutdown()

@@ -256,30 +256,69 @@ class _SlowBatchIds:
         return {"index": batch["index"], "batch": np.full(n, int(batch["index"][0])), "pos": np.arange(n)}
 
 
-def test_actor_stages_batch_the_same_rows_on_every_execution(tmp_path, pipeline_ray):
-    """Blocks of several files through a 2-actor pool: with Ray Data's default (preserve_order
-    off) which rows share a batch changes between executions; actor_map keeps them fixed."""
+@pytest.mark.parametrize("compute", ["tasks", "actors"])
+def test_pool_stages_batch_the_same_rows_on_every_execution(tmp_path, pipeline_ray, compute):
+    """Blocks of several files through a pool of 2 (tasks or actors): with Ray Data's default
+    (preserve_order off) which rows share a batch changes between executions; pool_map keeps
+    them fixed."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
     from ray.data.expressions import col
 
-    from raydefense.pipeline.runtime import actor_map
+    from raydefense.pipeline.runtime import pool_map
 
     for f in range(6):
         idx = np.arange(20 * f, 20 * f + 20)
         pq.write_table(pa.table({"index": idx, "split": np.where(idx % 3 == 0, "test", "gnr")}),
                        tmp_path / f"part-{f}.parquet")
-    cfg = load_config(SMOKE, [*TINY, "scale.attack_actors=2"])
+    cfg = load_config(SMOKE, [*TINY, "scale.attack_actors=2", f"scale.map_compute={compute}"])
 
     def once() -> list[tuple[int, int, int]]:
         reads = [ray.data.read_parquet(str(tmp_path)).filter(expr=col("split").is_in([s])) for s in ("gnr", "test")]
-        df = actor_map(reads[0].union(reads[1]), _SlowBatchIds, {}, cfg=cfg, gpu=False, batch_size=8).to_pandas()
+        df = pool_map(reads[0].union(reads[1]), _SlowBatchIds, {}, cfg=cfg, gpu=False, batch_size=8).to_pandas()
         return list(zip(df["index"], df["batch"], df["pos"]))
 
     first = once()
     assert sorted(i for i, _, _ in first) == list(range(120))
     assert once() == first
+
+
+class _Instance:
+    """map_batches callable: which process and which instance made each row."""
+
+    def __init__(self, *, gpu: bool, threads: int = 1):
+        import os
+
+        self.pid, self.token = os.getpid(), int(np.random.default_rng().integers(1 << 62))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        return {"id": batch["id"], "pid": np.full(n, self.pid), "token": np.full(n, self.token)}
+
+
+def test_task_pool_builds_one_instance_per_process_and_execution(pipeline_ray):
+    """A task pool (scale.map_compute: tasks) builds its class once per worker process for an
+    execution, keeps it for that execution's later batches, and builds a new one for the next
+    execution (whose models may have changed), while Ray reuses the processes."""
+    import ray
+
+    from raydefense.pipeline.runtime import pool_map
+
+    cfg = load_config(SMOKE, [*TINY, "scale.attack_actors=2", "scale.map_compute=tasks"])
+
+    def once():
+        df = pool_map(ray.data.range(64, override_num_blocks=8), _Instance, {}, cfg=cfg, gpu=False,
+                      batch_size=4).to_pandas()
+        assert sorted(df["id"]) == list(range(64))
+        assert df.groupby("pid").size().max() >= 8  # some process ran two batches or more
+        return df.groupby("pid")["token"].nunique(), set(df["token"])
+
+    per_process, tokens = once()
+    assert len(per_process) >= 1 and (per_process == 1).all()  # 16 batches, one instance per process
+    per_process_2, tokens_2 = once()
+    assert (per_process_2 == 1).all()
+    assert not tokens & tokens_2  # a new execution builds anew
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -229,3 +229,15 @@ def test_attack_actor_runs_each_model_and_method_once_over_every_split_of_a_batc
     white = out["set"] == "test_white"
     assert np.array_equal(alone["adv"][alone["set"] == "test_white"], out["adv"][white]) or \
         np.mean(alone["adv"][alone["set"] == "test_white"] != out["adv"][white]) < 1e-3
+
+
+def test_map_compute_is_tasks_on_cpu_and_actors_on_gpu_unless_set():
+    from raydefense.pipeline.runtime import map_compute
+
+    cfg = load_config()
+    assert cfg.scale.map_compute == "auto"
+    assert map_compute(cfg, gpu=False) == "tasks"
+    assert map_compute(cfg, gpu=True) == "actors"
+    for forced in ("tasks", "actors"):
+        forced_cfg = cfg.replace([f"scale.map_compute={forced}"])
+        assert map_compute(forced_cfg, gpu=False) == forced == map_compute(forced_cfg, gpu=True)
