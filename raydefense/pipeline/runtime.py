@@ -267,8 +267,10 @@ def map_compute(cfg: Config, *, gpu: bool) -> str:
     ``idle_worker_killing_time_threshold_ms`` and ``num_workers_soft_limit`` raised for the
     local Ray) made the Ray Data stages faster still but the trainings slower (models 129-131 s
     against 113-122 s in two runs each: every idle Ray process costs ~0.6% of a core), so Ray's
-    defaults stay. Why actors on GPU: a task worker that kept a model would keep its CUDA context
-    and device memory after the stage, in every process that ran a map task.
+    defaults stay. Why actors on GPU: Ray ends a task's worker process after one task when the
+    task asks for GPUs (``max_calls=1`` by default for GPU remote functions, ray/remote_function.py,
+    so that a process gives its device memory back), which would make every GPU batch pay a
+    process start, the imports and the model load.
     """
     if cfg.scale.map_compute != "auto":
         return cfg.scale.map_compute
