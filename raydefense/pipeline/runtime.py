@@ -266,8 +266,11 @@ def map_compute(cfg: Config, *, gpu: bool) -> str:
     host's spread is of that size), the same report. Keeping idle workers longer (Ray's
     ``idle_worker_killing_time_threshold_ms`` and ``num_workers_soft_limit`` raised for the
     local Ray) made the Ray Data stages faster still but the trainings slower (models 129-131 s
-    against 113-122 s in two runs each: every idle Ray process costs ~0.6% of a core), so Ray's
-    defaults stay. Why actors on GPU: Ray ends a task's worker process after one task when the
+    against 113-122 s in two runs each), and a probe showed why: with 10 idle Ray workers alive a
+    FaceNet training step (batch 32, 2 threads, in a Ray Train worker) took 0.634 s against
+    0.479 s without them (1.32x, medians of 4 interleaved fits in one Ray session, 22% more CPU
+    in the worker): idle Ray processes wake up on their own, and each wake-up stalls one of the
+    two OpenMP threads at the next barrier. So Ray's defaults stay. Why actors on GPU: Ray ends a task's worker process after one task when the
     task asks for GPUs (``max_calls=1`` by default for GPU remote functions, ray/remote_function.py,
     so that a process gives its device memory back), which would make every GPU batch pay a
     process start, the imports and the model load.
