@@ -1,6 +1,7 @@
 """The whole smoke pipeline (every stage, every baseline) on three real Ray nodes
 (``ray.cluster_utils.Cluster``) with S3 storage (moto's server on loopback): two training
-workers on different nodes, Ray Data actors on several nodes, a training worker SIGKILLed
+workers on different nodes, Ray Data map workers (the CPU default's task pools) on several
+nodes, a training worker SIGKILLed
 mid-training (the stage restarts from its last checkpoint by itself), then the driver
 SIGKILLed and the run resumed with the same --name, then run once more (nothing redone).
 This is the suite's end-to-end test: report, figures, checkpoints, shards and weights are
@@ -50,6 +51,39 @@ def _raylet_of(p: psutil.Process) -> int | None:
     return None
 
 
+# Process titles of a Ray Data map worker: a task of runtime.map_instances' task pool (the CPU
+# default) while it runs, or an actor of an actor pool.
+MAP_TITLES = ("MapBatches(_call_instance)", "MapWorker")
+
+
+def _map_processes() -> list[psutil.Process]:
+    return [p for title in MAP_TITLES for p in _processes(title)]
+
+
+class _MapNodePoller:
+    """Collects, every 0.1 s in a thread, the nodes whose map workers are running: a task's
+    title lasts only while it runs, too short for a check between the driver's console lines."""
+
+    def __init__(self, nodes: set[int]):
+        import threading
+
+        self.nodes, self.stop = nodes, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.nodes |= {n for n in map(_raylet_of, _map_processes()) if n}
+            time.sleep(0.1)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_path, s3_server, s3_bucket):
     import ray
     from ray.cluster_utils import Cluster
@@ -85,7 +119,7 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
             assert time.time() < deadline, "models stage did not finish in time"
             train = _processes("RayTrainWorker")
             train_nodes |= {n for n in map(_raylet_of, train) if n}
-            map_nodes |= {n for n in map(_raylet_of, _processes("MapWorker")) if n}
+            map_nodes |= {n for n in map(_raylet_of, _map_processes()) if n}
             # Kill once the target's first checkpoint is committed: its callback's epoch line for
             # the epoch after it has reached the driver's console.
             if killed_worker is None and train and "  target: epoch 3/" in (tmp_path / "first.log").read_text():
@@ -100,10 +134,10 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
         # Resume with the same name: finished stages are skipped, the rest runs on the cluster.
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out_lines = []
-        for line in proc.stdout:
-            out_lines.append(line)
-            map_nodes |= {n for n in map(_raylet_of, _processes("MapWorker")) if n}
-            train_nodes |= {n for n in map(_raylet_of, _processes("RayTrainWorker")) if n}
+        with _MapNodePoller(map_nodes):
+            for line in proc.stdout:
+                out_lines.append(line)
+                train_nodes |= {n for n in map(_raylet_of, _processes("RayTrainWorker")) if n}
         rc = proc.wait(timeout=900)
         out = "".join(out_lines)
         assert rc == 0, out[-4000:]
@@ -116,7 +150,7 @@ def test_smoke_on_three_nodes_with_s3_survives_a_killed_worker_and_driver(tmp_pa
         cluster.shutdown()
     assert "prepare: finished earlier, skipping" in out and "models: finished earlier, skipping" in out
     assert len(train_nodes) >= 2, f"training workers ran on {len(train_nodes)} node(s)"
-    assert len(map_nodes) >= 2, f"Ray Data actors ran on {len(map_nodes)} node(s)"
+    assert len(map_nodes) >= 2, f"Ray Data map workers ran on {len(map_nodes)} node(s)"
     # The killed worker's training restarted from its checkpoint by itself: the history shows a
     # second attempt and every epoch exactly once.
     restarted = []
