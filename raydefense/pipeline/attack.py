@@ -140,8 +140,8 @@ def attack_dataset(ctx: RunContext, plan: dict[str, list[tuple[str, str, list[st
     # AttackActor merges the rows of one (model, method) across splits anyway.
     ds = ctx.layout.read_clean(sorted(plan))
     return pool_map(ds, AttackActor, {"storage": ctx.storage, "plan": plan, "seed": cfg.attack.seed,
-                                       "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max},
-                     cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
+                                      "eps_min": cfg.attack.eps_min, "eps_max": cfg.attack.eps_max},
+                    cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
 
 
 def run_attack(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def run_gnr(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
         ctx.echo("  gnr: augment_ratio is 0 or the denoise split is empty: no generated images")
         return {"generated": 0}
     ds = pool_map(ctx.layout.read_clean("denoise"), AugmentActor, {"storage": ctx.storage, "k": k, "seed": cfg.seed},
-                   cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
+                  cfg=cfg, gpu=gpu, batch_size=cfg.attack.batch_size)
     ctx.layout.write_dataset(ctx.layout.GNR_AUG, ds, min_rows_per_file=cfg.data.shard_size)
     generated = ctx.layout.count_rows(ctx.layout.GNR_AUG)
     ctx.echo(f"  gnr: {generated} generated adversarial images ({k} per clean image) beside {n_real} real ones")
