@@ -454,7 +454,7 @@ class ScaleConfig:
     # models: "actors" (Ray Data's actor pool: a process per actor, made and ended with each
     # execution), "tasks" (a task pool of the same size and CPUs; each worker process keeps the
     # model object it built for the execution, and Ray reuses the processes across stages), or
-    # "auto": tasks on CPU, actors on GPU (runtime.pool_map has the measurements).
+    # "auto": tasks on CPU, actors on GPU (runtime.map_compute says why).
     map_compute: str = "auto"
     object_store_memory_mb: int = 512  # local Ray only
     num_cpus: int = 0  # local Ray only; 0 = detect

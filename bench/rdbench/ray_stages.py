@@ -19,7 +19,7 @@ target and the surrogate: what ``python jobs/full_pipeline.py`` runs):
   the stage's CPUs (``scale.attack_actors x scale.cpus_per_actor``, 2 in the default) as torch
   threads, then with 2 actors sharing them (the default run's setting until 2026-12-04: 2 actors
   x 1 thread), then as a pool of 2 tasks x 1 thread whose worker processes keep the stage's
-  ``AttackActor`` (``scale.map_compute: tasks``, the CPU default since:
+  ``AttackActor`` (``scale.map_compute: tasks``, the CPU default since the seventh session:
   :func:`raydefense.pipeline.runtime.map_compute`).
 * *plain*: one process reads the same Parquet rows with pyarrow, calls the same
   ``AttackActor`` (same model artifacts, plan, per-image eps and batch size; the stage's CPUs

@@ -47,7 +47,7 @@ class DenoiseActor:
 
 def denoise_images(ctx: RunContext, ds, *, denoiser: str, column: str, gpu: bool):
     """``ds`` with ``column`` replaced by the output of the run's denoiser ``denoiser`` (a name under
-    ``models/``), as ``image, label`` rows, on one Ray Data actor pool."""
+    ``models/``), as ``image, label`` rows, on one Ray Data pool (:func:`~raydefense.pipeline.runtime.pool_map`)."""
     return pool_map(ds, DenoiseActor, {"storage": ctx.storage, "denoiser": denoiser, "column": column},
                     cfg=ctx.cfg, gpu=gpu, batch_size=ctx.cfg.attack.batch_size)
 

@@ -16,7 +16,7 @@ A run makes these requests, one stage at a time (stages never overlap):
   ``(num_workers, max_workers)`` group) of ``{CPU: scale.cpus_per_worker}`` plus
   ``{GPU: scale.gpus_per_worker}`` when training on GPU and ``scale.worker_resources``
   (see ``training.make_trainer``);
-* each Ray Data actor pool (prepare, attack, GNR augmentation, KT denoising, evaluation,
+* each Ray Data pool of actors or tasks (prepare, attack, GNR augmentation, KT denoising, evaluation,
   whole-model attacks, see ``runtime.pool_map``): ``scale.attack_actors`` actors of
   ``{CPU: scale.cpus_per_actor}``; on GPU one actor per GPU, at most ``scale.attack_actors``
   (``runtime.pool_actors``), each with one GPU and one CPU (Ray Data's default beside a GPU), so

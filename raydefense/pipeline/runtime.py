@@ -257,23 +257,17 @@ def map_compute(cfg: Config, *, gpu: bool) -> str:
 
     Why tasks on CPU: an actor pool's processes live for one Dataset execution, so every model
     stage paid a process start and the imports of torch, torchvision and facenet-pytorch per
-    actor (5-7 CPU-seconds each; ``/proc`` CPU times of a default run, 9 actors), and Ray Core
-    printed an ERROR line on the console for each pool ("constructor arguments in the object
-    store": Ray Data puts an actor's constructor arguments there). Task workers are Ray's pooled
-    processes: a stage's tasks share them, and later stages reuse those still alive. Measured on
-    the default run (2 cores, 2026-12-04): 404 s with tasks against 419 s with actors (the
-    evaluation 61 s against 68 s, the attack stage 36 s against 32 s; one run each, and the
-    host's spread is of that size), the same report. Keeping idle workers longer (Ray's
-    ``idle_worker_killing_time_threshold_ms`` and ``num_workers_soft_limit`` raised for the
-    local Ray) made the Ray Data stages faster still but the trainings slower (models 129-131 s
-    against 113-122 s in two runs each), and a probe showed why: with 10 idle Ray workers alive a
-    FaceNet training step (batch 32, 2 threads, in a Ray Train worker) took 0.634 s against
-    0.479 s without them (1.32x, medians of 4 interleaved fits in one Ray session, 22% more CPU
-    in the worker): idle Ray processes wake up on their own, and each wake-up stalls one of the
-    two OpenMP threads at the next barrier. So Ray's defaults stay. Why actors on GPU: Ray ends a task's worker process after one task when the
-    task asks for GPUs (``max_calls=1`` by default for GPU remote functions, ray/remote_function.py,
-    so that a process gives its device memory back), which would make every GPU batch pay a
-    process start, the imports and the model load.
+    actor (5-7 CPU-seconds each, 9 actors a default run), and Ray Core printed an ERROR line on
+    the console per pool ("constructor arguments in the object store"). Task workers are Ray's
+    pooled processes: a stage's tasks share them, and later stages reuse those still alive.
+    Measured (README, Performance): the whole attack stage 1.10x faster on 2 tasks than on 2
+    actors (bench section 2, interleaved); the default run 404-414 s against 419 s, same report.
+    Ray's worker-pool defaults stay: keeping idle workers alive longer made a 2-thread training
+    step 1.32x slower (10 idle Ray workers, interleaved probe).
+
+    Why actors on GPU: Ray ends a task's worker process after one task when the task asks for
+    GPUs (``max_calls=1`` for GPU remote functions, ray/remote_function.py), so every GPU batch
+    would pay a process start, the imports and the model load.
     """
     if cfg.scale.map_compute != "auto":
         return cfg.scale.map_compute
