@@ -191,6 +191,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
+        if non_none[0] is bool and not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true, false or null, got {value!r}")
         return _coerce(value, non_none[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):

@@ -445,7 +445,10 @@ class ScaleConfig:
     use_gpu: bool = True  # use GPUs where the cluster has them (false: CPU only)
     cpus_per_worker: float = 2.0
     gpus_per_worker: float = 1.0
-    amp: bool = False  # mixed precision (bf16 autocast) on GPU
+    # Mixed precision for training (bf16 autocast; evaluation and attacks always run in fp32):
+    # true, false, or null (the default): on where the device computes bf16 natively, a CUDA
+    # GPU that supports it or a CPU with AVX512-BF16 or AMX (worker.amp_enabled says why).
+    amp: Optional[bool] = None
     # Ray Data actor pool size for attack/augment/eval stages; on GPU one actor per GPU, at most this many
     attack_actors: int = 1
     # CPUs each CPU actor reserves, and every actor's torch threads (a GPU actor reserves 1 CPU, Ray Data's default)

@@ -137,6 +137,7 @@ def test_every_float_key_rejects_non_finite(key, value):
     ("scale.resource_wait_s=-1", "scale.resource_wait_s"),
     ("scale.num_workers=1.5", "scale.num_workers"),
     ("scale.map_compute=threads", "scale.map_compute"),
+    ("scale.amp=auto", "scale.amp"),
     ("models.target=resnet", "models.target"),
     ("models.surrogate=", "models.surrogate"),
     ("models.extra_targets=[vgg16, vgg16]", "models.extra_targets"),

@@ -91,7 +91,7 @@ def run_gpu(section: Section, cfg, *, num_classes: int, batch: int, steps: int, 
             model_name: str = "facenet", attack_size: int = 160) -> None:
     """Fill ``section`` (module docstring), or mark it skipped without CUDA. ``device``,
     ``model_name`` and ``attack_size`` exist for the suite's own tests (``device='cpu'`` runs the
-    same code with CPU bf16 autocast; the UDDN step then stays fp32, as ``scale.amp`` is GPU-only)."""
+    same code with CPU bf16 autocast, the UDDN step included: ``scale.amp`` applies on CPU too)."""
     if device is None:
         if not torch.cuda.is_available():
             section.skipped = ("no CUDA device (torch.cuda.is_available() is False): bf16 and FLOP-utilisation "

@@ -59,12 +59,13 @@ def _batch(n: int, size: int, device: str, *, eps: float, seed: int) -> tuple[to
     return x.to(device), (x + noise).clamp(0, 1).to(device)
 
 
-def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool = False,
+def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool | None = None,
                  batch: int | None = None, reference: bool = False,
                  channels_last: bool = True) -> tuple[Callable[[], None], int]:
     """``(step, batch)``: one UDDN training step of ``denoiser_loop`` (guided loss, Adam) on
-    ``batch`` images (default ``denoise.batch_size``); ``amp``: bf16 autocast as ``scale.amp``
-    does on GPU (:func:`raydefense.pipeline.worker.autocast`); ``reference``: the target's
+    ``batch`` images (default ``denoise.batch_size``); ``amp``: bf16 autocast on or off, or None
+    as ``cfg``'s ``scale.amp`` decides on ``device`` (:func:`raydefense.pipeline.worker.amp_enabled`,
+    as ``denoiser_loop`` does); ``reference``: the target's
     output on the clean images computed once beforehand (:func:`raydefense.denoise.guidance_reference`,
     what ``denoiser_loop`` does once per row for a cached training set) instead of in every step;
     ``channels_last``: the UDDN's weights in the layout the training workers give it
@@ -79,7 +80,7 @@ def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool = Fals
     opt = torch.optim.Adam(model.parameters(), lr=d.lr)
     batch = batch or d.batch_size
     x, x_adv = _batch(batch, cfg.data.image_size, device, eps=cfg.attack.eps_max, seed=1)
-    run_cfg = cfg.replace([f"scale.amp={'true' if amp else 'false'}"])
+    run_cfg = cfg if amp is None else cfg.replace([f"scale.amp={'true' if amp else 'false'}"])
     dev = torch.device(device)
 
     with autocast(run_cfg, dev):
@@ -95,12 +96,13 @@ def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool = Fals
     return step, batch
 
 
-def classifier_trainer(cfg, *, num_classes: int, device: str = "cpu",
+def classifier_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool | None = None,
                        channels_last: bool = True) -> tuple[Callable[[], None], int]:
     """``(step, batch)``: one training step of the target as ``classifier_loop`` takes it
     (cross-entropy, Adam at ``models.target_train``'s learning rate and batch, train mode) on random
-    images; ``channels_last`` as in :func:`uddn_trainer`."""
+    images; ``amp`` and ``channels_last`` as in :func:`uddn_trainer`."""
     from raydefense.models import create_model
+    from raydefense.pipeline.worker import autocast
 
     tc = cfg.models.target_train
     model = create_model(cfg.models.target, num_classes=num_classes).to(device).train()
@@ -109,9 +111,12 @@ def classifier_trainer(cfg, *, num_classes: int, device: str = "cpu",
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     x, _ = _batch(tc.batch_size, cfg.data.image_size, device, eps=0.0, seed=5)
     y = torch.arange(tc.batch_size, device=device) % num_classes
+    run_cfg = cfg if amp is None else cfg.replace([f"scale.amp={'true' if amp else 'false'}"])
+    dev = torch.device(device)
 
     def step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with autocast(run_cfg, dev):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -181,8 +186,12 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
         uddn_step, uddn_batch = uddn_trainer(cfg, num_classes=num_classes, device=device)
         uddn_ref_step, _ = uddn_trainer(cfg, num_classes=num_classes, device=device, reference=True)
         uddn_nchw_step, _ = uddn_trainer(cfg, num_classes=num_classes, device=device, channels_last=False)
+        uddn_bf16_step, _ = uddn_trainer(cfg, num_classes=num_classes, device=device, amp=True, reference=True)
+        uddn_fp32_step, _ = uddn_trainer(cfg, num_classes=num_classes, device=device, amp=False, reference=True)
         clf_step, clf_batch = classifier_trainer(cfg, num_classes=num_classes, device=device)
         clf_nchw_step, _ = classifier_trainer(cfg, num_classes=num_classes, device=device, channels_last=False)
+        clf_bf16_step, _ = classifier_trainer(cfg, num_classes=num_classes, device=device, amp=True)
+        clf_fp32_step, _ = classifier_trainer(cfg, num_classes=num_classes, device=device, amp=False)
         gnr_round, gnr_images = gnr_trainer(cfg, device=device)
         gnr_nchw_round, _ = gnr_trainer(cfg, device=device, channels_last=False)
         evals, eval_batch = evaluators(cfg, num_classes=num_classes, device=device)
@@ -196,7 +205,9 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
 
         times = interleave({"uddn_train": repeat(uddn_step), "uddn_train_ref": repeat(uddn_ref_step),
                             "uddn_train_nchw": repeat(uddn_nchw_step),
+                            "uddn_train_bf16": repeat(uddn_bf16_step), "uddn_train_fp32": repeat(uddn_fp32_step),
                             "clf_train": repeat(clf_step), "clf_train_nchw": repeat(clf_nchw_step),
+                            "clf_train_bf16": repeat(clf_bf16_step), "clf_train_fp32": repeat(clf_fp32_step),
                             "gnr_train": repeat(gnr_round), "gnr_train_nchw": repeat(gnr_nchw_round),
                             "eval_defended": repeat(evals["defended"]), "eval_none": repeat(evals["none"])},
                            rounds=rounds, warmup=warmup, sync=sync)
@@ -215,10 +226,14 @@ def run_throughput(section: Section, cfg, *, num_classes: int, steps: int, round
                                paired_ratios(times["uddn_train"], times["uddn_train_ref"]), "x", ratio=True))
     section.rows.append(Row.of("UDDN training: channels-last / NCHW weights speed",
                                paired_ratios(times["uddn_train_nchw"], times["uddn_train"]), "x", ratio=True))
+    section.rows.append(Row.of("UDDN training: bf16 autocast / fp32 speed (reference once per row)",
+                               paired_ratios(times["uddn_train_fp32"], times["uddn_train_bf16"]), "x", ratio=True))
     section.rows.append(Row.of(f"target training ({cfg.models.target}, batch {clf_batch})",
                                [steps * clf_batch / t for t in times["clf_train"]], "img/s", seconds=times["clf_train"]))
     section.rows.append(Row.of("target training: channels-last / NCHW weights speed",
                                paired_ratios(times["clf_train_nchw"], times["clf_train"]), "x", ratio=True))
+    section.rows.append(Row.of("target training: bf16 autocast / fp32 speed",
+                               paired_ratios(times["clf_train_fp32"], times["clf_train_bf16"]), "x", ratio=True))
     section.rows.append(Row.of(f"GNR training (batch {cfg.gnr.batch_size}, n_critic {cfg.gnr.n_critic})",
                                [steps * gnr_images / t for t in times["gnr_train"]], "img/s", seconds=times["gnr_train"]))
     section.rows.append(Row.of("GNR training: channels-last / NCHW weights speed",

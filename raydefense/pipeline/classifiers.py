@@ -190,7 +190,8 @@ def classifier_loop(config: dict[str, Any]) -> None:
         spec = {"kind": "classifier", "arch": args.arch, "num_classes": args.num_classes,
                 **({"options": dict(args.arch_options)} if args.arch_options else {})}
         # start_epoch > 0 records that this training resumed from a checkpoint.
-        save_artifact(storage, args.artifact, model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
+        save_artifact(storage, args.artifact, model, spec, config=config["cfg"],
+                      metrics={**metrics, **progress.summary(amp=T.amp_enabled(cfg, device))})
 
 
 def classifier_task(ctx: RunContext, args: ClassifierArgs, datasets: dict[str, Any], *, name: str | None = None) -> T.TrainingTask:

@@ -120,7 +120,7 @@ def denoiser_loop(config: dict[str, Any]) -> None:
         progress.report(epoch, metrics)
     if rank == 0 and args.artifact:
         save_artifact(storage, args.artifact, model, spec, config=config["cfg"],
-                      metrics={**metrics, **progress.summary()})
+                      metrics={**metrics, **progress.summary(amp=T.amp_enabled(cfg, device))})
 
 
 def training_pairs(ctx: RunContext):

@@ -136,7 +136,8 @@ def robust_denoiser_loop(config: dict[str, Any]) -> None:
                    "epoch_s": timer.lap()}
         progress.report(epoch, metrics)
     if rank == 0:
-        save_artifact(storage, args.artifact, model, spec, config=config["cfg"], metrics={**metrics, **progress.summary()})
+        save_artifact(storage, args.artifact, model, spec, config=config["cfg"],
+                      metrics={**metrics, **progress.summary(amp=T.amp_enabled(cfg, device))})
 
 
 def robust_denoiser_task(ctx: RunContext, args: RobustDenoiserArgs, *, name: str | None = None,

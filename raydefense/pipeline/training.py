@@ -30,6 +30,7 @@ from raydefense.pipeline.worker import (  # noqa: F401  (re-exported)
     EpochTimer,
     Step,
     allreduce_sum,
+    amp_enabled,
     autocast,
     epoch_data,
     global_batches,
@@ -538,9 +539,12 @@ class Progress:
         _report(epoch, metrics, self.objects, config=self.config,
                 extra={**(extra or {}), "history": self.history}, rank=rank if due else -1)
 
-    def summary(self) -> dict[str, Any]:
-        """What a model artifact records about its training."""
-        return {"start_epoch": self.start, "restarts": self.restarts, "history": self.history}
+    def summary(self, *, amp: bool = False) -> dict[str, Any]:
+        """What a model artifact records about its training; ``amp``: whether its forward passes
+        ran under bf16 autocast (:func:`~raydefense.pipeline.worker.amp_enabled`), recorded as
+        ``precision`` ('bf16-autocast' or 'fp32')."""
+        return {"start_epoch": self.start, "restarts": self.restarts, "history": self.history,
+                "precision": "bf16-autocast" if amp else "fp32"}
 
 
 def param_digest(objects: dict[str, Any]) -> float:

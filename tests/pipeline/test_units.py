@@ -231,6 +231,50 @@ def test_attack_actor_runs_each_model_and_method_once_over_every_split_of_a_batc
         np.mean(alone["adv"][alone["set"] == "test_white"] != out["adv"][white]) < 1e-3
 
 
+def test_amp_follows_the_config_and_by_default_the_cpus_native_bf16(monkeypatch):
+    """scale.amp true/false is obeyed on CPU; null (the default) is on exactly when the CPU has
+    AVX512-BF16 or AMX (torch.cpu's probes, patched here both ways)."""
+    import torch
+
+    from raydefense.pipeline.worker import amp_enabled, native_bf16
+
+    cfg = load_config()
+    cpu = torch.device("cpu")
+    assert cfg.scale.amp is None
+    assert amp_enabled(cfg.replace(["scale.amp=true"]), cpu) is True
+    assert amp_enabled(cfg.replace(["scale.amp=false"]), cpu) is False
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native_bf16(cpu) is (avx512_bf16 or amx)
+        assert amp_enabled(cfg, cpu) is (avx512_bf16 or amx)
+    # A torch without the private probes reads as "no native bf16", not an error.
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert native_bf16(cpu) is False and amp_enabled(cfg, cpu) is False
+
+
+def test_cpu_autocast_runs_training_convolutions_in_bf16_only_when_amp_is_on():
+    """What scale.amp switches on CPU: a convolution under the loops' autocast gives bf16 with
+    amp on and fp32 with it off, and the loss it feeds backpropagates fp32 gradients into fp32
+    weights (the optimizer never sees bf16)."""
+    import torch
+
+    from raydefense.pipeline.worker import autocast
+
+    cfg = load_config()
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.rand(2, 3, 8, 8)
+    for amp, dtype in (("true", torch.bfloat16), ("false", torch.float32)):
+        conv.zero_grad()
+        with autocast(cfg.replace([f"scale.amp={amp}"]), torch.device("cpu")):
+            out = conv(x)
+            loss = out.float().square().mean()
+        assert out.dtype == dtype
+        loss.backward()
+        assert conv.weight.dtype == conv.weight.grad.dtype == torch.float32
+
+
 def test_map_compute_is_tasks_on_cpu_and_actors_on_gpu_unless_set():
     from raydefense.pipeline.runtime import map_compute
 
