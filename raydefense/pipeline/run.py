@@ -107,8 +107,24 @@ class RunLayout:
         """True when the dataset at ``rel`` was written to the end by :meth:`write_dataset`."""
         return self.storage.exists(f"{rel}/{self.DONE}")
 
-    def read(self, rel: str, columns: Optional[list[str]] = None):
-        """A lazy Ray Dataset of the Parquet shards under ``rel`` (markers are not read)."""
+    # A dataset this small (bytes of Parquet on storage) is read by this process instead of by
+    # ray.data.read_parquet (see read).
+    DRIVER_READ_MAX_BYTES = 128 * 2**20
+
+    def read(self, rel: str, columns: Optional[list[str]] = None, *,
+             where: Optional[tuple[str, list[str]]] = None):
+        """A Ray Dataset of the Parquet shards under ``rel`` (markers are not read; Hive partition
+        folders such as ``set=train`` below ``rel`` become a string column); ``where=(key, values)``
+        keeps the rows whose ``key`` is one of ``values`` (``key`` need not be in ``columns``).
+
+        A dataset of at most :attr:`DRIVER_READ_MAX_BYTES` is read here with pyarrow, one table per
+        file, and handed to Ray Data with ``ray.data.from_arrow``: the same rows in the same order
+        and the same schema as ``read_parquet`` gives, in one block per file. ``read_parquet`` first samples the files'
+        footers in remote tasks and then reads in more tasks; each needs a Ray worker process, and
+        Ray ends idle ones while a training runs, so after one these are new processes (about 2.5
+        core-seconds each to start on the 2-core host). Larger datasets stream through
+        ``read_parquet``, so a cluster run on real data never funnels through the driver.
+        """
         import ray
 
         from raydefense.pipeline.runtime import configure_data_context
@@ -116,19 +132,54 @@ class RunLayout:
         # Also in processes where init_ray did not run (a Tune trial, an ablation run's task).
         context = ray.data.DataContext.get_current()
         configure_data_context(context)
+        tables = self._small_tables(rel, columns, where)
+        if tables is not None:
+            return ray.data.from_arrow(tables)
         # The V1 reader samples file footers inside read_parquet, behind a "Parquet dataset
         # sampling" bar (a fraction of a second, two console lines per read). Ray Data's own
         # switch turns that bar off for the call; the Dataset copies the context when it is made,
         # and its copy gets the bars back for the execution, whose progress stays on the console.
+        # A filter on a Hive partition key fails in the read when the key is not read (Ray 2.60):
+        # the key is read, and dropped after the filter.
+        read_columns = columns if where is None or columns is None else list(dict.fromkeys([*columns, where[0]]))
         shown = context.enable_progress_bars
         context.enable_progress_bars = False
         try:
-            ds = ray.data.read_parquet(self.storage.path(rel), filesystem=self.storage.fs, columns=columns,
+            ds = ray.data.read_parquet(self.storage.path(rel), filesystem=self.storage.fs, columns=read_columns,
                                        file_extensions=["parquet"])
         finally:
             context.enable_progress_bars = shown
         ds.context.enable_progress_bars = shown
+        if where is not None:
+            from ray.data.expressions import col
+
+            ds = ds.filter(expr=col(where[0]).is_in(list(where[1])))
+            if read_columns != columns:
+                ds = ds.select_columns(columns)
         return ds
+
+    def _small_tables(self, rel: str, columns: Optional[list[str]], where: Optional[tuple[str, list[str]]]):
+        """The files under ``rel`` as pyarrow tables (one per file, in pyarrow's file order, the
+        order read_parquet reads them in), filtered by ``where`` as they are read; None when the
+        files hold more than :attr:`DRIVER_READ_MAX_BYTES` or there are none (read_parquet then
+        raises its own error)."""
+        import pyarrow.compute as pc
+        import pyarrow.dataset as pads
+
+        try:
+            files = pads.dataset(self.storage.path(rel), filesystem=self.storage.fs, format="parquet",
+                                 partitioning="hive")
+        except (OSError, ValueError):  # missing or unreadable: read_parquet reports it as it always has
+            return None
+        paths = [f for f in files.files if f.endswith(".parquet")]
+        if not paths or len(paths) != len(files.files):
+            return None
+        if sum(info.size or 0 for info in self.storage.fs.get_file_info(paths)) > self.DRIVER_READ_MAX_BYTES:
+            return None
+        keep = None if where is None else pc.field(where[0]).isin(list(where[1]))
+        tables = [fragment.to_table(schema=files.schema, columns=columns, filter=keep)
+                  for fragment in files.get_fragments()]
+        return [t for t in tables if t.num_rows] or tables[:1]  # an empty result keeps its schema
 
     def table(self, rel: str, *, columns: Optional[list[str]] = None, filter=None, head: Optional[int] = None):
         """The Parquet shards under ``rel`` as a pyarrow Table, on the driver (small reads only)."""
@@ -158,11 +209,8 @@ class RunLayout:
 
     def read_clean(self, splits: list[str] | str, columns: Optional[list[str]] = None):
         """The clean images of the given split(s): ``image, label, split, index`` unless ``columns``."""
-        from ray.data.expressions import col
-
         wanted = [splits] if isinstance(splits, str) else list(splits)
-        ds = self.read(self.CLEAN, columns or ["image", "label", "split", "index"])
-        return ds.filter(expr=col("split").is_in(wanted))
+        return self.read(self.CLEAN, columns or ["image", "label", "split", "index"], where=("split", wanted))
 
     def read_adv(self, name: str, columns: Optional[list[str]] = None):
         """An adversarial set by name (``train``, ``val_white``, ``test_black``, ``gnr_aug``, ...)."""
@@ -170,9 +218,7 @@ class RunLayout:
 
     def read_adv_sets(self, names: list[str], columns: Optional[list[str]] = None):
         """Several attack partitions in one read, with their ``set`` column."""
-        from ray.data.expressions import col
-
-        return self.read(self.ADV, columns).filter(expr=col("set").is_in(list(names)))
+        return self.read(self.ADV, columns, where=("set", list(names)))
 
     def write_dataset(self, rel: str, ds, *, min_rows_per_file: Optional[int] = None,
                       partition_cols: Optional[list[str]] = None) -> None:

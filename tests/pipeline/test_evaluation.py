@@ -419,10 +419,11 @@ def test_child_runs_for_table5(tiny, tmp_path):
     assert [r["model"] for r in rows] == ["small_cnn", "vgg16"]
 
 
-def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd, monkeypatch):
-    """A real RunLayout.read on Ray: every row comes back, Ray Data's V1 footer-sampling bar
-    ("Parquet dataset sampling") does not reach the console, and the dataset's own execution
-    keeps its progress bars on."""
+@pytest.mark.parametrize("driver_read", [True, False], ids=["driver-read", "read_parquet"])
+def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd, monkeypatch, driver_read):
+    """A real RunLayout.read on Ray, small enough to be read by the driver or not: every row comes
+    back, Ray Data's V1 footer-sampling bar ("Parquet dataset sampling") does not reach the
+    console, and the dataset's own execution keeps its progress bars on."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
@@ -431,6 +432,8 @@ def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd, mo
     from raydefense.storage import Storage
 
     monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_progress_bars", True)
+    if not driver_read:
+        monkeypatch.setattr(RunLayout, "DRIVER_READ_MAX_BYTES", 0)
     st = Storage.open(str(tmp_path))
     folder = st.path(RunLayout.CLEAN)
     st.fs.create_dir(folder, recursive=True)
@@ -442,3 +445,55 @@ def test_layout_reads_show_no_footer_sampling_bar(tmp_path, local_ray, capfd, mo
     assert "dataset sampling" not in read_output.err + read_output.out
     assert ds.context.enable_progress_bars and ray.data.DataContext.get_current().enable_progress_bars
     assert sorted(r["index"] for r in ds.take_all()) == list(range(10))
+
+
+def test_small_datasets_are_read_by_the_driver_as_read_parquet_reads_them(tmp_path, local_ray, monkeypatch):
+    """A dataset written as the attack stage writes its sets (Ray Data, image tensors, Hive
+    ``set=`` folders) reads the same through both paths of RunLayout.read: same schema, same rows
+    in the same order; under the size limit no read_parquet call is made and each file is a
+    block, over it read_parquet reads."""
+    import ray
+
+    from raydefense.pipeline.run import RunLayout
+    from raydefense.storage import Storage
+
+    st = Storage.open(str(tmp_path))
+    layout = RunLayout(st)
+    rng = np.random.default_rng(0)
+    n = 24
+    rows = {"clean": rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
+            "adv": rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
+            "label": np.arange(n) % 5, "index": np.arange(n),
+            "set": np.array(["train", "val_white", "test_white"] * (n // 3))}
+    layout.write_dataset(RunLayout.ADV, ray.data.from_numpy(rows["clean"]).zip(ray.data.from_items(
+        [{k: rows[k][i] for k in ("adv", "label", "index", "set")} for i in range(n)])).rename_columns(
+        {"data": "clean"}).repartition(4), partition_cols=["set"])
+
+    calls = []
+    real_read_parquet = ray.data.read_parquet
+    monkeypatch.setattr(ray.data, "read_parquet", lambda *a, **k: calls.append(a) or real_read_parquet(*a, **k))
+
+    def read_both(read):
+        monkeypatch.setattr(RunLayout, "DRIVER_READ_MAX_BYTES", 128 * 2**20)
+        small = read()
+        assert calls == []
+        monkeypatch.setattr(RunLayout, "DRIVER_READ_MAX_BYTES", 0)
+        large = read()
+        assert len(calls) == 1
+        calls.clear()
+        return small, large
+
+    for read in (lambda: layout.read(RunLayout.ADV), lambda: layout.read_adv("train", ["clean", "adv", "label"]),
+                 lambda: layout.read_adv_sets(["val_white", "test_white"]),
+                 # The filter's column left out of the columns read (as read_clean(split, [image, label])).
+                 lambda: layout.read_adv_sets(["test_white"], ["adv", "label"])):
+        small, large = read_both(read)
+        assert small.schema() == large.schema()
+        got, want = small.take_all(), large.take_all()
+        assert len(got) == len(want) > 0
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys()
+            assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    # One block per file (read_parquet groups small files into fewer read tasks' blocks).
+    monkeypatch.setattr(RunLayout, "DRIVER_READ_MAX_BYTES", 128 * 2**20)
+    assert layout.read(RunLayout.ADV).materialize().num_blocks() == len(list((tmp_path / RunLayout.ADV).rglob("*.parquet")))

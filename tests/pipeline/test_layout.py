@@ -93,3 +93,4 @@ def test_configure_data_context_on_a_fresh_context():
     assert fresh.use_datasource_v2  # Ray 2.60's default, which this project turns off
     configure_data_context(fresh)
     assert fresh.use_datasource_v2 is False and fresh.execution_options.preserve_order is True
+
