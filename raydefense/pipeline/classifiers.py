@@ -220,7 +220,14 @@ def train_classifiers(ctx: RunContext, trainings: list[ClassifierArgs], datasets
     ``train/<artifact>-<artifact>...``; one training alone: ``train/<artifact>``), writing
     ``models/<artifact>.pt`` for each; returns ``{artifact: its last epoch's metrics}`` (``{}``
     for one that was already trained: artifacts are written last, atomically, and skipped)."""
+    tasks, intro = classifier_tasks(ctx, trainings, datasets)
+    return T.run_trainings(ctx, tasks, gpu=gpu, intro=intro, conclude=val_accuracy_line)
+
+
+def classifier_tasks(ctx: RunContext, trainings: list[ClassifierArgs],
+                     datasets: dict[str, Any]) -> tuple[list[T.TrainingTask], dict[str, str]]:
+    """The Ray Train tasks of ``trainings`` on ``datasets`` (:func:`classifier_task`) and the
+    console line before each one's epochs, by artifact name."""
     intro = {a.artifact: f"  {a.artifact}: training {a.arch} ({a.loss}) for {a.train.epochs} epochs on Ray Train"
              for a in trainings}
-    return T.run_trainings(ctx, [classifier_task(ctx, a, datasets) for a in trainings], gpu=gpu, intro=intro,
-                           conclude=val_accuracy_line)
+    return [classifier_task(ctx, a, datasets) for a in trainings], intro

@@ -11,7 +11,7 @@ denoised validation images, adversarial (``val_white_acc``) and clean (``val_cle
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -154,27 +154,43 @@ def denoiser_task(ctx: RunContext, args: DenoiserArgs, *, name: str | None = Non
                           done=RunLayout.model_rel(args.artifact) if args.artifact else None)
 
 
-def train_denoisers(ctx: RunContext, tasks: list[str], *, gpu: bool) -> dict[str, dict[str, Any]]:
+def train_denoisers(ctx: RunContext, tasks: list[str], *, gpu: bool, then: Sequence[T.TrainingTask] = (),
+                    then_intro: Optional[dict[str, str]] = None) -> dict[str, dict[str, Any]]:
     """Train (or skip, when ``models/<task>.pt`` exists) the denoisers ``tasks`` of
     :data:`DENOISERS`, one after the other in one Ray Train fit (:func:`~raydefense.pipeline.
     training.run_trainings`, checkpoints under ``train/<task>-<task>...``; one alone:
-    ``train/<task>``); returns ``{task: its last metrics}`` (``{}`` for one already trained)."""
-    intro = {}
+    ``train/<task>``), then the classifier trainings ``then`` in the same fit (``then_intro``: the
+    line before each one's epochs; after them, its validation accuracy); returns ``{task: its
+    last metrics}`` for all of them (``{}`` for one already trained)."""
+    from raydefense.pipeline.classifiers import val_accuracy_line
+
+    intro = dict(then_intro or {})
     for task in tasks:
         args = denoiser_args(ctx.cfg, task)
         intro[task] = (f"  {task}: training {args.arch.upper()} with the {args.loss}-guided loss for "
                        f"{ctx.cfg.denoise.epochs} epochs on Ray Train")
 
     def conclude(task: str, m: dict[str, Any]) -> Optional[str]:
+        if task not in tasks:
+            return val_accuracy_line(task, m)
         if "val_white_acc" not in m:
             return None
         return (f"  {task}: target accuracy on denoised validation images: adversarial {m['val_white_acc']:.3f}, "
                 f"clean {m['val_clean_acc']:.3f}")
 
     datasets = denoiser_datasets(ctx)
-    parts = [denoiser_task(ctx, denoiser_args(ctx.cfg, t), datasets=datasets) for t in tasks]
+    parts = [denoiser_task(ctx, denoiser_args(ctx.cfg, t), datasets=datasets) for t in tasks] + list(then)
     return T.run_trainings(ctx, parts, gpu=gpu, intro=intro, conclude=conclude)
 
 
 def run_denoise(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
-    return train_denoisers(ctx, ["uddn", *ctx.cfg.denoise.baselines], gpu=gpu)
+    """The denoise stage: the UDDN and ``denoise.baselines``; when the distill stage runs next in
+    this invocation, also its teacher and student, in the same Ray Train fit
+    (:func:`~raydefense.pipeline.distill.kt_after_denoisers`), their results handed to it."""
+    from raydefense.pipeline.distill import kt_after_denoisers
+
+    then, then_intro = kt_after_denoisers(ctx)
+    out = train_denoisers(ctx, ["uddn", *ctx.cfg.denoise.baselines], gpu=gpu, then=then, then_intro=then_intro)
+    if then:
+        ctx.handover["distill"] = {t.name: out.pop(t.name) for t in then}
+    return out

@@ -113,18 +113,46 @@ def baseline_args(cfg, *, num_classes: int) -> list[ClassifierArgs]:
     return out
 
 
+def kt_trainings(ctx: RunContext) -> tuple[list[ClassifierArgs], dict[str, Any]]:
+    """The distill stage's trainings (teacher, then student, both on UDDN-denoised inputs) and
+    their datasets: :func:`kt_training_inputs` and the clean validation images."""
+    n_cls = ctx.layout.num_classes()
+    datasets = {"train": kt_training_inputs(ctx), "val": ctx.layout.read_clean("val", ["image", "label"])}
+    return [teacher_args(ctx.cfg, num_classes=n_cls, denoise_inputs="uddn"),
+            student_args(ctx.cfg, num_classes=n_cls, denoise_inputs="uddn")], datasets
+
+
+def kt_after_denoisers(ctx: RunContext):
+    """The teacher's and student's Ray Train tasks and console lines, for the denoise stage to
+    train after its denoisers in the same fit, when this invocation runs the distill stage right
+    after it (``ctx.upcoming``); else ``([], {})``.
+
+    One fit fewer: each costs 9-12 s before its first batch on the 2-core host (the controller,
+    worker and helper processes, their imports, the first read of the data). A run stopped with
+    ``--stop-after denoise`` trains the UDDN alone and, when resumed, the teacher and student in
+    the distill stage's own fit, as before."""
+    from raydefense.pipeline.classifiers import classifier_tasks
+
+    if not ctx.cfg.distill.enabled or not ctx.upcoming or ctx.upcoming[0] != "distill":
+        return [], {}
+    trainings, datasets = kt_trainings(ctx)
+    return classifier_tasks(ctx, trainings, datasets)
+
+
 def run_distill(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     cfg = ctx.cfg
     if not cfg.distill.enabled:
         ctx.echo("  knowledge transfer disabled (distill.enabled: false)")
         return {"enabled": False}
-    n_cls = ctx.layout.num_classes()
+    if "distill" in ctx.handover:
+        out = ctx.handover.pop("distill")
+        ctx.echo("  teacher, student: trained after the UDDN in the denoise stage's Ray Train fit (above)")
+        return {"teacher": out["teacher"], "student": out["student"], "trained_in_stage": "denoise"}
     # One Ray Train fit for both (train_classifiers): the UDDN denoises the training images once,
     # in the worker (classifiers.denoised_inputs), for the teacher and then the student, whose
     # workers load the teacher once rank 0 has written it.
-    datasets = {"train": kt_training_inputs(ctx), "val": ctx.layout.read_clean("val", ["image", "label"])}
-    out = train_classifiers(ctx, [teacher_args(cfg, num_classes=n_cls, denoise_inputs="uddn"),
-                                  student_args(cfg, num_classes=n_cls, denoise_inputs="uddn")], datasets, gpu=gpu)
+    trainings, datasets = kt_trainings(ctx)
+    out = train_classifiers(ctx, trainings, datasets, gpu=gpu)
     return {"teacher": out["teacher"], "student": out["student"]}
 
 

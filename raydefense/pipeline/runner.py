@@ -90,8 +90,15 @@ def run_stages(ctx: RunContext, *, gpu: bool, stop_after: Optional[str] = None,
                echo_skips: bool = True) -> list[str]:
     """The stages in order on an opened run (Ray already started): a stage with a marker is
     skipped (``echo_skips``: say so), a finished one gets its marker; stops after ``stop_after``.
+    A running stage sees in ``ctx.upcoming`` which stages this call runs after it.
     Returns the stages run now. What :func:`run_pipeline` and the ablation's runs execute."""
     stages = _stages()
+    todo = []
+    for name, _ in stages:
+        if not ctx.is_done(name):
+            todo.append(name)
+        if name == stop_after:
+            break
     ran = []
     for i, (name, fn) in enumerate(stages, 1):
         if ctx.is_done(name):
@@ -100,6 +107,7 @@ def run_stages(ctx: RunContext, *, gpu: bool, stop_after: Optional[str] = None,
                 ctx.echo(f"[{i}/{len(stages)}] {name}: finished earlier, skipping")
         else:
             ctx.echo(f"[{i}/{len(stages)}] {name}")
+            ctx.upcoming = tuple(todo[todo.index(name) + 1:]) if name in todo else ()
             t0 = time.perf_counter()
             outputs = fn(ctx, gpu=gpu)
             ctx.timings[name] = time.perf_counter() - t0

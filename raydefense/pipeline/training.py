@@ -154,10 +154,11 @@ def sequence_task(name: str, tasks: Sequence[TrainingTask]) -> TrainingTask:
     Each fit pays seconds before its first batch (the controller and worker processes, their
     imports, the process group, the first read of the data); the trainings of a stage (the
     target and the surrogate; the teacher and the student; the denoisers) pay it once this way.
-    Parts that give the same dataset object the same name share it, and the later parts reuse
-    the rows the first one read (:func:`~raydefense.pipeline.worker.sharing_epoch_data`); a
-    part's other datasets are the fit's ``<part>.<name>``, which the part still reads as
-    ``<name>`` (:func:`~raydefense.pipeline.worker.dataset_names`). A part may use an earlier
+    Parts that give the same dataset object share it (under the name the first gave it), and
+    the later parts reuse the rows the first one read
+    (:func:`~raydefense.pipeline.worker.sharing_epoch_data`); a part's other datasets whose name
+    is taken are the fit's ``<part>.<name>``. A part reads each of its datasets under its own
+    name (:func:`~raydefense.pipeline.worker.dataset_names`). A part may use an earlier
     part's artifact (the student its teacher): every worker waits at the end of each part until
     rank 0 has written it.
 
@@ -180,9 +181,13 @@ def sequence_task(name: str, tasks: Sequence[TrainingTask]) -> TrainingTask:
             raise ValueError(f"sequence_task: task '{t.name}' must be a single training with a 'done' path")
         names: dict[str, str] = {}
         for key, ds in t.datasets.items():
-            if datasets.setdefault(key, ds) is not ds:
-                names[key] = f"{t.name}.{key}"  # no "/": Ray Data names log files after datasets
-                datasets[names[key]] = ds
+            # An object an earlier part gave (under any name) is shared under that name.
+            name = next((n for n, known in datasets.items() if known is ds), None)
+            if name is None:
+                name = key if key not in datasets else f"{t.name}.{key}"  # no "/": Ray Data names log files after datasets
+                datasets[name] = ds
+            if name != key:
+                names[key] = name
         parts.append({"name": t.name, "loop": t.loop, "config": t.config, "done": t.done, "datasets": names})
     config = {"parts": parts, "storage": tasks[0].config["storage"]}
     return TrainingTask(name=name, loop=sequence_loop, config=config, datasets=datasets,

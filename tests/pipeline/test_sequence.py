@@ -24,6 +24,18 @@ def test_parts_share_a_dataset_object_and_keep_their_own_under_their_own_name():
     assert seq.parts == (("a", 2), ("b", 2)) and seq.epochs == 4 and seq.loop is T.sequence_loop
 
 
+def test_a_dataset_object_is_shared_under_the_name_its_first_part_gave_it():
+    """The UDDN, then the teacher and the student on their own training set: the student's
+    'train' is the teacher's object, so it reads the teacher's rows (and their denoised column)."""
+    pairs, kt, val_white, val = object(), object(), object(), object()
+    seq = T.sequence_task("uddn-teacher-student", [_task("uddn", {"train": pairs, "val": val_white}),
+                                                   _task("teacher", {"train": kt, "val": val}),
+                                                   _task("student", {"train": kt, "val": val})])
+    assert seq.datasets == {"train": pairs, "val": val_white, "teacher.train": kt, "teacher.val": val}
+    assert [p["datasets"] for p in seq.config["parts"]] == [
+        {}, {"train": "teacher.train", "val": "teacher.val"}, {"train": "teacher.train", "val": "teacher.val"}]
+
+
 @pytest.mark.parametrize("tasks, culprit", [
     ([], "no tasks"),
     ([_task("a", {}), _task("a", {})], "repeated"),
@@ -60,6 +72,75 @@ def test_run_trainings_skips_finished_parts_under_a_name_that_does_not_change(tm
     lines.clear()
     assert T.run_trainings(ctx, tasks, gpu=False, intro=intro) == {"a": {}, "b": {}, "c": {}}
     assert len(calls) == 1 and lines == [f"  {n}: already trained, skipping" for n in "abc"]
+
+
+def test_run_stages_tells_each_stage_which_stages_this_call_runs_after_it(tmp_path, monkeypatch):
+    """ctx.upcoming: the stages after the running one that this call will run (not those with
+    a marker, none past --stop-after)."""
+    from raydefense.pipeline import runner
+    from raydefense.pipeline.run import RunContext
+
+    seen = {}
+
+    def stage(name):
+        def fn(ctx, *, gpu):
+            seen[name] = ctx.upcoming
+            return {}
+        return name, fn
+
+    names = ("prepare", "models", "attack", "gnr", "denoise", "distill", "baselines", "robust", "evaluate")
+    monkeypatch.setattr(runner, "_stages", lambda: [stage(n) for n in names])
+    ctx = RunContext(cfg=None, storage=Storage.open(str(tmp_path)), echo=lambda _: None)
+    ctx.mark_done("distill", duration_s=1.0)
+    runner.run_stages(ctx, gpu=False, stop_after="robust")
+    assert seen == {"prepare": ("models", "attack", "gnr", "denoise", "baselines", "robust"),
+                    "models": ("attack", "gnr", "denoise", "baselines", "robust"),
+                    "attack": ("gnr", "denoise", "baselines", "robust"), "gnr": ("denoise", "baselines", "robust"),
+                    "denoise": ("baselines", "robust"), "baselines": ("robust",), "robust": ()}
+
+
+@pytest.mark.parametrize("upcoming, distill_enabled, merged", [
+    (("distill", "baselines", "evaluate"), True, True),   # a whole run: one fit for UDDN, teacher, student
+    ((), True, False),                                     # --stop-after denoise
+    (("distill", "evaluate"), False, False),               # distill.enabled: false
+    (("baselines", "evaluate"), True, False),              # distill finished earlier
+])
+def test_denoise_stage_trains_the_teacher_and_student_in_its_fit_only_when_distill_runs_next(
+        monkeypatch, upcoming, distill_enabled, merged):
+    """run_denoise puts the KT trainings after the denoisers in its own fit exactly when this call
+    runs the distill stage next; run_distill then reports their results without a fit of its own."""
+    from raydefense.config import load_config
+    from raydefense.pipeline import denoise, distill
+    from raydefense.pipeline.run import RunContext
+
+    cfg = load_config(overrides=[f"distill.enabled={'true' if distill_enabled else 'false'}", "denoise.baselines=[]"])
+    lines: list[str] = []
+    ctx = RunContext(cfg=cfg, storage=None, echo=lines.append)
+    ctx.upcoming = upcoming
+    fits = []
+
+    def run_trainings(ctx, tasks, *, gpu, intro, conclude=None):
+        fits.append([t.name for t in tasks])
+        assert all(t.name in intro for t in tasks)
+        return {t.name: {"epoch": 0, "val_acc": 0.9} for t in tasks}
+
+    monkeypatch.setattr(T, "run_trainings", run_trainings)
+    monkeypatch.setattr(denoise, "denoiser_datasets", lambda ctx: {"train": object(), "val": object()})
+    kt_sets = {"train": object(), "val": object()}
+    monkeypatch.setattr(distill, "kt_trainings", lambda ctx: (
+        [distill.teacher_args(cfg, num_classes=3, denoise_inputs="uddn"),
+         distill.student_args(cfg, num_classes=3, denoise_inputs="uddn")], kt_sets))
+    monkeypatch.setattr(RunContext, "layout", property(lambda self: SimpleNamespace(num_classes=lambda: 3)))
+    out = denoise.run_denoise(ctx, gpu=False)
+    assert fits == [["uddn", "teacher", "student"] if merged else ["uddn"]]
+    assert list(out) == ["uddn"]
+    if not distill_enabled:
+        return
+    ctx.upcoming = upcoming[1:]
+    kt = distill.run_distill(ctx, gpu=False)
+    assert kt["teacher"] == kt["student"] == {"epoch": 0, "val_acc": 0.9}
+    assert fits[1:] == ([] if merged else [["teacher", "student"]])
+    assert (kt.get("trained_in_stage") == "denoise") is merged and "distill" not in ctx.handover
 
 
 def test_epoch_log_gives_each_part_its_lines_and_tensorboard_folder(tmp_path):
