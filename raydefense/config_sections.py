@@ -446,8 +446,8 @@ class ScaleConfig:
     cpus_per_worker: float = 2.0
     gpus_per_worker: float = 1.0
     # Mixed precision for training (bf16 autocast; evaluation and attacks always run in fp32):
-    # true, false, or null (the default): on where the device computes bf16 natively, a CUDA
-    # GPU that supports it or a CPU with AVX512-BF16 or AMX (worker.amp_enabled says why).
+    # true, false, or null (the default): on for a CPU with AVX512-BF16 or AMX, off on GPUs
+    # (measured slower at this project's sizes; worker.amp_enabled says why).
     amp: Optional[bool] = None
     # Ray Data actor pool size for attack/augment/eval stages; on GPU one actor per GPU, at most this many
     attack_actors: int = 1

@@ -7,7 +7,8 @@
    one-hot labels.
 3. The student (same architecture) trains on the same images with equation 6:
    KL(Pt || Ps) + lambda * KL(Pt^T || Ps^T). UDDN + student is the published model.
-   Teacher and student are one Ray Train fit (``training.sequence_task``).
+   Teacher and student are one Ray Train fit (``training.sequence_task``); when the denoise stage
+   runs just before in the same invocation, the UDDN's fit (:func:`kt_after_denoisers`).
 
 With ``distill.init_from_target`` (the default) both start from the target's weights:
 a fine-tune instead of a training from scratch, which keeps the CPU default within time.

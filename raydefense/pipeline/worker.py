@@ -79,7 +79,10 @@ def native_bf16(device: torch.device) -> bool:
 
 def amp_enabled(cfg: Config, device: torch.device) -> bool:
     """Whether a training on ``device`` runs under bf16 autocast: ``scale.amp`` when it is true or
-    false; when null (the default), where the device computes bf16 natively (:func:`native_bf16`).
+    false; when null (the default), on a CPU that computes bf16 natively (:func:`native_bf16`),
+    and not on a GPU: on an H200 at this project's sizes bf16 was slower than fp32 with TF32
+    convolutions (a UDDN step 0.83x; README, "On a GPU"), the kernels being too small to gain
+    from it. ``configs/paper_gpu.yaml`` sets ``amp: true`` for its larger networks.
 
     Only the trainings' forward passes and losses use it; the weights, the optimizer state and
     the gradients stay fp32, and evaluation, attacks and the validation metrics run in fp32, so
@@ -91,7 +94,7 @@ def amp_enabled(cfg: Config, device: torch.device) -> bool:
     """
     if cfg.scale.amp is not None:
         return bool(cfg.scale.amp)
-    return native_bf16(device)
+    return device.type == "cpu" and native_bf16(device)
 
 
 def autocast(cfg: Config, device: torch.device):

@@ -232,8 +232,8 @@ def test_attack_actor_runs_each_model_and_method_once_over_every_split_of_a_batc
 
 
 def test_amp_follows_the_config_and_by_default_the_cpus_native_bf16(monkeypatch):
-    """scale.amp true/false is obeyed on CPU; null (the default) is on exactly when the CPU has
-    AVX512-BF16 or AMX (torch.cpu's probes, patched here both ways)."""
+    """scale.amp true/false is obeyed; null (the default) is on exactly when the CPU has
+    AVX512-BF16 or AMX (torch.cpu's probes, patched here both ways), and off on a GPU."""
     import torch
 
     from raydefense.pipeline.worker import amp_enabled, native_bf16
@@ -248,6 +248,9 @@ def test_amp_follows_the_config_and_by_default_the_cpus_native_bf16(monkeypatch)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert native_bf16(cpu) is (avx512_bf16 or amx)
         assert amp_enabled(cfg, cpu) is (avx512_bf16 or amx)
+    # Not on a GPU unless asked for (slower there at these sizes); the device is not touched.
+    assert amp_enabled(cfg, torch.device("cuda")) is False
+    assert amp_enabled(cfg.replace(["scale.amp=true"]), torch.device("cuda")) is True
     # A torch without the private probes reads as "no native bf16", not an error.
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
