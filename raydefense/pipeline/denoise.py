@@ -18,6 +18,7 @@ import torch
 from raydefense.config import from_dict
 from raydefense.pipeline import training as T
 from raydefense.pipeline.artifacts import load_artifact, save_artifact, unwrap
+from raydefense.pipeline.gnr import training_pairs
 from raydefense.pipeline.loop_args import DenoiserArgs
 from raydefense.pipeline.runtime import images_to_tensor
 from raydefense.seeding import seed_everything, worker_seed
@@ -121,15 +122,6 @@ def denoiser_loop(config: dict[str, Any]) -> None:
     if rank == 0 and args.artifact:
         save_artifact(storage, args.artifact, model, spec, config=config["cfg"],
                       metrics={**metrics, **progress.summary(amp=T.amp_enabled(cfg, device))})
-
-
-def training_pairs(ctx: RunContext):
-    """The denoiser's training set: real adversarial pairs plus GNR-generated pairs."""
-
-    ds = ctx.layout.read_adv("train", ["clean", "adv", "label"])
-    if ctx.cfg.gnr.enabled and ctx.layout.has_dataset(ctx.layout.GNR_AUG):
-        ds = ds.union(ctx.layout.read_adv("gnr_aug", ["clean", "adv", "label"]))
-    return ds
 
 
 def denoiser_args(cfg, task: str, *, artifact: str | None = None) -> DenoiserArgs:

@@ -56,7 +56,7 @@ def denoise_images(ctx: RunContext, ds, *, denoiser: str, column: str, gpu: bool
 def kt_training_inputs(ctx: RunContext):
     """What the teacher and student train on once denoised: the denoiser's training inputs (real
     and generated adversarial images) and the clean training images, as ``image, label`` rows."""
-    from raydefense.pipeline.denoise import training_pairs
+    from raydefense.pipeline.gnr import training_pairs
 
     adv = training_pairs(ctx).select_columns(["adv", "label"]).rename_columns({"adv": "image"})
     return adv.union(ctx.layout.read_clean(["gnr", "denoise"], ["image", "label"]))

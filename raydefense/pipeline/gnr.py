@@ -137,3 +137,13 @@ def run_gnr(ctx: RunContext, *, gpu: bool) -> dict[str, Any]:
     generated = ctx.layout.count_rows(ctx.layout.GNR_AUG)
     ctx.echo(f"  gnr: {generated} generated adversarial images ({k} per clean image) beside {n_real} real ones")
     return {"generated": generated, "real": n_real, "per_image": k}
+
+
+def training_pairs(ctx: RunContext):
+    """The denoisers' training set (and, denoised, the KT teacher's and student's inputs): the
+    attack's real adversarial pairs (``data/adv/set=train``) plus the GNR's generated pairs
+    (``data/gnr_aug``, when the GNR is on and made them), as ``clean, adv, label`` rows."""
+    ds = ctx.layout.read_adv("train", ["clean", "adv", "label"])
+    if ctx.cfg.gnr.enabled and ctx.layout.has_dataset(ctx.layout.GNR_AUG):
+        ds = ds.union(ctx.layout.read_adv("gnr_aug", ["clean", "adv", "label"]))
+    return ds

@@ -182,12 +182,12 @@ def sequence_task(name: str, tasks: Sequence[TrainingTask]) -> TrainingTask:
         names: dict[str, str] = {}
         for key, ds in t.datasets.items():
             # An object an earlier part gave (under any name) is shared under that name.
-            name = next((n for n, known in datasets.items() if known is ds), None)
-            if name is None:
-                name = key if key not in datasets else f"{t.name}.{key}"  # no "/": Ray Data names log files after datasets
-                datasets[name] = ds
-            if name != key:
-                names[key] = name
+            shared = next((n for n, known in datasets.items() if known is ds), None)
+            if shared is None:
+                shared = key if key not in datasets else f"{t.name}.{key}"  # no "/": Ray Data names log files after datasets
+                datasets[shared] = ds
+            if shared != key:
+                names[key] = shared
         parts.append({"name": t.name, "loop": t.loop, "config": t.config, "done": t.done, "datasets": names})
     config = {"parts": parts, "storage": tasks[0].config["storage"]}
     return TrainingTask(name=name, loop=sequence_loop, config=config, datasets=datasets,

@@ -31,6 +31,7 @@ def test_a_dataset_object_is_shared_under_the_name_its_first_part_gave_it():
     seq = T.sequence_task("uddn-teacher-student", [_task("uddn", {"train": pairs, "val": val_white}),
                                                    _task("teacher", {"train": kt, "val": val}),
                                                    _task("student", {"train": kt, "val": val})])
+    assert seq.name == "uddn-teacher-student"  # the fit's (checkpoint folder's) name, whatever the datasets
     assert seq.datasets == {"train": pairs, "val": val_white, "teacher.train": kt, "teacher.val": val}
     assert [p["datasets"] for p in seq.config["parts"]] == [
         {}, {"train": "teacher.train", "val": "teacher.val"}, {"train": "teacher.train", "val": "teacher.val"}]
