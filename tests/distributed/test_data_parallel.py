@@ -161,7 +161,9 @@ def test_two_workers_with_half_the_batch_track_one_worker(ray_local, tmp_path):
     curves = {}
     datasets = {"train": _classifier_ds(64, 2), "val": _classifier_ds(16, 3)}
     for workers, batch in ((1, 8), (2, 4)):
-        cfg = _cfg(workers)
+        # fp32: in bf16 autocast (scale.amp's default on a CPU with AVX512-BF16) a half batch
+        # rounds otherwise, and the curves drift apart by more than the summation order's 1e-3.
+        cfg = _cfg(workers, **{"scale.amp": "false"})
         tasks = []
         for batch_norm in (False, True):
             # One task name for every run: the seed of a training is keyed by its task
