@@ -266,8 +266,11 @@ def map_compute(cfg: Config, *, gpu: bool) -> str:
     step 1.32x slower (10 idle Ray workers, interleaved probe).
 
     Why actors on GPU: Ray ends a task's worker process after one task when the task asks for
-    GPUs (``max_calls=1`` for GPU remote functions, ray/remote_function.py), so every GPU batch
-    would pay a process start, the imports and the model load.
+    GPUs (``max_calls=1`` for GPU remote functions, ray/remote_function.py, to free the device's
+    memory), so every GPU batch would pay a process start, the imports and the model load.
+    :func:`map_instances` lifts that for its own GPU tasks (``max_calls=0``), so
+    ``scale.map_compute: tasks`` keeps its processes on GPU too (tested with a GPU resource on a
+    CPU machine); ``auto`` stays on actors there until a GPU run has measured the task pool.
     """
     if cfg.scale.map_compute != "auto":
         return cfg.scale.map_compute
@@ -312,6 +315,10 @@ def map_instances(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, ba
         return ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=batch_size,
                               compute=ray.data.ActorPoolStrategy(size=size), **resources)
     key = f"{cls.__module__}.{cls.__qualname__}:{uuid.uuid4().hex}"
+    if gpu:
+        # Ray's default for a GPU task ends its process after the task (max_calls=1); 0 keeps the
+        # process, and with it the instance this execution built, as on CPU.
+        resources["max_calls"] = 0
     return ds.map_batches(_call_instance, fn_kwargs={"key": key, "cls": cls, "kwargs": kwargs}, batch_size=batch_size,
                           compute=ray.data.TaskPoolStrategy(size=size), **resources)
 

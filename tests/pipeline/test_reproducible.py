@@ -321,6 +321,29 @@ def test_task_pool_builds_one_instance_per_process_and_execution(pipeline_ray):
     assert not tokens & tokens_2  # a new execution builds anew
 
 
+def test_gpu_task_pool_keeps_its_process_across_batches():
+    """On GPU a task pool's tasks ask for a GPU and keep their process (map_instances passes
+    max_calls=0 over Ray's GPU default of 1, which would restart the process and reload the
+    models for every batch): one process, one instance per execution, 8 batches each. Run on a
+    local Ray that advertises a GPU on this CPU machine, in its own process."""
+    import json
+    import subprocess
+    import sys
+
+    probe = Path(__file__).with_name("gpu_task_pool_probe.py")
+    res = subprocess.run([sys.executable, str(probe), str(SMOKE)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    tokens = []
+    for run in runs:
+        assert sorted(run["id"]) == list(range(32))
+        assert set(run["cuda"]) == {"0"} and all(run["gpu"])  # Ray gave each task the GPU
+        assert len(set(run["pid"])) == 1 and len(set(run["token"])) == 1  # one process, one instance
+        tokens.append(run["token"][0])
+    assert tokens[0] != tokens[1]  # the next execution builds anew
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
