@@ -59,6 +59,11 @@ def _batch(n: int, size: int, device: str, *, eps: float, seed: int) -> tuple[to
     return x.to(device), (x + noise).clamp(0, 1).to(device)
 
 
+def _with_amp(cfg, amp: bool | None):
+    """``cfg`` with ``scale.amp`` forced on or off; unchanged for None (the config decides)."""
+    return cfg if amp is None else cfg.replace([f"scale.amp={'true' if amp else 'false'}"])
+
+
 def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool | None = None,
                  batch: int | None = None, reference: bool = False,
                  channels_last: bool = True) -> tuple[Callable[[], None], int]:
@@ -80,7 +85,7 @@ def uddn_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool | None
     opt = torch.optim.Adam(model.parameters(), lr=d.lr)
     batch = batch or d.batch_size
     x, x_adv = _batch(batch, cfg.data.image_size, device, eps=cfg.attack.eps_max, seed=1)
-    run_cfg = cfg if amp is None else cfg.replace([f"scale.amp={'true' if amp else 'false'}"])
+    run_cfg = _with_amp(cfg, amp)
     dev = torch.device(device)
 
     with autocast(run_cfg, dev):
@@ -111,7 +116,7 @@ def classifier_trainer(cfg, *, num_classes: int, device: str = "cpu", amp: bool 
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     x, _ = _batch(tc.batch_size, cfg.data.image_size, device, eps=0.0, seed=5)
     y = torch.arange(tc.batch_size, device=device) % num_classes
-    run_cfg = cfg if amp is None else cfg.replace([f"scale.amp={'true' if amp else 'false'}"])
+    run_cfg = _with_amp(cfg, amp)
     dev = torch.device(device)
 
     def step() -> None:

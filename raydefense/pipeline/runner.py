@@ -93,29 +93,24 @@ def run_stages(ctx: RunContext, *, gpu: bool, stop_after: Optional[str] = None,
     A running stage sees in ``ctx.upcoming`` which stages this call runs after it.
     Returns the stages run now. What :func:`run_pipeline` and the ablation's runs execute."""
     stages = _stages()
-    todo = []
-    for name, _ in stages:
-        if not ctx.is_done(name):
-            todo.append(name)
-        if name == stop_after:
-            break
+    names = [name for name, _ in stages]
+    last = names.index(stop_after) + 1 if stop_after in names else len(names)
+    todo = [name for name in names[:last] if not ctx.is_done(name)]  # one marker check per stage
     ran = []
-    for i, (name, fn) in enumerate(stages, 1):
-        if ctx.is_done(name):
+    for i, (name, fn) in enumerate(stages[:last], 1):
+        if name not in todo:
             ctx.timings[name] = float(ctx.marker(name).get("duration_s", 0.0))
             if echo_skips:
                 ctx.echo(f"[{i}/{len(stages)}] {name}: finished earlier, skipping")
-        else:
-            ctx.echo(f"[{i}/{len(stages)}] {name}")
-            ctx.upcoming = tuple(todo[todo.index(name) + 1:]) if name in todo else ()
-            t0 = time.perf_counter()
-            outputs = fn(ctx, gpu=gpu)
-            ctx.timings[name] = time.perf_counter() - t0
-            ctx.mark_done(name, duration_s=ctx.timings[name], outputs=outputs)
-            ctx.echo(f"[{i}/{len(stages)}] {name}: done in {ctx.timings[name]:.1f} s")
-            ran.append(name)
-        if name == stop_after:
-            break
+            continue
+        ctx.echo(f"[{i}/{len(stages)}] {name}")
+        ctx.upcoming = tuple(todo[todo.index(name) + 1:])
+        t0 = time.perf_counter()
+        outputs = fn(ctx, gpu=gpu)
+        ctx.timings[name] = time.perf_counter() - t0
+        ctx.mark_done(name, duration_s=ctx.timings[name], outputs=outputs)
+        ctx.echo(f"[{i}/{len(stages)}] {name}: done in {ctx.timings[name]:.1f} s")
+        ran.append(name)
     return ran
 
 
