@@ -98,16 +98,21 @@ def test_results_path_and_json_writer(tmp_path):
 
 
 def _fake_torchattacks():
-    """Stand-ins with torchattacks' class names and signatures, built on our attacks."""
+    """Stand-ins with torchattacks' class names and signatures, built on our attacks, which
+    (like torchattacks) differentiate the model as given."""
     from raydefense.attacks import APGD, FGSM, IFGSM, PGD
 
+    def as_given(attack):
+        attack.fold_batch_norm = False
+        return attack
+
     return types.SimpleNamespace(
-        FGSM=lambda model, eps: FGSM(model, eps=eps),
-        BIM=lambda model, eps, alpha, steps: IFGSM(model, eps=eps, alpha=alpha, steps=steps),
-        PGD=lambda model, eps, alpha, steps, random_start: PGD(model, eps=eps, alpha=alpha, steps=steps,
-                                                               random_start=random_start),
-        APGD=lambda model, eps, norm, steps, n_restarts, loss, rho: APGD(model, eps=eps, steps=steps,
-                                                                          restarts=n_restarts, loss=loss, rho=rho),
+        FGSM=lambda model, eps: as_given(FGSM(model, eps=eps)),
+        BIM=lambda model, eps, alpha, steps: as_given(IFGSM(model, eps=eps, alpha=alpha, steps=steps)),
+        PGD=lambda model, eps, alpha, steps, random_start: as_given(PGD(model, eps=eps, alpha=alpha, steps=steps,
+                                                                        random_start=random_start)),
+        APGD=lambda model, eps, norm, steps, n_restarts, loss, rho: as_given(APGD(model, eps=eps, steps=steps,
+                                                                                  restarts=n_restarts, loss=loss, rho=rho)),
     )
 
 
@@ -116,12 +121,14 @@ def test_attack_section_on_a_tiny_model():
     bench_attacks.run_attacks(section, sizes=[32], batch=4, rounds=2, warmup=0, apgd_steps=3, model_name="small_cnn",
                               num_classes=4, theirs=_fake_torchattacks(), log=lambda _: None)
     ratios = [r for r in section.rows if r.ratio]
-    assert len(ratios) == 4 + 2 and len(section.rows) == 12 + 2
+    assert len(ratios) == 4 + 4 and len(section.rows) == 12 + 4
     assert all(r.summary.n == 2 and r.summary.min > 0 for r in section.rows)
     fgsm = ratios[0].detail["check"]
-    assert fgsm["pixels_agree"] == 1.0 and fgsm["linf_ours"] <= bench_attacks.EPS + 1e-6
-    # Our attacks on the inference form (BatchNorm folded) make the same images to float rounding.
-    assert all(r.detail["check"]["pixels_agree"] >= 0.99 for r in ratios[-2:])
+    # Ours folds the model's BatchNorms, the stand-in does not: the same images to float rounding.
+    assert fgsm["pixels_agree"] >= 0.99 and fgsm["linf_ours"] <= bench_attacks.EPS + 1e-6
+    assert [r.name.split(": ")[1] for r in ratios[-4:]] == [
+        "ours (inference form) / ours on the model as given", "ours / torchattacks, both on the inference form"] * 2
+    assert all(r.detail["check"]["pixels_agree"] >= 0.99 for r in ratios[-4:])
 
 
 def test_check_pair_refuses_outputs_outside_the_ball():

@@ -31,9 +31,12 @@ of the input (L-inf, 1e-6 slack); for the deterministic pairs (FGSM, I-FGSM4/BIM
 pixels on which both agree is recorded (expected ~1.0); the fraction of images each one fools is
 recorded for all. A pair that fails the check fails the section.
 
-Per size, also our FGSM and I-FGSM4 on the model as built against the same attacks on its
-inference form (BatchNorm folded, channels-last weights: what the pipeline's loops get from
-``load_artifact``), interleaved, with the fraction of output pixels on which they agree.
+Our attacks differentiate the model's inference form (BatchNorm folded into a copy,
+channels-last weights; ``Attack.fold_batch_norm``, on by default), torchattacks the model as
+given: the pairs compare what each library does with the same model. Per size, the rows of
+:func:`_inference_form_rows` split that ratio: the fold's gain (ours against ours with the fold
+off) and the attack code's own speed (ours against torchattacks handed the folded network too,
+the same operations on both sides).
 """
 from __future__ import annotations
 
@@ -167,32 +170,39 @@ def run_attacks(section: Section, *, sizes: list[int], batch: int, rounds: int, 
                                        seconds=times["theirs"]))
             r = section.rows[-3].summary
             log(f"  {name}: ours/torchattacks {r.median:.3f}x [{r.min:.3f}, {r.max:.3f}]  check {_fmt(check)}")
-        _inference_form_rows(section, model, x, y, size=size, rounds=n_rounds, warmup=warmup, sync=sync, log=log)
+        _inference_form_rows(section, model, x, y, theirs=theirs, size=size, rounds=n_rounds, warmup=warmup, sync=sync, log=log)
 
 
-def _inference_form_rows(section: Section, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, size: int,
-                         rounds: int, warmup: int, sync, log: Callable[[str], None]) -> None:
-    """Our FGSM and I-FGSM4 on the model as built against the same attack on its inference form
-    (:func:`raydefense.models.fusion.inference_form`, what ``load_artifact`` hands the pipeline's
-    attack, evaluation and guidance loops), interleaved: the speed ratio and the fraction of
-    output pixels on which both agree (folding changes float rounding only)."""
+def _inference_form_rows(section: Section, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, theirs: Any,
+                         size: int, rounds: int, warmup: int, sync, log: Callable[[str], None]) -> None:
+    """Where the pairs' ratio comes from, for FGSM and I-FGSM4, three contenders interleaved:
+    ours as the pairs ran it (differentiating the inference form: BatchNorm folded into a copy,
+    channels-last; :class:`raydefense.models.fusion.InferenceFormCache`), ours with
+    ``fold_batch_norm = False`` (the model as given), and torchattacks handed that inference form
+    too. Rows: ours folded / ours as given (the fold's gain) and ours / torchattacks on the same
+    folded network (the same operations on both sides: the attack code's own speed), each with
+    the fraction of output pixels on which both agree."""
     import copy
 
     from raydefense.attacks import create_attack
     from raydefense.models.fusion import inference_form
 
     fast = inference_form(copy.deepcopy(model))
-    for label, name in (("FGSM", "fgsm"), ("I-FGSM4", "ifgsm4")):
-        built, folded = create_attack(name, model, eps=EPS), create_attack(name, fast, eps=EPS)
-        agree = float(((built(x, y) - folded(x, y)).abs() <= 1e-5).float().mean())
-        times = interleave({"built": lambda: built(x, y), "folded": lambda: folded(x, y)},
+    for label, name, cls, kw in (("FGSM", "fgsm", "FGSM", {}), ("I-FGSM4", "ifgsm4", "BIM", {"alpha": EPS / 4, "steps": 4})):
+        ours, plain = create_attack(name, model, eps=EPS), create_attack(name, model, eps=EPS)
+        plain.fold_batch_norm = False
+        their = getattr(theirs, cls)(fast, eps=EPS, **kw)
+        adv = ours(x, y)
+        agree_plain = float(((adv - plain(x, y)).abs() <= 1e-5).float().mean())
+        agree_theirs = float(((adv - their(x, y)).abs() <= 1e-5).float().mean())
+        times = interleave({"ours": lambda: ours(x, y), "plain": lambda: plain(x, y), "theirs": lambda: their(x, y)},
                            rounds=rounds, warmup=warmup, sync=sync)
-        section.rows.append(Row.of(f"{label} @ {size} px: ours on the inference form / on the model as built",
-                                   paired_ratios(times["built"], times["folded"]), "x", ratio=True,
-                                   check={"pixels_agree": agree}, batch=len(x)))
-        r = section.rows[-1].summary
-        log(f"  {label} @ {size} px: inference form / as built {r.median:.3f}x [{r.min:.3f}, {r.max:.3f}]  "
-            f"pixels agree {agree:.4f}")
+        for what, other, agree in (("ours (inference form) / ours on the model as given", "plain", agree_plain),
+                                   ("ours / torchattacks, both on the inference form", "theirs", agree_theirs)):
+            section.rows.append(Row.of(f"{label} @ {size} px: {what}", paired_ratios(times[other], times["ours"]), "x",
+                                       ratio=True, check={"pixels_agree": agree}, batch=len(x)))
+            r = section.rows[-1].summary
+            log(f"  {label} @ {size} px: {what} {r.median:.3f}x [{r.min:.3f}, {r.max:.3f}]  pixels agree {agree:.4f}")
 
 
 def _fmt(check: dict[str, float]) -> str:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raydefense.models.fusion import InferenceFormCache
+
 __all__ = ["Attack", "register_attack", "create_attack", "list_attacks", "attack_loss"]
 
 EpsLike = float | Sequence[float] | Tensor
@@ -119,7 +121,19 @@ class Attack:
     inside ``torch.no_grad``/``inference_mode``), clamps to ``[0, 1]`` and returns a detached
     tensor on the model's device. It never changes the model's parameters, their ``.grad``, or
     the caller's tensors.
+
+    The attack differentiates the model's inference form (``fold_batch_norm = True``, the
+    default): when the model has BatchNorm layers right after convolutions, :meth:`forward` runs
+    on a copy with each folded into its convolution
+    (:class:`~raydefense.models.fusion.InferenceFormCache`), the same function in eval mode to
+    float rounding with one elementwise pass fewer per layer in every forward and backward
+    (FaceNet, batch 32, 2 CPU threads: FGSM 1.2-1.3x faster). The copy is remade when the
+    model's weights change (optimiser steps, ``load_state_dict``) and costs a second set of
+    weights while the attack lives. Set ``attack.fold_batch_norm = False`` to differentiate the
+    model exactly as given (a model whose forward depends on the identity of its modules).
     """
+
+    fold_batch_norm: bool = True
 
     def __init__(self, model: nn.Module, *, eps: EpsLike = 8 / 255, targeted: bool = False) -> None:
         if not isinstance(model, nn.Module):
@@ -128,6 +142,7 @@ class Attack:
         self.eps = _check_budget(eps, what="eps", owner=type(self).__name__)
         self.targeted = bool(targeted)
         self.image_seeds: Tensor | None = None  # see with_image_seeds
+        self._inference_form = InferenceFormCache()
 
     def with_image_seeds(self, seeds: Sequence[int] | Tensor) -> "Attack":
         """Key this attack's random starts by image: ``seeds`` ``(B,)`` integers in ``[0, 2**63)``, one
@@ -160,15 +175,19 @@ class Attack:
         # become int64, the only index dtype cross_entropy and gather take.
         work = _module_dtype(self.model) or (images.dtype if images.dtype in (torch.float32, torch.float64)
                                               else torch.float32)
-        modes = [(m, m.training) for m in self.model.modules()]
+        given = self.model
+        differentiated = self._inference_form.get(given) if self.fold_batch_norm else given
+        modes = [(m, m.training) for m in given.modules()] if differentiated is given else []
         with torch.inference_mode(False), torch.enable_grad():
             # clone: a fresh autograd-capable tensor even if the caller made it under inference_mode
             x = images.to(device=device, dtype=work).clone()
             y = labels.to(device=device, dtype=torch.long).clone()
-            self.model.eval()
+            differentiated.eval()
+            self.model = differentiated  # what forward() and the helpers below call
             try:
                 adv = self.forward(x, y)
             finally:
+                self.model = given
                 for module, training in modes:
                     module.training = training
         adv = adv.detach().clamp(0, 1)

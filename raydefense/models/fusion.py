@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batch_norm", "inference_form", "conv_bn_units"]
+__all__ = ["fold_batch_norm", "count_foldable", "inference_form", "InferenceFormCache", "conv_bn_units"]
 
 
 @functools.cache
@@ -62,6 +62,25 @@ def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
     return fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose2d))
 
 
+def _foldable_pairs(model: nn.Module):
+    """Yield ``(parent, conv_key, bn_key)`` for each foldable convolution + BatchNorm of ``model``
+    (see the module docstring for the patterns), without changing anything."""
+    for module in list(model.modules()):
+        if isinstance(module, conv_bn_units()) and _fusable(module.conv, module.bn):
+            yield module, "conv", "bn"
+        elif isinstance(module, nn.Sequential):
+            keys = list(module._modules)
+            for a, b in zip(keys, keys[1:]):
+                if _fusable(module._modules[a], module._modules[b]):  # False for None children too
+                    yield module, a, b
+
+
+def count_foldable(model: nn.Module) -> int:
+    """How many BatchNorm layers :func:`fold_batch_norm` would fold in ``model`` (which it leaves
+    unchanged, in whatever mode it is in)."""
+    return sum(1 for _ in _foldable_pairs(model))
+
+
 def fold_batch_norm(model: nn.Module) -> int:
     """Fold every foldable eval-mode BatchNorm2d of ``model`` into its convolution, in place.
 
@@ -82,19 +101,15 @@ def fold_batch_norm(model: nn.Module) -> int:
     if training:
         raise ValueError(f"fold_batch_norm needs an eval-mode model; in training mode: {training[0]}")
     folded = 0
-    for module in list(model.modules()):
-        if isinstance(module, conv_bn_units()) and _fusable(module.conv, module.bn):
-            module.conv = _fold(module.conv, module.bn)
-            module.bn = nn.Identity()
-            folded += 1
-        elif isinstance(module, nn.Sequential):
-            keys = list(module._modules)
-            for a, b in zip(keys, keys[1:]):
-                conv, bn = module._modules[a], module._modules[b]
-                if _fusable(conv, bn):  # False for None children too
-                    module._modules[a] = _fold(conv, bn)
-                    module._modules[b] = nn.Identity()
-                    folded += 1
+    for parent, a, b in list(_foldable_pairs(model)):
+        conv, bn = parent._modules[a], parent._modules[b]
+        if isinstance(parent, nn.Sequential):
+            parent._modules[a] = _fold(conv, bn)
+            parent._modules[b] = nn.Identity()
+        else:
+            parent.conv = _fold(conv, bn)
+            parent.bn = nn.Identity()
+        folded += 1
     return folded
 
 
@@ -120,3 +135,93 @@ def inference_form(model: nn.Module) -> nn.Module:
     if isinstance(model, Classifier):
         model.to(memory_format=torch.channels_last)
     return model
+
+
+# Bumped by torch's global registration hooks whenever any module anywhere gains or replaces a
+# parameter, buffer or submodule (``setattr``, ``register_*``, ``load_state_dict(assign=True)``):
+# while it is unchanged, a module tree walked before still has the same tensors and children.
+_structure_generation = 0
+_hooks_installed = False
+
+
+def _bump(*_args: object) -> None:
+    global _structure_generation
+    _structure_generation += 1
+
+
+def _install_structure_hooks() -> None:
+    global _hooks_installed
+    if not _hooks_installed:
+        from torch.nn.modules import module as torch_module
+
+        torch_module.register_module_parameter_registration_hook(_bump)
+        torch_module.register_module_buffer_registration_hook(_bump)
+        torch_module.register_module_module_registration_hook(_bump)
+        _hooks_installed = True
+
+
+class InferenceFormCache:
+    """The inference form (:func:`inference_form`) of a model that is not ours to change: a
+    folded deep copy, rebuilt when the model's weights change.
+
+    :meth:`get` returns ``model`` itself when it has no BatchNorm to fold (e.g. a model
+    :func:`~raydefense.pipeline.artifacts.load_artifact` already put in inference form), or
+    when it is wrapped for data-parallel training (``DistributedDataParallel`` and
+    ``DataParallel`` are not copied). Otherwise it returns a copy in inference form, made on
+    the first call and reused while every parameter and buffer of ``model`` is the same tensor
+    with the same storage and the same in-place version (``Tensor._version``, which an
+    optimiser step, ``load_state_dict`` or any in-place update bumps) and no module has gained or
+    replaced a parameter, buffer or child since (torch's global registration hooks). A check
+    costs one read of each tensor's version and pointer (~0.1 ms for FaceNet's 718 tensors);
+    a rebuild one deep copy and fold (~0.1 s for FaceNet on 2 CPU threads). The copy holds a
+    second set of weights for as long as the cache lives.
+
+    Used by :class:`~raydefense.attacks.Attack`: an attack differentiates the same function
+    with less work (one elementwise pass fewer per BatchNorm in every forward and backward).
+    """
+
+    def __init__(self) -> None:
+        self._model: nn.Module | None = None
+        self._generation = -1
+        self._tensors: list[torch.Tensor] = []
+        self._foldable = False
+        self._key: tuple | None = None
+        self._form: nn.Module | None = None
+
+    def _state(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in self._tensors)
+
+    def get(self, model: nn.Module) -> nn.Module:
+        """``model``'s inference form, or ``model`` itself (see the class docstring)."""
+        _install_structure_hooks()
+        if model is not self._model or _structure_generation != self._generation:
+            self._model, self._generation = model, _structure_generation
+            self._tensors = [*model.parameters(), *model.buffers()]
+            parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+            self._foldable = (not any(isinstance(m, parallel) for m in model.modules())
+                              and count_foldable(model) > 0)
+            self._key = self._form = None
+        if not self._foldable:
+            return model
+        key = self._state()
+        if key != self._key:
+            import copy
+
+            self._form = None  # free the stale copy before making the new one
+            try:
+                # Outside inference mode: a copy made inside it would hold inference tensors,
+                # which autograd cannot save for the backward an attack needs.
+                with torch.inference_mode(False), torch.no_grad():
+                    form = copy.deepcopy(model)
+            except Exception:  # a module that cannot be copied (open handles, ...): use it as given
+                self._foldable = False
+                return model
+            for p in form.parameters():
+                p.grad = None
+            with torch.inference_mode(False):
+                self._form = inference_form(form)
+            self._key = key
+            # Folding replaced children of the copy, which bumped the generation: not a change
+            # of ``model``, whose tensors were walked above.
+            self._generation = _structure_generation
+        return self._form
