@@ -171,10 +171,11 @@ class InferenceFormCache:
     the first call and reused while every parameter and buffer of ``model`` is the same tensor
     with the same storage and the same in-place version (``Tensor._version``, which an
     optimiser step, ``load_state_dict`` or any in-place update bumps) and no module has gained or
-    replaced a parameter, buffer or child since (torch's global registration hooks). A check
-    costs one read of each tensor's version and pointer (~0.1 ms for FaceNet's 718 tensors);
-    a rebuild one deep copy and fold (~0.1 s for FaceNet on 2 CPU threads). The copy holds a
-    second set of weights for as long as the cache lives.
+    replaced a parameter, buffer or child since (torch's global registration hooks; after one,
+    a new walk of the tree, ~2 ms for FaceNet, decides). A check costs one read of each
+    tensor's version and pointer (~0.2 ms for FaceNet's 718 tensors); a rebuild one deep copy
+    and fold (~0.1 s for FaceNet on 2 CPU threads). The copy holds a second set of weights for
+    as long as the cache lives.
 
     Used by :class:`~raydefense.attacks.Attack`: an attack differentiates the same function
     with less work (one elementwise pass fewer per BatchNorm in every forward and backward).
@@ -183,6 +184,7 @@ class InferenceFormCache:
     def __init__(self) -> None:
         self._model: nn.Module | None = None
         self._generation = -1
+        self._modules: list[nn.Module] = []
         self._tensors: list[torch.Tensor] = []
         self._foldable = False
         self._key: tuple | None = None
@@ -195,15 +197,18 @@ class InferenceFormCache:
         """``model``'s inference form, or ``model`` itself (see the class docstring)."""
         _install_structure_hooks()
         if model is not self._model or _structure_generation != self._generation:
+            # Something, somewhere, registered a module or tensor (torchattacks does on every
+            # call): walk the tree again. The copy is only remade if the walk finds other modules
+            # or tensors (the references held here keep their ids from being reused).
             self._model, self._generation = model, _structure_generation
+            self._modules = list(model.modules())
             self._tensors = [*model.parameters(), *model.buffers()]
             parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-            self._foldable = (not any(isinstance(m, parallel) for m in model.modules())
+            self._foldable = (not any(isinstance(m, parallel) for m in self._modules)
                               and count_foldable(model) > 0)
-            self._key = self._form = None
         if not self._foldable:
             return model
-        key = self._state()
+        key = (tuple(map(id, self._modules)), self._state())
         if key != self._key:
             import copy
 

@@ -88,6 +88,9 @@ def test_the_copy_is_reused_while_nothing_changes_and_remade_after_an_optimiser_
     copy = attack._inference_form.get(net)
     attack(x, y)
     assert attack._inference_form.get(net) is copy
+    nn.Linear(2, 2)  # registers parameters elsewhere (torchattacks does on each call): nothing of net's changed
+    attack(x, y)
+    assert attack._inference_form.get(net) is copy
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     nn.functional.cross_entropy(net(x), y).backward()
     opt.step()
