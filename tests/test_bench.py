@@ -210,6 +210,16 @@ def test_plain_classifier_loop_and_image_column():
     seconds, losses = ray_stages.plain_classifier_epochs(cfg, args, data, data)
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
     assert len(losses) == 2 and all(np.isfinite(losses))
+    # The plain loop trains in the precision the Ray Train worker would (scale.amp): forced bf16
+    # autocast and forced fp32 round differently, from the first step on.
+    from raydefense.config import load_config
+
+    base = ["models.target=small_cnn", "data.image_size=32", "scale.cpus_per_worker=1"]
+    by_amp = {amp: ray_stages.plain_classifier_epochs(load_config(None, base + [f"scale.amp={amp}"]), args, data, data)[1]
+              for amp in ("true", "false")}
+    assert by_amp["false"] == ray_stages.plain_classifier_epochs(load_config(None, base + ["scale.amp=false"]), args,
+                                                                 data, data)[1]
+    assert by_amp["true"] != by_amp["false"]
 
 
 def test_plain_attack_pass_reads_attacks_and_writes_parquet(tmp_path):

@@ -320,7 +320,8 @@ def plain_classifier_epochs(cfg, args, train: dict[str, torch.Tensor], val: dict
             for step in train_data.steps(batch_size=tc.batch_size, device=device, shuffle=True,
                                          seed=epoch_seed(cfg.seed, epoch, args.stream)):
                 x = augment(images_to_tensor(step["image"], device), step)
-                loss = loss_fn(model, x, step["label"], inputs)
+                with T.autocast(cfg, device):  # the worker's precision (bf16 where scale.amp decides so)
+                    loss = loss_fn(model, x, step["label"], inputs)
                 opt.zero_grad(set_to_none=True)
                 (loss * step.loss_weight).backward()
                 opt.step()
