@@ -130,7 +130,8 @@ class Attack:
     (FaceNet, batch 32, 2 CPU threads: FGSM 1.2-1.3x faster). The copy is remade when the
     model's weights change (optimiser steps, ``load_state_dict``) and costs a second set of
     weights while the attack lives. Set ``attack.fold_batch_norm = False`` to differentiate the
-    model exactly as given (a model whose forward depends on the identity of its modules).
+    model exactly as given (a model whose forward depends on the identity of its modules, or
+    on state of its own that a copy would not share, such as a random generator it advances).
     """
 
     fold_batch_norm: bool = True
