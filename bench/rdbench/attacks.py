@@ -31,9 +31,9 @@ of the input (L-inf, 1e-6 slack); for the deterministic pairs (FGSM, I-FGSM4/BIM
 pixels on which both agree is recorded (expected ~1.0); the fraction of images each one fools is
 recorded for all. A pair that fails the check fails the section.
 
-Our attacks differentiate the model's inference form (BatchNorm folded into a copy,
-channels-last weights; ``Attack.fold_batch_norm``, on by default), torchattacks the model as
-given: the pairs compare what each library does with the same model. Per size, the rows of
+Our attacks differentiate the model with its BatchNorms folded into the convolutions and
+channels-last weights, for the length of each call (``Attack.fold_batch_norm``, on by default),
+torchattacks the model as given: the pairs compare what each library does with the same model. Per size, the rows of
 :func:`_inference_form_rows` split that ratio: the fold's gain (ours against ours with the fold
 off) and the attack code's own speed (ours against torchattacks handed the folded network too,
 the same operations on both sides).
@@ -176,10 +176,9 @@ def run_attacks(section: Section, *, sizes: list[int], batch: int, rounds: int, 
 def _inference_form_rows(section: Section, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, theirs: Any,
                          size: int, rounds: int, warmup: int, sync, log: Callable[[str], None]) -> None:
     """Where the pairs' ratio comes from, for FGSM and I-FGSM4, three contenders interleaved:
-    ours as the pairs ran it (differentiating the inference form: BatchNorm folded into a copy,
-    channels-last; :class:`raydefense.models.fusion.InferenceFormCache`), ours with
-    ``fold_batch_norm = False`` (the model as given), and torchattacks handed that inference form
-    too. Rows: ours folded / ours as given (the fold's gain) and ours / torchattacks on the same
+    ours as the pairs ran it (BatchNorms folded, channels-last, for the length of each call;
+    :class:`raydefense.models.fusion.FoldedBatchNorms`), ours with ``fold_batch_norm = False``
+    (the model as given), and torchattacks handed the model's inference form (a folded copy). Rows: ours folded / ours as given (the fold's gain) and ours / torchattacks on the same
     folded network (the same operations on both sides: the attack code's own speed), each with
     the fraction of output pixels on which both agree."""
     import copy

@@ -9,6 +9,7 @@ clamping. A subclass writes only :meth:`Attack.forward`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raydefense.models.fusion import InferenceFormCache
+from raydefense.models.fusion import FoldedBatchNorms
 
 __all__ = ["Attack", "register_attack", "create_attack", "list_attacks", "attack_loss"]
 
@@ -122,16 +123,15 @@ class Attack:
     tensor on the model's device. It never changes the model's parameters, their ``.grad``, or
     the caller's tensors.
 
-    The attack differentiates the model's inference form (``fold_batch_norm = True``, the
-    default): when the model has BatchNorm layers right after convolutions, :meth:`forward` runs
-    on a copy with each folded into its convolution
-    (:class:`~raydefense.models.fusion.InferenceFormCache`), the same function in eval mode to
-    float rounding with one elementwise pass fewer per layer in every forward and backward
-    (FaceNet, batch 32, 2 CPU threads: FGSM 1.2-1.3x faster). The copy is remade when the
-    model's weights change (optimiser steps, ``load_state_dict``) and costs a second set of
-    weights while the attack lives. Set ``attack.fold_batch_norm = False`` to differentiate the
-    model exactly as given (a model whose forward depends on the identity of its modules, or
-    on state of its own that a copy would not share, such as a random generator it advances).
+    The attack differentiates the model with its BatchNorms folded (``fold_batch_norm = True``,
+    the default): for the length of the call, each BatchNorm right after a convolution is folded
+    into it, in the model itself, from the weights as they are at the call, and put back after
+    (:class:`~raydefense.models.fusion.FoldedBatchNorms`). In eval mode that is the same
+    function to float rounding, with one elementwise pass fewer per layer in every forward and
+    backward (FaceNet, batch 32, 2 CPU threads: FGSM 1.2-1.3x faster). Forward hooks on those
+    convolutions and BatchNorms do not run during the call, and two threads attacking one model
+    take turns; set ``attack.fold_batch_norm = False`` to differentiate the model exactly as
+    given.
     """
 
     fold_batch_norm: bool = True
@@ -143,7 +143,7 @@ class Attack:
         self.eps = _check_budget(eps, what="eps", owner=type(self).__name__)
         self.targeted = bool(targeted)
         self.image_seeds: Tensor | None = None  # see with_image_seeds
-        self._inference_form = InferenceFormCache()
+        self._folded = FoldedBatchNorms()
 
     def with_image_seeds(self, seeds: Sequence[int] | Tensor) -> "Attack":
         """Key this attack's random starts by image: ``seeds`` ``(B,)`` integers in ``[0, 2**63)``, one
@@ -176,19 +176,17 @@ class Attack:
         # become int64, the only index dtype cross_entropy and gather take.
         work = _module_dtype(self.model) or (images.dtype if images.dtype in (torch.float32, torch.float64)
                                               else torch.float32)
-        given = self.model
-        differentiated = self._inference_form.get(given) if self.fold_batch_norm else given
-        modes = [(m, m.training) for m in given.modules()] if differentiated is given else []
+        modes = [(m, m.training) for m in self.model.modules()]
         with torch.inference_mode(False), torch.enable_grad():
             # clone: a fresh autograd-capable tensor even if the caller made it under inference_mode
             x = images.to(device=device, dtype=work).clone()
             y = labels.to(device=device, dtype=torch.long).clone()
-            differentiated.eval()
-            self.model = differentiated  # what forward() and the helpers below call
+            self.model.eval()
             try:
-                adv = self.forward(x, y)
+                folded = self._folded.applied(self.model) if self.fold_batch_norm else contextlib.nullcontext()
+                with folded:
+                    adv = self.forward(x, y)
             finally:
-                self.model = given
                 for module, training in modes:
                     module.training = training
         adv = adv.detach().clamp(0, 1)

@@ -22,13 +22,17 @@ by an activation.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+import weakref
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-__all__ = ["fold_batch_norm", "count_foldable", "inference_form", "InferenceFormCache", "conv_bn_units"]
+__all__ = ["fold_batch_norm", "count_foldable", "inference_form", "FoldedBatchNorms", "conv_bn_units"]
 
 
 @functools.cache
@@ -52,10 +56,13 @@ _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 def _fusable(conv: nn.Module, bn: nn.Module) -> bool:
     # A grouped transposed convolution keeps out_channels / groups per weight slice, which the
-    # per-output-channel scale of torch's fuse_conv_bn_weights does not broadcast over.
-    grouped_transposed = isinstance(conv, nn.ConvTranspose2d) and conv.groups != 1
-    return (isinstance(conv, _CONVS) and not grouped_transposed and type(bn) is nn.BatchNorm2d
-            and bn.track_running_stats and bn.running_mean is not None and conv.out_channels == bn.num_features)
+    # per-output-channel scale of torch's fuse_conv_bn_weights does not broadcast over. A
+    # parametrized convolution (weight_norm, spectral_norm) computes its weight on access, and
+    # an exact type check keeps out subclasses whose forward may differ.
+    grouped_transposed = type(conv) is nn.ConvTranspose2d and conv.groups != 1
+    return (type(conv) in _CONVS and not grouped_transposed and not parametrize.is_parametrized(conv)
+            and type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
+            and conv.out_channels == bn.num_features)
 
 
 def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
@@ -66,9 +73,10 @@ def _foldable_pairs(model: nn.Module):
     """Yield ``(parent, conv_key, bn_key)`` for each foldable convolution + BatchNorm of ``model``
     (see the module docstring for the patterns), without changing anything."""
     for module in list(model.modules()):
-        if isinstance(module, conv_bn_units()) and _fusable(module.conv, module.bn):
+        if type(module) in conv_bn_units() and _fusable(module.conv, module.bn):
             yield module, "conv", "bn"
-        elif isinstance(module, nn.Sequential):
+        elif isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            # (a subclass with its own forward may use a child's output twice)
             keys = list(module._modules)
             for a, b in zip(keys, keys[1:]):
                 if _fusable(module._modules[a], module._modules[b]):  # False for None children too
@@ -139,7 +147,8 @@ def inference_form(model: nn.Module) -> nn.Module:
 
 # Bumped by torch's global registration hooks whenever any module anywhere gains or replaces a
 # parameter, buffer or submodule (``setattr``, ``register_*``, ``load_state_dict(assign=True)``):
-# while it is unchanged, a module tree walked before still has the same tensors and children.
+# while it is unchanged, a module tree walked before most likely has the same children (which
+# FoldedBatchNorms then checks child by child before each swap).
 _structure_generation = 0
 _hooks_installed = False
 
@@ -160,73 +169,150 @@ def _install_structure_hooks() -> None:
         _hooks_installed = True
 
 
-class InferenceFormCache:
-    """The inference form (:func:`inference_form`) of a model that is not ours to change: a
-    folded deep copy, rebuilt when the model's weights change.
+class _ConvWith(nn.Module):
+    """``conv`` (a ``Conv2d`` or ``ConvTranspose2d``, read live for its stride, padding, ...)
+    computed with other weights: the folded ones of :class:`FoldedBatchNorms`."""
 
-    :meth:`get` returns ``model`` itself when it has no BatchNorm to fold (e.g. a model
-    :func:`~raydefense.pipeline.artifacts.load_artifact` already put in inference form), or
-    when it is wrapped for data-parallel training (``DistributedDataParallel`` and
-    ``DataParallel`` are not copied). Otherwise it returns a copy in inference form, made on
-    the first call and reused while every parameter and buffer of ``model`` is the same tensor
-    with the same storage and the same in-place version (``Tensor._version``, which an
-    optimiser step, ``load_state_dict`` or any in-place update bumps) and no module has gained or
-    replaced a parameter, buffer or child since (torch's global registration hooks; after one,
-    a new walk of the tree, ~2 ms for FaceNet, decides). A check costs one read of each
-    tensor's version and pointer (~0.2 ms for FaceNet's 718 tensors); a rebuild one deep copy
-    and fold (~0.1 s for FaceNet on 2 CPU threads). The copy holds a second set of weights for
-    as long as the cache lives.
+    def __init__(self, conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        # Plain attributes, not children or parameters: nothing is registered (no registration
+        # hook fires) and the caller's module tree only sees this module while it is swapped in.
+        object.__setattr__(self, "conv", conv)
+        object.__setattr__(self, "weight", weight)
+        object.__setattr__(self, "bias", bias)
 
-    Used by :class:`~raydefense.attacks.Attack`: an attack differentiates the same function
-    with less work (one elementwise pass fewer per BatchNorm in every forward and backward).
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if type(c) is nn.ConvTranspose2d:
+            return torch.nn.functional.conv_transpose2d(x, self.weight, self.bias, c.stride, c.padding,
+                                                        c.output_padding, c.groups, c.dilation)
+        return c._conv_forward(x, self.weight, self.bias)
+
+
+_model_locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_model_locks_guard = threading.Lock()
+
+
+def _lock_for(model: nn.Module) -> threading.RLock:
+    with _model_locks_guard:
+        lock = _model_locks.get(model)
+        if lock is None:
+            lock = _model_locks[model] = threading.RLock()
+        return lock
+
+
+class FoldedBatchNorms:
+    """A model run with each foldable BatchNorm folded into its convolution, for the length of a
+    ``with`` block, without copying it (what :class:`~raydefense.attacks.Attack` differentiates).
+
+    ``with folded.applied(model):`` swaps, in ``model`` itself, each convolution + BatchNorm pair
+    that :func:`fold_batch_norm` would fold for a convolution computed with the folded weights
+    (Ioffe & Szegedy 2015; ``torch.nn.utils.fusion.fuse_conv_bn_weights``) and an
+    ``nn.Identity``, and puts the originals back when the block ends, also on an exception. The
+    folded weights are computed on entry from the tensors as they are then, so nothing can go
+    stale: weights changed by an optimiser, through ``.data``, by ``load_state_dict`` or a new
+    ``eps`` all count, and every other module (its attributes, its hooks) is the caller's own.
+    For a :class:`~raydefense.models.base.Classifier` the folded weights, and those of its other
+    plain ``Conv2d`` layers, are channels-last (as :func:`inference_form` lays them out).
+
+    The model must be in eval mode inside the block (BatchNorm's eval-mode map is what is
+    folded); the block holds a per-model lock, so two threads attacking one model take turns.
+    A model with nothing to fold, or wrapped in ``DataParallel`` / ``DistributedDataParallel``,
+    runs as it is. Forward hooks on the swapped convolutions and BatchNorms do not run inside
+    the block.
+
+    Cost per entry: one pass over the folded convolutions' weights (~4 ms for FaceNet's on 2 CPU
+    threads) and a walk of the module tree only after a module somewhere registered a parameter,
+    buffer or child (torch's global registration hooks).
     """
 
     def __init__(self) -> None:
         self._model: nn.Module | None = None
         self._generation = -1
-        self._modules: list[nn.Module] = []
-        self._tensors: list[torch.Tensor] = []
-        self._foldable = False
-        self._key: tuple | None = None
-        self._form: nn.Module | None = None
+        self._pairs: list[tuple[nn.Module, str, str, nn.Module, nn.Module]] = []
+        self._plain: list[tuple[nn.Module, str, nn.Module]] = []
+        self._channels_last = False
+        self._folded: list[_ConvWith] = []
+        self._unfolded: list[_ConvWith] = []
 
-    def _state(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in self._tensors)
+    def _walk(self, model: nn.Module) -> None:
+        from raydefense.models.base import Classifier
 
-    def get(self, model: nn.Module) -> nn.Module:
-        """``model``'s inference form, or ``model`` itself (see the class docstring)."""
+        self._model, self._generation = model, _structure_generation
+        self._channels_last = isinstance(model, Classifier)
+        self._pairs, self._plain = [], []
+        if any(isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)) for m in model.modules()):
+            return
+        self._pairs = [(parent, a, b, parent._modules[a], parent._modules[b]) for parent, a, b in _foldable_pairs(model)]
+        folded = {id(conv) for *_, conv, _ in self._pairs}
+        if self._pairs and self._channels_last:
+            self._plain = [(parent, key, child) for parent in model.modules() for key, child in parent._modules.items()
+                           if type(child) is nn.Conv2d and id(child) not in folded
+                           and not parametrize.is_parametrized(child)]
+        # The stand-ins, made once per walk; each entry only gives them their weights.
+        self._folded = [_ConvWith(conv, conv.weight, conv.bias) for _, _, _, conv, _ in self._pairs]
+        self._unfolded = [_ConvWith(conv, conv.weight, conv.bias) for _, _, conv in self._plain]
+
+    def _current(self, model: nn.Module) -> bool:
+        """Whether the pairs found before are still ``model``'s, child for child."""
+        return (model is self._model and _structure_generation == self._generation
+                and all(parent._modules.get(a) is conv and parent._modules.get(b) is bn
+                        for parent, a, b, conv, bn in self._pairs)
+                and all(parent._modules.get(key) is conv for parent, key, conv in self._plain))
+
+    def _fold_weights(self) -> None:
+        """Give each stand-in its folded weights: ``w' = w * s``, ``b' = (b - mean) * s + beta``
+        with ``s = gamma / sqrt(var + eps)`` per output channel (torch's ``fuse_conv_bn_weights``
+        arithmetic, over all pairs at once)."""
+        convs = [conv for *_, conv, _ in self._pairs]
+        bns = [bn for *_, bn in self._pairs]
+        var = [bn.running_var for bn in bns]
+        scale = torch._foreach_rsqrt(torch._foreach_add(var, [float(bn.eps) for bn in bns]))
+        gamma = [bn.weight if bn.weight is not None else torch.ones_like(v) for bn, v in zip(bns, var)]
+        torch._foreach_mul_(scale, gamma)
+        bias = [conv.bias if conv.bias is not None else torch.zeros_like(v) for conv, v in zip(convs, var)]
+        beta = [bn.bias if bn.bias is not None else torch.zeros_like(v) for bn, v in zip(bns, var)]
+        new_bias = torch._foreach_add(torch._foreach_mul(torch._foreach_sub(bias, [bn.running_mean for bn in bns]),
+                                                         scale), beta)
+        shaped = [s.reshape(1, -1, 1, 1) if type(conv) is nn.ConvTranspose2d else s.reshape(-1, *([1] * (conv.weight.ndim - 1)))
+                  for s, conv in zip(scale, convs)]
+        weights = [conv.weight if not self._channels_last or conv.weight.ndim != 4
+                   else conv.weight.contiguous(memory_format=torch.channels_last) for conv in convs]
+        for stand_in, w, b in zip(self._folded, torch._foreach_mul(weights, shaped), new_bias):
+            object.__setattr__(stand_in, "weight", w)
+            object.__setattr__(stand_in, "bias", b)
+        for stand_in, (_, _, conv) in zip(self._unfolded, self._plain):
+            object.__setattr__(stand_in, "weight", conv.weight.detach().contiguous(memory_format=torch.channels_last))
+            object.__setattr__(stand_in, "bias", None if conv.bias is None else conv.bias.detach())
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """Inside the block ``model`` computes with its BatchNorms folded; see the class docstring."""
         _install_structure_hooks()
-        if model is not self._model or _structure_generation != self._generation:
-            # Something, somewhere, registered a module or tensor (torchattacks does on every
-            # call): walk the tree again. The copy is only remade if the walk finds other modules
-            # or tensors (the references held here keep their ids from being reused).
-            self._model, self._generation = model, _structure_generation
-            self._modules = list(model.modules())
-            self._tensors = [*model.parameters(), *model.buffers()]
-            parallel = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-            self._foldable = (not any(isinstance(m, parallel) for m in self._modules)
-                              and count_foldable(model) > 0)
-        if not self._foldable:
-            return model
-        key = (tuple(map(id, self._modules)), self._state())
-        if key != self._key:
-            import copy
-
-            self._form = None  # free the stale copy before making the new one
+        with _lock_for(model):
+            if not self._current(model):
+                self._walk(model)
+            if not self._pairs:
+                yield model
+                return
+            with torch.inference_mode(False), torch.no_grad():
+                self._fold_weights()
+            swaps = [(parent, a, new) for (parent, a, _, _, _), new in zip(self._pairs, self._folded)]
+            swaps += [(parent, b, _IDENTITY) for parent, _, b, _, _ in self._pairs]
+            swaps += [(parent, key, new) for (parent, key, _), new in zip(self._plain, self._unfolded)]
+            originals = []
             try:
-                # Outside inference mode: a copy made inside it would hold inference tensors,
-                # which autograd cannot save for the backward an attack needs.
-                with torch.inference_mode(False), torch.no_grad():
-                    form = copy.deepcopy(model)
-            except Exception:  # a module that cannot be copied (open handles, ...): use it as given
-                self._foldable = False
-                return model
-            for p in form.parameters():
-                p.grad = None
-            with torch.inference_mode(False):
-                self._form = inference_form(form)
-            self._key = key
-            # Folding replaced children of the copy, which bumped the generation: not a change
-            # of ``model``, whose tensors were walked above.
-            self._generation = _structure_generation
-        return self._form
+                for parent, key, new in swaps:
+                    # Straight into _modules: no registration hook fires and the generation stays.
+                    originals.append((parent, key, parent._modules[key]))
+                    parent._modules[key] = new
+                yield model
+            finally:
+                for parent, key, old in reversed(originals):
+                    parent._modules[key] = old
+                for stand_in in (*self._folded, *self._unfolded):  # hold no weights between calls
+                    object.__setattr__(stand_in, "weight", None)
+                    object.__setattr__(stand_in, "bias", None)
+
+
+_IDENTITY = nn.Identity()
