@@ -121,14 +121,15 @@ def test_attack_section_on_a_tiny_model():
     bench_attacks.run_attacks(section, sizes=[32], batch=4, rounds=2, warmup=0, apgd_steps=3, model_name="small_cnn",
                               num_classes=4, theirs=_fake_torchattacks(), log=lambda _: None)
     ratios = [r for r in section.rows if r.ratio]
-    assert len(ratios) == 4 + 4 and len(section.rows) == 12 + 4
+    assert len(ratios) == 4 + 6 and len(section.rows) == 12 + 6
     assert all(r.summary.n == 2 and r.summary.min > 0 for r in section.rows)
     fgsm = ratios[0].detail["check"]
     # Ours folds the model's BatchNorms, the stand-in does not: the same images to float rounding.
     assert fgsm["pixels_agree"] >= 0.99 and fgsm["linf_ours"] <= bench_attacks.EPS + 1e-6
-    assert [r.name.split(": ")[1] for r in ratios[-4:]] == [
-        "ours (inference form) / ours on the model as given", "ours / torchattacks, both on the inference form"] * 2
-    assert all(r.detail["check"]["pixels_agree"] >= 0.99 for r in ratios[-4:])
+    assert [r.name.split(": ")[1] for r in ratios[-6:]] == [
+        "ours (BatchNorms folded) / ours on the model as given", "ours / torchattacks, both on the inference form",
+        "ours on the model as built / on its inference form (folding at each call)"] * 2
+    assert all(r.detail["check"]["pixels_agree"] >= 0.99 for r in ratios[-6:])
 
 
 def test_check_pair_refuses_outputs_outside_the_ball():

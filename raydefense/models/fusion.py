@@ -173,7 +173,7 @@ class _ConvWith(nn.Module):
     """``conv`` (a ``Conv2d`` or ``ConvTranspose2d``, read live for its stride, padding, ...)
     computed with other weights: the folded ones of :class:`FoldedBatchNorms`."""
 
-    def __init__(self, conv: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    def __init__(self, conv: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
         super().__init__()
         # Plain attributes, not children or parameters: nothing is registered (no registration
         # hook fires) and the caller's module tree only sees this module while it is swapped in.
@@ -212,8 +212,9 @@ class FoldedBatchNorms:
     folded weights are computed on entry from the tensors as they are then, so nothing can go
     stale: weights changed by an optimiser, through ``.data``, by ``load_state_dict`` or a new
     ``eps`` all count, and every other module (its attributes, its hooks) is the caller's own.
-    For a :class:`~raydefense.models.base.Classifier` the folded weights, and those of its other
-    plain ``Conv2d`` layers, are channels-last (as :func:`inference_form` lays them out).
+    For a :class:`~raydefense.models.base.Classifier` the folded weights are channels-last (as
+    :func:`inference_form` lays them out; also swapping its BatchNorm-free convolutions for
+    channels-last copies measured slower, the copies costing more than they saved).
 
     The model must be in eval mode inside the block (BatchNorm's eval-mode map is what is
     folded); the block holds a per-model lock, so two threads attacking one model take turns.
@@ -221,44 +222,37 @@ class FoldedBatchNorms:
     runs as it is. Forward hooks on the swapped convolutions and BatchNorms do not run inside
     the block.
 
-    Cost per entry: one pass over the folded convolutions' weights (~4 ms for FaceNet's on 2 CPU
-    threads) and a walk of the module tree only after a module somewhere registered a parameter,
-    buffer or child (torch's global registration hooks).
+    Cost per entry: one pass over the folded convolutions' weights into buffers kept between
+    calls (a second copy of those weights while this object lives; the per-channel scales in
+    torch's multi-tensor ``_foreach`` ops), ~8 ms for FaceNet's 111 pairs on 2 CPU threads,
+    and a walk of the module tree only after a module somewhere registered a parameter, buffer
+    or child (torch's global registration hooks).
     """
 
     def __init__(self) -> None:
         self._model: nn.Module | None = None
         self._generation = -1
         self._pairs: list[tuple[nn.Module, str, str, nn.Module, nn.Module]] = []
-        self._plain: list[tuple[nn.Module, str, nn.Module]] = []
         self._channels_last = False
         self._folded: list[_ConvWith] = []
-        self._unfolded: list[_ConvWith] = []
 
     def _walk(self, model: nn.Module) -> None:
         from raydefense.models.base import Classifier
 
         self._model, self._generation = model, _structure_generation
         self._channels_last = isinstance(model, Classifier)
-        self._pairs, self._plain = [], []
+        self._pairs = []
         if any(isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)) for m in model.modules()):
             return
         self._pairs = [(parent, a, b, parent._modules[a], parent._modules[b]) for parent, a, b in _foldable_pairs(model)]
-        folded = {id(conv) for *_, conv, _ in self._pairs}
-        if self._pairs and self._channels_last:
-            self._plain = [(parent, key, child) for parent in model.modules() for key, child in parent._modules.items()
-                           if type(child) is nn.Conv2d and id(child) not in folded
-                           and not parametrize.is_parametrized(child)]
-        # The stand-ins, made once per walk; each entry only gives them their weights.
-        self._folded = [_ConvWith(conv, conv.weight, conv.bias) for _, _, _, conv, _ in self._pairs]
-        self._unfolded = [_ConvWith(conv, conv.weight, conv.bias) for _, _, conv in self._plain]
+        # The stand-ins, made once per walk; each entry writes their weights into their buffers.
+        self._folded = [_ConvWith(conv, None, None) for _, _, _, conv, _ in self._pairs]
 
     def _current(self, model: nn.Module) -> bool:
         """Whether the pairs found before are still ``model``'s, child for child."""
         return (model is self._model and _structure_generation == self._generation
                 and all(parent._modules.get(a) is conv and parent._modules.get(b) is bn
-                        for parent, a, b, conv, bn in self._pairs)
-                and all(parent._modules.get(key) is conv for parent, key, conv in self._plain))
+                        for parent, a, b, conv, bn in self._pairs))
 
     def _fold_weights(self) -> None:
         """Give each stand-in its folded weights: ``w' = w * s``, ``b' = (b - mean) * s + beta``
@@ -276,14 +270,21 @@ class FoldedBatchNorms:
                                                          scale), beta)
         shaped = [s.reshape(1, -1, 1, 1) if type(conv) is nn.ConvTranspose2d else s.reshape(-1, *([1] * (conv.weight.ndim - 1)))
                   for s, conv in zip(scale, convs)]
-        weights = [conv.weight if not self._channels_last or conv.weight.ndim != 4
-                   else conv.weight.contiguous(memory_format=torch.channels_last) for conv in convs]
-        for stand_in, w, b in zip(self._folded, torch._foreach_mul(weights, shaped), new_bias):
-            object.__setattr__(stand_in, "weight", w)
+        for stand_in, conv, s, b in zip(self._folded, convs, shaped, new_bias):
+            # One pass into the stand-in's own buffer: read the weights, write the product in the
+            # layout wanted. Fresh 88 MB a call (FaceNet) cost more in page faults than the pass.
+            torch.mul(conv.weight, s, out=self._buffer(stand_in, conv.weight))
             object.__setattr__(stand_in, "bias", b)
-        for stand_in, (_, _, conv) in zip(self._unfolded, self._plain):
-            object.__setattr__(stand_in, "weight", conv.weight.detach().contiguous(memory_format=torch.channels_last))
-            object.__setattr__(stand_in, "bias", None if conv.bias is None else conv.bias.detach())
+
+    def _buffer(self, stand_in: "_ConvWith", like: torch.Tensor) -> torch.Tensor:
+        """``stand_in``'s weight tensor, shaped, typed and laid out for ``like``, kept between calls."""
+        buf = stand_in.weight
+        layout = torch.channels_last if self._channels_last and like.ndim == 4 else torch.contiguous_format
+        if (buf is None or buf is like or buf.shape != like.shape or buf.dtype != like.dtype
+                or buf.device != like.device or not buf.is_contiguous(memory_format=layout)):
+            buf = torch.empty_like(like, memory_format=layout, requires_grad=False)
+            object.__setattr__(stand_in, "weight", buf)
+        return buf
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module):
@@ -299,7 +300,6 @@ class FoldedBatchNorms:
                 self._fold_weights()
             swaps = [(parent, a, new) for (parent, a, _, _, _), new in zip(self._pairs, self._folded)]
             swaps += [(parent, b, _IDENTITY) for parent, _, b, _, _ in self._pairs]
-            swaps += [(parent, key, new) for (parent, key, _), new in zip(self._plain, self._unfolded)]
             originals = []
             try:
                 for parent, key, new in swaps:
@@ -310,9 +310,6 @@ class FoldedBatchNorms:
             finally:
                 for parent, key, old in reversed(originals):
                     parent._modules[key] = old
-                for stand_in in (*self._folded, *self._unfolded):  # hold no weights between calls
-                    object.__setattr__(stand_in, "weight", None)
-                    object.__setattr__(stand_in, "bias", None)
 
 
 _IDENTITY = nn.Identity()
