@@ -129,9 +129,8 @@ class Attack:
     (:class:`~raydefense.models.fusion.FoldedBatchNorms`). In eval mode that is the same
     function to float rounding, with one elementwise pass fewer per layer in every forward and
     backward (FaceNet, batch 32, 2 CPU threads: FGSM 1.15x / 1.33x faster at 80 / 160 px).
-    Hooks on those convolutions and BatchNorms do not run during the call, and two threads
-    attacking one model take turns; set ``attack.fold_batch_norm = False`` to differentiate the
-    model exactly as given.
+    A convolution or BatchNorm with forward hooks is left alone, and two threads' attacks take
+    turns; set ``attack.fold_batch_norm = False`` to differentiate the model exactly as given.
     """
 
     fold_batch_norm: bool = True

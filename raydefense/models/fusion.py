@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import weakref
 
 import torch
 from torch import nn
@@ -59,10 +58,13 @@ def _fusable(conv: nn.Module, bn: nn.Module) -> bool:
     # per-output-channel scale of torch's fuse_conv_bn_weights does not broadcast over. A
     # parametrized convolution (weight_norm, spectral_norm) computes its weight on access, and
     # an exact type check keeps out subclasses whose forward may differ.
+    # Forward (pre-)hooks: the legacy weight_norm, spectral_norm and pruning compute the weight
+    # in one, and a user's hook would silently not run on a folded pair.
     grouped_transposed = type(conv) is nn.ConvTranspose2d and conv.groups != 1
+    hooked = any(m._forward_pre_hooks or m._forward_hooks for m in (conv, bn))
     return (type(conv) in _CONVS and not grouped_transposed and not parametrize.is_parametrized(conv)
-            and type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
-            and conv.out_channels == bn.num_features)
+            and not hooked and type(bn) is nn.BatchNorm2d and bn.track_running_stats
+            and bn.running_mean is not None and conv.out_channels == bn.num_features)
 
 
 def _fold(conv: nn.Module, bn: nn.BatchNorm2d) -> nn.Module:
@@ -189,16 +191,9 @@ class _ConvWith(nn.Module):
         return c._conv_forward(x, self.weight, self.bias)
 
 
-_model_locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_model_locks_guard = threading.Lock()
-
-
-def _lock_for(model: nn.Module) -> threading.RLock:
-    with _model_locks_guard:
-        lock = _model_locks.get(model)
-        if lock is None:
-            lock = _model_locks[model] = threading.RLock()
-        return lock
+# One lock for every fold in the process: two models may share modules (a classifier and a
+# Sequential holding it), so a lock per model would not keep two threads' swaps apart.
+_FOLD_LOCK = threading.RLock()
 
 
 class FoldedBatchNorms:
@@ -217,10 +212,12 @@ class FoldedBatchNorms:
     channels-last copies measured slower, the copies costing more than they saved).
 
     The model must be in eval mode inside the block (BatchNorm's eval-mode map is what is
-    folded); the block holds a per-model lock, so two threads attacking one model take turns.
-    A model with nothing to fold, or wrapped in ``DataParallel`` / ``DistributedDataParallel``,
-    runs as it is. Forward hooks on the swapped convolutions and BatchNorms do not run inside
-    the block.
+    folded); the block holds one process-wide lock, so two threads' folds take turns (and a
+    thread training the model while another attacks it sees the folded model: no gradients for
+    the folded layers, as it already saw eval mode). A model with nothing to fold, or wrapped in
+    ``DataParallel`` / ``DistributedDataParallel``, runs as it is; a convolution or BatchNorm
+    with forward hooks (a user's, or the legacy ``weight_norm`` / ``spectral_norm`` / pruning,
+    which compute the weight in one) is left alone.
 
     Cost per entry: one pass over the folded convolutions' weights into buffers kept between
     calls (a second copy of those weights while this object lives; the per-channel scales in
@@ -245,8 +242,10 @@ class FoldedBatchNorms:
         if any(isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)) for m in model.modules()):
             return
         self._pairs = [(parent, a, b, parent._modules[a], parent._modules[b]) for parent, a, b in _foldable_pairs(model)]
-        # The stand-ins, made once per walk; each entry writes their weights into their buffers.
-        self._folded = [_ConvWith(conv, None, None) for _, _, _, conv, _ in self._pairs]
+        # The stand-ins, kept across walks (with their buffers) for the convolutions seen before;
+        # each entry writes their weights into their buffers.
+        before = {id(stand_in.conv): stand_in for stand_in in self._folded}
+        self._folded = [before.get(id(conv)) or _ConvWith(conv, None, None) for _, _, _, conv, _ in self._pairs]
 
     def _current(self, model: nn.Module) -> bool:
         """Whether the pairs found before are still ``model``'s, child for child."""
@@ -290,7 +289,7 @@ class FoldedBatchNorms:
     def applied(self, model: nn.Module):
         """Inside the block ``model`` computes with its BatchNorms folded; see the class docstring."""
         _install_structure_hooks()
-        with _lock_for(model):
+        with _FOLD_LOCK:
             if not self._current(model):
                 self._walk(model)
             if not self._pairs:
@@ -298,18 +297,19 @@ class FoldedBatchNorms:
                 return
             with torch.inference_mode(False), torch.no_grad():
                 self._fold_weights()
-            swaps = [(parent, a, new) for (parent, a, _, _, _), new in zip(self._pairs, self._folded)]
-            swaps += [(parent, b, _IDENTITY) for parent, _, b, _, _ in self._pairs]
-            originals = []
+            swaps = [(parent, a, conv, new) for (parent, a, _, conv, _), new in zip(self._pairs, self._folded)]
+            swaps += [(parent, b, bn, _IDENTITY) for parent, _, b, _, bn in self._pairs]
+            done = []
             try:
-                for parent, key, new in swaps:
+                for parent, key, old, new in swaps:
                     # Straight into _modules: no registration hook fires and the generation stays.
-                    originals.append((parent, key, parent._modules[key]))
                     parent._modules[key] = new
+                    done.append((parent, key, old, new))
                 yield model
             finally:
-                for parent, key, old in reversed(originals):
-                    parent._modules[key] = old
+                for parent, key, old, new in reversed(done):
+                    if parent._modules.get(key) is new:
+                        parent._modules[key] = old
 
 
 _IDENTITY = nn.Identity()

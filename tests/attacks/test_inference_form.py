@@ -57,13 +57,19 @@ def as_given(name: str, model: nn.Module, **kw):
     return attack
 
 
-def bn_calls(model: nn.Module) -> list[int]:
-    """A counter of forward calls into ``model``'s BatchNorm layers."""
+@pytest.fixture
+def bn_calls():
+    """A counter of forward calls into BatchNorm layers, through torch's global forward hook (a
+    hook on the layers themselves would keep them from being folded)."""
     calls = [0]
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
+
+    def count(module, *_):
+        if isinstance(module, nn.BatchNorm2d):
+            calls[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    yield calls
+    handle.remove()
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -76,9 +82,9 @@ def tree(model: nn.Module) -> list[tuple[str, int]]:
 
 
 @pytest.mark.parametrize("name", ["fgsm", "ifgsm4", "apgd"])
-def test_the_folded_attack_makes_the_same_images_without_running_the_given_batch_norms(name):
+def test_the_folded_attack_makes_the_same_images_without_running_the_given_batch_norms(name, bn_calls):
     net, (x, y) = convnet(), data()
-    calls = bn_calls(net)
+    calls = bn_calls
     torch.manual_seed(3)
     folded = create_attack(name, net, eps=8 / 255)(x, y)
     assert calls[0] == 0, "the attack ran the model's BatchNorm layers: nothing was folded"
@@ -157,6 +163,45 @@ def test_two_threads_attacking_one_model_get_the_unfolded_images():
     assert tree(net) == modules and attack.model is net
 
 
+def test_two_threads_attacking_a_model_and_a_sequential_holding_it_leave_both_as_they_were():
+    net, (x, y) = convnet(), data()
+    outer = nn.Sequential(nn.Identity(), net)
+    modules, errors = tree(outer), []
+    reference = as_given("fgsm", net)(x, y)
+
+    def work(model):
+        attack = create_attack("fgsm", model, eps=8 / 255)
+        try:
+            for _ in range(20):
+                assert same(attack(x, y), reference)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in (net, outer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and tree(outer) == modules
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_hooked_layers_are_left_alone_so_their_hooks_run_and_legacy_weight_norm_stays_current():
+    net, (x, y) = convnet(), data()
+    seen = []
+    net[1].register_forward_hook(lambda *_: seen.append(1))
+    assert count_foldable(net) == 1
+    create_attack("fgsm", net, eps=8 / 255)(x, y)
+    assert seen
+    legacy = convnet()
+    nn.utils.weight_norm(legacy[0])  # computes the weight in a forward pre-hook
+    attack = create_attack("fgsm", legacy, eps=8 / 255)
+    attack(x, y)
+    _change_weights_by_optimiser(legacy, x, y)
+    legacy.eval()
+    assert same(attack(x, y), as_given("fgsm", legacy)(x, y))
+
+
 class Residual(nn.Sequential):
     """A Sequential whose own forward uses the convolution's output twice: not foldable."""
 
@@ -181,9 +226,9 @@ def test_sequential_subclasses_with_their_own_forward_and_parametrized_convoluti
         assert same(create_attack("fgsm", net, eps=8 / 255)(x, y), as_given("fgsm", net)(x, y))
 
 
-def test_a_data_parallel_wrapper_runs_as_given():
+def test_a_data_parallel_wrapper_runs_as_given(bn_calls):
     net = nn.DataParallel(convnet())
-    calls = bn_calls(net)
+    calls = bn_calls
     x, y = data()
     assert same(create_attack("fgsm", net, eps=8 / 255)(x, y), as_given("fgsm", net)(x, y))
     assert calls[0] == 2 * 2  # both BatchNorms, in both attacks
