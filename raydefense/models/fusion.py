@@ -29,7 +29,7 @@ import threading
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 __all__ = ["fold_batch_norm", "count_foldable", "inference_form", "FoldedBatchNorms", "conv_bn_units"]
 
@@ -232,13 +232,14 @@ class FoldedBatchNorms:
         self._pairs: list[tuple[nn.Module, str, str, nn.Module, nn.Module]] = []
         self._channels_last = False
         self._folded: list[_ConvWith] = []
+        self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, key, original, stand-in)
 
     def _walk(self, model: nn.Module) -> None:
         from raydefense.models.base import Classifier
 
         self._model, self._generation = model, _structure_generation
         self._channels_last = isinstance(model, Classifier)
-        self._pairs = []
+        self._pairs, self._swaps = [], []
         if any(isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)) for m in model.modules()):
             return
         self._pairs = [(parent, a, b, parent._modules[a], parent._modules[b]) for parent, a, b in _foldable_pairs(model)]
@@ -246,12 +247,13 @@ class FoldedBatchNorms:
         # each entry writes their weights into their buffers.
         before = {id(stand_in.conv): stand_in for stand_in in self._folded}
         self._folded = [before.get(id(conv)) or _ConvWith(conv, None, None) for _, _, _, conv, _ in self._pairs]
+        self._swaps = ([(parent, a, conv, new) for (parent, a, _, conv, _), new in zip(self._pairs, self._folded)]
+                       + [(parent, b, bn, _IDENTITY) for parent, _, b, _, bn in self._pairs])
 
     def _current(self, model: nn.Module) -> bool:
         """Whether the pairs found before are still ``model``'s, child for child."""
         return (model is self._model and _structure_generation == self._generation
-                and all(parent._modules.get(a) is conv and parent._modules.get(b) is bn
-                        for parent, a, b, conv, bn in self._pairs))
+                and all(parent._modules.get(key) is old for parent, key, old, _ in self._swaps))
 
     def _fold_weights(self) -> None:
         """Give each stand-in its folded weights: ``w' = w * s``, ``b' = (b - mean) * s + beta``
@@ -279,7 +281,7 @@ class FoldedBatchNorms:
         """``stand_in``'s weight tensor, shaped, typed and laid out for ``like``, kept between calls."""
         buf = stand_in.weight
         layout = torch.channels_last if self._channels_last and like.ndim == 4 else torch.contiguous_format
-        if (buf is None or buf is like or buf.shape != like.shape or buf.dtype != like.dtype
+        if (buf is None or buf.shape != like.shape or buf.dtype != like.dtype
                 or buf.device != like.device or not buf.is_contiguous(memory_format=layout)):
             buf = torch.empty_like(like, memory_format=layout, requires_grad=False)
             object.__setattr__(stand_in, "weight", buf)
@@ -297,11 +299,9 @@ class FoldedBatchNorms:
                 return
             with torch.inference_mode(False), torch.no_grad():
                 self._fold_weights()
-            swaps = [(parent, a, conv, new) for (parent, a, _, conv, _), new in zip(self._pairs, self._folded)]
-            swaps += [(parent, b, bn, _IDENTITY) for parent, _, b, _, bn in self._pairs]
             done = []
             try:
-                for parent, key, old, new in swaps:
+                for parent, key, old, new in self._swaps:
                     # Straight into _modules: no registration hook fires and the generation stays.
                     parent._modules[key] = new
                     done.append((parent, key, old, new))
