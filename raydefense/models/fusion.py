@@ -252,8 +252,10 @@ class FoldedBatchNorms:
 
     def _current(self, model: nn.Module) -> bool:
         """Whether the pairs found before are still ``model``'s, child for child."""
+        # A forward hook added since (no registration hook sees it) makes a pair unfoldable too.
         return (model is self._model and _structure_generation == self._generation
-                and all(parent._modules.get(key) is old for parent, key, old, _ in self._swaps))
+                and all(parent._modules.get(key) is old for parent, key, old, _ in self._swaps)
+                and not any(m._forward_pre_hooks or m._forward_hooks for _, _, _, *pair in self._pairs for m in pair))
 
     def _fold_weights(self) -> None:
         """Give each stand-in its folded weights: ``w' = w * s``, ``b' = (b - mean) * s + beta``

@@ -191,8 +191,12 @@ def test_hooked_layers_are_left_alone_so_their_hooks_run_and_legacy_weight_norm_
     seen = []
     net[1].register_forward_hook(lambda *_: seen.append(1))
     assert count_foldable(net) == 1
-    create_attack("fgsm", net, eps=8 / 255)(x, y)
+    attack = create_attack("fgsm", net, eps=8 / 255)
+    attack(x, y)
     assert seen
+    net[4].register_forward_pre_hook(lambda *_: seen.append(4))  # after a call: no registration hook sees it
+    attack(x, y)
+    assert 4 in seen
     legacy = convnet()
     nn.utils.weight_norm(legacy[0])  # computes the weight in a forward pre-hook
     attack = create_attack("fgsm", legacy, eps=8 / 255)
