@@ -55,6 +55,8 @@ DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 #: PIL format names accepted (the training loader's extensions: raydefense.data.folder).
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
+#: The Serve application's name (``serve status`` lists it).
+APP_NAME = "raydefense"
 
 
 class BadImage(Exception):
@@ -223,6 +225,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--batch-wait-s", type=float, default=0.01,
                    help="Serve batching: seconds to wait for a fuller batch (default 0.01)")
     p.add_argument("--replicas", type=int, default=1, help="Serve replicas (default 1)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's and Serve's own INFO lines and the Ray workers' output on the console")
     args = p.parse_args(list(argv))
     for flag, value in (("--port", args.port), ("--top-k", args.top_k), ("--max-pixels", args.max_pixels),
                         ("--max-batch-size", args.max_batch_size), ("--replicas", args.replicas)):
@@ -230,27 +234,50 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     app = build_app(args.model, replicas=args.replicas, top_k=args.top_k, max_pixels=args.max_pixels,
                     max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_s)
+    import ray
+
     from raydefense.config import DEFAULT_CONFIG
     from raydefense.config import load_config
-    from raydefense.pipeline.runtime import init_ray
+    from raydefense.pipeline.runtime import connects_to_cluster, init_ray, serve_console
 
-    init_ray(load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None))
+    own_ray = not ray.is_initialized() and not connects_to_cluster()
+    init_ray(load_config(DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
+                         overrides=["scale.worker_logs=true"] if args.verbose else ()))
+    serve_console(verbose=args.verbose)
     serve.start(http_options={"host": args.host, "port": args.port})
     t0 = time.perf_counter()
-    serve.run(app, name="raydefense", route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{args.host}:{args.port}/"
     print(f"serving {args.model} at {url} (ready in {time.perf_counter() - t0:.1f} s); "
           f"try: curl --data-binary @face.png {url}   Ctrl-C stops", flush=True)
     import signal
 
-    def _stop(signum, frame):
+    def _on_sigterm(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)  # `kill PID` stops as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, _on_sigterm)  # `kill PID` stops as cleanly as Ctrl-C
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping", flush=True)
-        serve.shutdown()
+        _take_down(own_ray)
     return 0
+
+
+def _take_down(own_ray: bool) -> None:
+    """Take the application down: delete it from Serve (other applications on a shared cluster
+    keep running), then, when this process started its own local Ray, end that Ray with Serve
+    in it. Not ``serve.shutdown()``: it tears down every application on the cluster, and its
+    controller's shutdown task is retried as the controller kills itself, which Ray reports on
+    the console ("(raylet) Task ServeController.graceful_shutdown failed. There are infinite
+    retries remaining").
+    """
+    import ray
+
+    serve.delete(APP_NAME)
+    if own_ray:
+        ray.shutdown()
+    else:
+        print(f"deleted application '{APP_NAME}'; Serve keeps running on the cluster (`serve shutdown` stops it)",
+              flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -89,6 +90,47 @@ def _expected(exported: str, image: np.ndarray) -> np.ndarray:
 
 def _face() -> np.ndarray:
     return render_identity_images(1, [0], image_size=SIZE, seed=0, difficulty=1.0)[0]
+
+
+@pytest.mark.slow
+def test_serve_job_prints_only_its_own_lines_and_stops_cleanly(exported):
+    """``jobs/serve.py`` as a user runs it (its own local Ray): its console holds its own two
+    lines and nothing of Ray's or Serve's (their INFO lines, the raylet's retry notice that
+    ``serve.shutdown()`` causes); SIGTERM stops it with exit status 0 after it answered."""
+    import queue
+    import signal
+    import threading
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "jobs/serve.py", "--model", exported, "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: "queue.Queue[str | None]" = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen: list[str] = []
+    try:
+        while not (seen and seen[-1].startswith("serving ")):
+            line = lines.get(timeout=240)
+            assert line is not None, "\n".join(seen)
+            seen.append(line)
+        status, answer = _post(f"http://127.0.0.1:{port}/", _png(_face()))
+        assert status == 200 and answer["defense"] == "uddn_kt"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        while (line := lines.get(timeout=30)) is not None:
+            seen.append(line)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    shown = [line for line in seen if line.strip()]
+    assert len(shown) == 2 and shown[0].startswith(f"serving {exported} at http://127.0.0.1:{port}/"), seen
+    assert shown[1] == "stopping", seen
 
 
 def test_served_predictions_equal_the_exported_model_and_bad_images_get_4xx(server, exported):

@@ -40,7 +40,7 @@ def init_ray(cfg: Config) -> dict[str, Any]:
         quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **quiet)
-        elif _running_local_cluster():
+        elif connects_to_cluster():
             ray.init(address="auto", runtime_env=runtime_env, **quiet)
         else:
             num_cpus = cfg.scale.num_cpus or max(2, (os.cpu_count() or 2) + 2)
@@ -99,6 +99,71 @@ _RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_set
 def ray_notices(*, verbose: bool) -> None:
     """Ray's start-up notices on the driver's console: only with ``verbose``, by logging level."""
     logging.getLogger(_RAY_TOKEN_NOTICE_LOGGER).setLevel(logging.NOTSET if verbose else logging.ERROR)
+
+
+# Ray Tune's switch between its two console engines (ray/tune/experimental/output.py,
+# get_air_verbosity): "0" is the first engine, which honours RunConfig(verbose=0).
+_TUNE_OUTPUT_ENGINE = "RAY_AIR_NEW_OUTPUT"
+
+
+@contextlib.contextmanager
+def tune_console(*, verbose: bool) -> Iterator[None]:
+    """What Ray Tune and Optuna print on the driver's console while a search is set up and run
+    inside this block, set with their own switches (no text filtering).
+
+    The search prints its own line per trial start and end and a summary
+    (``raydefense.tune.search``); the Tuner runs with ``RunConfig(verbose=0)``. Ray 2.60's
+    default console engine still prints, at the start of every fit and whatever ``verbose`` says,
+    a "Configuration for experiment" table, "View detailed results here" and a TensorBoard hint
+    that points at the driver's staging folder under ``/tmp/ray`` rather than where Tune's logs
+    end up (``<run>/tune/<search>/experiment``). Tune's documented ``RAY_AIR_NEW_OUTPUT=0``
+    selects its first engine, which prints nothing at ``verbose=0``; it is set for the length of
+    the block only, and a value the user exported wins. Optuna announces each study it creates
+    ("A new study created in memory", INFO on stderr); its logging verbosity is WARNING inside
+    the block. ``verbose`` (``scale.worker_logs``, ``--verbose``) leaves both as they are.
+    Errors still show: Tune logs a failed trial at ERROR and raises when the search fails."""
+    if verbose:
+        yield
+        return
+    import optuna
+
+    optuna_level = optuna.logging.get_verbosity()
+    engine_was = os.environ.get(_TUNE_OUTPUT_ENGINE)
+    if engine_was is None:
+        os.environ[_TUNE_OUTPUT_ENGINE] = "0"
+    optuna.logging.set_verbosity(max(optuna_level, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(optuna_level)
+        if engine_was is None:
+            os.environ.pop(_TUNE_OUTPUT_ENGINE, None)
+
+
+# Ray Serve's logger on the driver (ray/serve/_private/logging_utils.py: a console handler only;
+# the controller and replicas write their own files under <session>/logs/serve/).
+_RAY_SERVE_LOGGER = "ray.serve"
+
+
+def serve_console(*, verbose: bool) -> None:
+    """What Ray Serve prints on the driver's console: its WARNINGs and errors, and its INFO
+    lines ("Started Serve in namespace", "Connecting to existing Serve app ... New http_options
+    will not be applied", "Application ... is ready at") only with ``verbose``. Set on the console
+    handler Serve gives its driver-side logger, as for Ray Data's (:func:`ray_data_console`).
+    What Serve deployed, and one access line per request, stay in the controller's and
+    replicas' log files (``<session>/logs/serve/``)."""
+    import ray.serve  # noqa: F401  (configures the logger on import)
+
+    for handler in logging.getLogger(_RAY_SERVE_LOGGER).handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def connects_to_cluster() -> bool:
+    """Whether :func:`init_ray` joins a running cluster (``RAY_ADDRESS``, or a ``ray start``
+    cluster on this machine) rather than starting a local Ray of its own, which ends with
+    this process."""
+    return bool(os.environ.get("RAY_ADDRESS")) or _running_local_cluster()
 
 
 def ray_data_console(*, verbose: bool, tty: bool) -> None:

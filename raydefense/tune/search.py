@@ -292,7 +292,7 @@ def run_search(cfg: Config, *, search: str = "search", space: Iterable[str] = ()
     import ray
 
     from raydefense.pipeline.runner import run_pipeline
-    from raydefense.pipeline.runtime import use_gpu, user_errors
+    from raydefense.pipeline.runtime import tune_console, use_gpu, user_errors
 
     if isinstance(echo, types.BuiltinFunctionType):
         echo = console
@@ -345,7 +345,7 @@ def run_search(cfg: Config, *, search: str = "search", space: Iterable[str] = ()
          f"on {'GPU' if gpu else 'CPU'}")
     echo("  space: " + "; ".join(k.describe() for k in searched) + ("" if not fixed else
          "; fixed: " + ", ".join(k.describe() for k in fixed)))
-    with user_errors():
+    with user_errors(), tune_console(verbose=cfg.scale.worker_logs):
         if restoring:
             echo("  resuming the interrupted search (finished trials are kept)")
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True,

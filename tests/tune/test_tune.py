@@ -256,6 +256,51 @@ def test_job_rejects_bad_input_before_anything_runs(tmp_path, args, culprit):
     assert not (tmp_path / "runs").exists()
 
 
+# ----------------------------------------------------------------------------- the console
+
+_CONSOLE_SCRIPT = r"""
+import os, sys
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+from raydefense.config import load_config
+from raydefense.pipeline.runtime import init_ray, tune_console
+
+init_ray(load_config("configs/smoke.yaml"))
+
+def trainable(config):
+    tune.report({"objective": config["x"]})
+
+for verbose in (False, True):
+    print(f"=== verbose={verbose}", flush=True)
+    with tune_console(verbose=verbose):
+        tune.Tuner(trainable, param_space={"x": tune.uniform(0, 1)},
+                   tune_config=tune.TuneConfig(metric="objective", mode="max", num_samples=1,
+                                               search_alg=OptunaSearch(seed=0)),
+                   run_config=tune.RunConfig(name=f"e{int(verbose)}", storage_path=sys.argv[1], verbose=0)).fit()
+    sys.stderr.flush()
+    print(f"=== after: {os.environ.get('RAY_AIR_NEW_OUTPUT')}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_search_console_has_no_tune_or_optuna_notices(tmp_path):
+    """A real Tuner with Optuna on a local Ray (started as the job starts it): inside
+    ``tune_console(verbose=False)`` neither Tune's experiment table and hints (printed by Ray
+    2.60's default engine even at ``verbose=0``) nor Optuna's study notice reach the console;
+    ``verbose=True`` shows them (so the check can fail); the switch is gone after the block."""
+    # One stream, in the order written (the markers go to stdout, Optuna's notice to stderr).
+    res = subprocess.run([sys.executable, "-c", _CONSOLE_SCRIPT, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = res.stdout
+    assert res.returncode == 0, out[-3000:]
+    quiet, verbose = out.split("=== verbose=True")
+    quiet = quiet.split("=== verbose=False")[1]
+    notices = ("Configuration for experiment", "View detailed results", "tensorboard --logdir", "A new study created")
+    assert not [n for n in notices if n in quiet], quiet
+    assert all(n in verbose for n in notices), verbose
+    assert out.count("=== after: None") == 2
+
+
 # ----------------------------------------------------------------------------- a real search
 
 
@@ -313,6 +358,9 @@ def test_search_completes_resumes_after_a_kill_and_optuna_records_it(tmp_path):
     print(f"search: {t_kill:.0f} s until the kill, {t_resume:.0f} s to resume and finish")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming the interrupted search" in res.stdout
+    # The console is the search's own: no Tune experiment table, no Optuna study notice.
+    assert "Configuration for experiment" not in res.stdout + res.stderr
+    assert "A new study created" not in res.stdout + res.stderr
     # Nothing finished was trained again.
     for p, ns in stamps.items():
         assert p.stat().st_mtime_ns == ns, p
