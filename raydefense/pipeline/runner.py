@@ -185,9 +185,11 @@ def evaluate_run(cfg: Config, *, echo: Callable[[str], None] = print) -> dict[st
     for s in STAGE_NAMES[:-1]:
         if s in done:
             ctx.timings[s] = float(ctx.marker(s).get("duration_s", 0.0))
-    start_ray(run_cfg)
+    resources = start_ray(run_cfg)
     gpu = use_gpu(run_cfg)
     ensure_resources(run_cfg, gpu=gpu, echo=echo)
+    echo(f"raydefense evaluate: run '{cfg.name}' at {run.display()} on Ray ({resources.get('CPU', 0):g} CPU, "
+         f"{resources.get('GPU', 0):g} GPU; evaluating on {'GPU' if gpu else 'CPU'})")
     t0 = time.perf_counter()
     out = run_evaluate(ctx, gpu=gpu)
     ctx.mark_done("evaluate", duration_s=time.perf_counter() - t0, outputs=out)

@@ -322,8 +322,9 @@ def map_compute(cfg: Config, *, gpu: bool) -> str:
 
     Why tasks on CPU: an actor pool's processes live for one Dataset execution, so every model
     stage paid a process start and the imports of torch, torchvision and facenet-pytorch per
-    actor (5-7 CPU-seconds each, 9 actors a default run), and Ray Core printed an ERROR line on
-    the console per pool ("constructor arguments in the object store"). Task workers are Ray's
+    actor (5-7 CPU-seconds each, 9 actors a default run), and Ray Core prints an ERROR line on
+    the console at the driver's first actor pool ("constructor arguments in the object store",
+    once per process; ray-project/ray#57733). Task workers are Ray's
     pooled processes: a stage's tasks share them, and later stages reuse those still alive.
     Measured (README, Performance): the whole attack stage 1.10x faster on 2 tasks than on 2
     actors (bench section 2, interleaved); the default run 404-414 s against 419 s, same report.
