@@ -7,7 +7,8 @@
 # with the Ray Data model stages as task pools (--set scale.map_compute=tasks, name
 # gpu-check-<date>-tasks): its stage times and report beside the first's, and how many lines
 # from Ray's C++ core worker (`core_worker.cc`, e.g. "constructor arguments in the object store")
-# reached each run's console: the evidence for making tasks the GPU default (issue 15).
+# reached each run's console: what task pools change on a one-GPU node (they are refused where a
+# node has several GPUs, so `auto` stays on actors on GPU: runtime.map_compute).
 # Each step has a time limit (seconds: GPU_CHECK_TESTS_S, GPU_CHECK_BENCH_S, GPU_CHECK_RUN_S) so that
 # one hung step cannot take the whole lease; the exit status is the number of steps that failed.
 # GPU_CHECK_STEPS picks steps (default "tests,bench,run,tasks"), e.g. to split them over calls

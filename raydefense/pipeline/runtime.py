@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from raydefense.config import Config
-from raydefense.errors import RayDefenseError
+from raydefense.errors import ConfigError, RayDefenseError
 
 log = logging.getLogger("raydefense")
 
@@ -331,12 +331,17 @@ def map_compute(cfg: Config, *, gpu: bool) -> str:
     Ray's worker-pool defaults stay: keeping idle workers alive longer made a 2-thread training
     step 1.32x slower (10 idle Ray workers, interleaved probe).
 
-    Why actors on GPU: Ray ends a task's worker process after one task when the task asks for
-    GPUs (``max_calls=1`` for GPU remote functions, ray/remote_function.py, to free the device's
-    memory), so every GPU batch would pay a process start, the imports and the model load.
-    :func:`map_instances` lifts that for its own GPU tasks (``max_calls=0``), so
-    ``scale.map_compute: tasks`` keeps its processes on GPU too (tested with a GPU resource on a
-    CPU machine); ``auto`` stays on actors there until a GPU run has measured the task pool.
+    Why actors on GPU: an actor holds the GPU Ray gave it for its whole life, so its CUDA context
+    and models sit on the right device. A task gets its GPU per task: Ray ends a GPU task's
+    process after one task (``max_calls=1`` for GPU remote functions, ray/remote_function.py, to
+    free the device's memory), so every GPU batch would pay a process start, the imports and the
+    model load; :func:`map_instances` keeps its GPU task processes (``max_calls=0``), and then a
+    reused process on a node with several GPUs is given GPU 0 for one task and GPU 1 for the next
+    (Ray 2.60, seen with two GPU resources: tests/pipeline/gpu_task_pool_probe.py) while CUDA
+    stays on the first. So ``scale.map_compute: tasks`` on GPU is refused on multi-GPU nodes
+    (:func:`_refuse_multi_gpu_nodes`, and per task :func:`_check_gpu_assignment`), and ``auto``
+    picks actors on GPU. The price: Ray Core's one "constructor arguments in the object store"
+    line per GPU run (README, Watch a run).
     """
     if cfg.scale.map_compute != "auto":
         return cfg.scale.map_compute
@@ -349,9 +354,38 @@ _INSTANCES: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
 _INSTANCES_KEPT = 2
 
 
-def _call_instance(batch: dict[str, np.ndarray], *, key: str, cls: type, kwargs: dict[str, Any]) -> Any:
+# Per worker process: the CUDA_VISIBLE_DEVICES Ray set for the first GPU map task run here (the
+# device its CUDA context and every instance it built live on); None until then.
+_CUDA_DEVICES: Optional[str] = None
+
+
+def _check_gpu_assignment() -> None:
+    """Refuse a GPU map task that Ray gave another GPU than the one this reused process
+    initialised CUDA on (see :func:`map_instances`): it would run on the wrong device, beside
+    the task that owns that one.
+
+    Raises:
+        ConfigError: the GPU Ray assigned (``CUDA_VISIBLE_DEVICES``, set per task) is not the
+            one this process's CUDA context was made for.
+    """
+    global _CUDA_DEVICES
+    assigned = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if _CUDA_DEVICES is None:
+        _CUDA_DEVICES = assigned
+    elif assigned != _CUDA_DEVICES:
+        raise ConfigError(
+            f"scale.map_compute=tasks on GPUs: Ray gave this reused task process GPU '{assigned}', but its CUDA "
+            f"context is on GPU '{_CUDA_DEVICES}' (a process keeps the devices it first saw); on nodes with several "
+            f"GPUs use scale.map_compute=actors (what auto picks on GPU)")
+
+
+def _call_instance(batch: dict[str, np.ndarray], *, key: str, cls: type, kwargs: dict[str, Any],
+                   gpu: bool = False) -> Any:
     """Ray Data map task of :func:`map_instances`: the process's ``cls(**kwargs)`` for the
-    execution ``key`` (built on its first batch here) called on ``batch``."""
+    execution ``key`` (built on its first batch here) called on ``batch``; on GPU only if Ray
+    gave the task the GPU this process uses (:func:`_check_gpu_assignment`)."""
+    if gpu:
+        _check_gpu_assignment()
     instance = _INSTANCES.get(key)
     if instance is None:
         instance = cls(**kwargs)
@@ -383,10 +417,35 @@ def map_instances(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, ba
     key = f"{cls.__module__}.{cls.__qualname__}:{uuid.uuid4().hex}"
     if gpu:
         # Ray's default for a GPU task ends its process after the task (max_calls=1); 0 keeps the
-        # process, and with it the instance this execution built, as on CPU.
+        # process, and with it the instance this execution built, as on CPU. Safe only where a node
+        # has one GPU: Ray hands a reused process whichever GPU is free, task by task.
+        _refuse_multi_gpu_nodes()
         resources["max_calls"] = 0
-    return ds.map_batches(_call_instance, fn_kwargs={"key": key, "cls": cls, "kwargs": kwargs}, batch_size=batch_size,
-                          compute=ray.data.TaskPoolStrategy(size=size), **resources)
+    return ds.map_batches(_call_instance, fn_kwargs={"key": key, "cls": cls, "kwargs": kwargs, "gpu": gpu},
+                          batch_size=batch_size, compute=ray.data.TaskPoolStrategy(size=size), **resources)
+
+
+def _refuse_multi_gpu_nodes(nodes: Optional[list[dict[str, Any]]] = None) -> None:
+    """Refuse GPU task pools on a cluster with a node of several GPUs (``nodes``: default
+    ``ray.nodes()``), before the stage starts: Ray sets ``CUDA_VISIBLE_DEVICES`` per task, so a
+    reused task process is given GPU 0 for one task and GPU 1 for the next (seen on Ray 2.60,
+    tests/pipeline/gpu_task_pool_probe.py), while CUDA keeps the device it first saw.
+    :func:`_check_gpu_assignment` is the guard for a node that joins later.
+
+    Raises:
+        ConfigError: naming the node and its GPUs, and ``scale.map_compute``.
+    """
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    for node in nodes:
+        gpus = float(node.get("Resources", {}).get("GPU", 0.0))
+        if node.get("Alive", True) and gpus > 1:
+            raise ConfigError(
+                f"scale.map_compute=tasks on GPUs: node {node.get('NodeManagerAddress', '?')} has {gpus:g} GPUs, and "
+                f"Ray hands a reused task process a different GPU from one task to the next while its CUDA context "
+                f"stays on the first; use scale.map_compute=actors (what auto picks on GPU)")
 
 
 def pool_actors(cfg: Config, *, gpu: bool, gpus: Optional[float] = None) -> int:

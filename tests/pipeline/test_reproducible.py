@@ -327,14 +327,8 @@ def test_gpu_task_pool_keeps_its_process_across_batches():
     models for every batch): one process, one instance per execution, 8 batches each. Run on a
     local Ray that advertises a GPU on this CPU machine, in its own process."""
     import json
-    import subprocess
-    import sys
 
-    probe = Path(__file__).with_name("gpu_task_pool_probe.py")
-    res = subprocess.run([sys.executable, str(probe), str(SMOKE)], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    runs = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    runs = json.loads(next(line for line in _probe().splitlines() if line.startswith("RESULT "))[7:])
     tokens = []
     for run in runs:
         assert sorted(run["id"]) == list(range(32))
@@ -342,6 +336,32 @@ def test_gpu_task_pool_keeps_its_process_across_batches():
         assert len(set(run["pid"])) == 1 and len(set(run["token"])) == 1  # one process, one instance
         tokens.append(run["token"][0])
     assert tokens[0] != tokens[1]  # the next execution builds anew
+
+
+def _probe(*args: str) -> str:
+    import subprocess
+    import sys
+
+    probe = Path(__file__).with_name("gpu_task_pool_probe.py")
+    res = subprocess.run([sys.executable, str(probe), str(SMOKE), *args], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.mark.slow
+def test_gpu_task_pools_are_refused_where_a_node_has_several_gpus():
+    """Why: on a node with two GPUs (resources advertised on this CPU machine), Ray gives one
+    reused GPU task process GPU '0' for one task and '1' for the next, and CUDA would stay on the
+    first. So pool_map refuses a GPU task pool there, with one line naming the node and the
+    config key, before the stage starts."""
+    import json
+
+    raw = json.loads(next(line for line in _probe("2", "raw").splitlines() if line.startswith("RAW "))[4:])
+    assert any(len(set(cudas)) > 1 for cudas in raw.values()), raw  # the hazard, with plain Ray
+    out = _probe("2")
+    refused = next(line for line in out.splitlines() if line.startswith("REFUSED "))
+    assert "has 2 GPUs" in refused and "scale.map_compute=actors" in refused and "RESULT" not in out
 
 
 # ----------------------------------------------------------------------------- end to end

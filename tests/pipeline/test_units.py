@@ -288,3 +288,42 @@ def test_map_compute_is_tasks_on_cpu_and_actors_on_gpu_unless_set():
     for forced in ("tasks", "actors"):
         forced_cfg = cfg.replace([f"scale.map_compute={forced}"])
         assert map_compute(forced_cfg, gpu=False) == forced == map_compute(forced_cfg, gpu=True)
+
+
+def test_a_gpu_map_task_given_another_gpu_than_its_process_uses_is_refused(monkeypatch):
+    """A reused task process keeps the CUDA devices it first saw; a later task that Ray gave
+    another GPU is refused with one line instead of running on the wrong device."""
+    from raydefense.errors import ConfigError
+    from raydefense.pipeline import runtime
+
+    class Echo:
+        def __init__(self, **kwargs):
+            pass
+
+        def __call__(self, batch):
+            return batch
+
+    monkeypatch.setattr(runtime, "_CUDA_DEVICES", None)
+    monkeypatch.setattr(runtime, "_INSTANCES", type(runtime._INSTANCES)())
+    call = dict(key="k", cls=Echo, kwargs={}, gpu=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert runtime._call_instance({"x": 1}, **call) == {"x": 1}
+    assert runtime._call_instance({"x": 2}, **call) == {"x": 2}  # the same GPU again: fine
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ConfigError, match="GPU '0', but its CUDA context is on GPU '1'.*scale.map_compute=actors"):
+        runtime._call_instance({"x": 3}, **call)
+    assert runtime._call_instance({"x": 4}, **{**call, "gpu": False}) == {"x": 4}  # CPU tasks: no device
+
+
+def test_gpu_task_pools_are_refused_on_a_live_node_with_several_gpus():
+    from raydefense.errors import ConfigError
+    from raydefense.pipeline.runtime import _refuse_multi_gpu_nodes
+
+    one_each = [{"Alive": True, "NodeManagerAddress": f"10.0.0.{i}", "Resources": {"CPU": 8.0, "GPU": 1.0}}
+                for i in range(3)]
+    _refuse_multi_gpu_nodes(one_each)
+    _refuse_multi_gpu_nodes(one_each + [{"Alive": False, "NodeManagerAddress": "10.0.0.9",
+                                         "Resources": {"GPU": 4.0}}])  # a dead node does not count
+    with pytest.raises(ConfigError, match=r"node 10\.0\.0\.7 has 2 GPUs.*scale\.map_compute=actors"):
+        _refuse_multi_gpu_nodes(one_each + [{"Alive": True, "NodeManagerAddress": "10.0.0.7",
+                                             "Resources": {"GPU": 2.0}}])
