@@ -7,6 +7,8 @@ import logging
 import math
 import os
 import sys
+import threading
+import time
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
@@ -341,7 +343,10 @@ def map_compute(cfg: Config, *, gpu: bool) -> str:
     stays on the first. So ``scale.map_compute: tasks`` on GPU is refused on multi-GPU nodes
     (:func:`_refuse_multi_gpu_nodes`, and per task :func:`_check_gpu_assignment`), and ``auto``
     picks actors on GPU. The price: Ray Core's one "constructor arguments in the object store"
-    line per GPU run (README, Watch a run).
+    line per GPU run (README, Watch a run). Where it is allowed (one GPU per node), a GPU task
+    process frees an execution's instance and torch's CUDA cache once it has been idle for
+    ``GPU_IDLE_RELEASE_S`` (:func:`_release_idle_gpu_instances`), so the next stage's training
+    finds the device as an actor pool would leave it, but for the process's CUDA context.
     """
     if cfg.scale.map_compute != "auto":
         return cfg.scale.map_compute
@@ -383,18 +388,74 @@ def _call_instance(batch: dict[str, np.ndarray], *, key: str, cls: type, kwargs:
                    gpu: bool = False) -> Any:
     """Ray Data map task of :func:`map_instances`: the process's ``cls(**kwargs)`` for the
     execution ``key`` (built on its first batch here) called on ``batch``; on GPU only if Ray
-    gave the task the GPU this process uses (:func:`_check_gpu_assignment`)."""
+    gave the task the GPU this process uses (:func:`_check_gpu_assignment`), and the instance is
+    freed once idle (:func:`_release_idle_gpu_instances`)."""
     if gpu:
         _check_gpu_assignment()
-    instance = _INSTANCES.get(key)
-    if instance is None:
-        instance = cls(**kwargs)
-        _INSTANCES[key] = instance
-        while len(_INSTANCES) > _INSTANCES_KEPT:
-            _INSTANCES.popitem(last=False)
-    else:
-        _INSTANCES.move_to_end(key)
-    return instance(batch)
+    with _INSTANCES_LOCK:
+        instance = _INSTANCES.get(key)
+        if instance is None:
+            instance = cls(**kwargs)
+            _INSTANCES[key] = instance
+            while len(_INSTANCES) > _INSTANCES_KEPT:
+                _INSTANCES.popitem(last=False)
+        else:
+            _INSTANCES.move_to_end(key)
+        if gpu:
+            _GPU_IN_USE[key] = _GPU_IN_USE.get(key, 0) + 1
+            _start_gpu_releaser()
+    try:
+        return instance(batch)
+    finally:
+        if gpu:
+            with _INSTANCES_LOCK:
+                _GPU_IN_USE[key] -= 1
+                _GPU_LAST_USE[key] = time.monotonic()
+
+
+# A GPU task process outlives its stage in Ray's worker pool (max_calls=0), and with it the
+# instance's models and torch's CUDA cache, while the next stage trains on the same GPU. An
+# execution never reuses another's instance (a new key each), so freeing an idle one costs
+# nothing: after this many seconds without a batch it is dropped and the cache emptied. What
+# stays is the process's CUDA context.
+GPU_IDLE_RELEASE_S = 10.0
+_INSTANCES_LOCK = threading.RLock()
+_GPU_IN_USE: dict[str, int] = {}
+_GPU_LAST_USE: dict[str, float] = {}
+_GPU_RELEASER: Optional[threading.Thread] = None
+
+
+def _start_gpu_releaser() -> None:
+    global _GPU_RELEASER
+    if _GPU_RELEASER is None or not _GPU_RELEASER.is_alive():
+        _GPU_RELEASER = threading.Thread(target=_gpu_releaser_loop, name="raydefense-gpu-release", daemon=True)
+        _GPU_RELEASER.start()
+
+
+def _gpu_releaser_loop() -> None:
+    while True:
+        time.sleep(max(GPU_IDLE_RELEASE_S / 4, 0.01))
+        _release_idle_gpu_instances()
+
+
+def _release_idle_gpu_instances(now: Optional[float] = None) -> list[str]:
+    """Drop the GPU instances of this process that no batch has used for
+    ``GPU_IDLE_RELEASE_S`` seconds and none is using now, then empty torch's CUDA cache so the
+    memory goes back to the device; returns the executions dropped."""
+    now = time.monotonic() if now is None else now
+    with _INSTANCES_LOCK:
+        idle = [k for k, t in _GPU_LAST_USE.items()
+                if _GPU_IN_USE.get(k, 0) == 0 and now - t >= GPU_IDLE_RELEASE_S]
+        for k in idle:
+            _INSTANCES.pop(k, None)
+            _GPU_LAST_USE.pop(k, None)
+            _GPU_IN_USE.pop(k, None)
+    if idle:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
+    return idle
 
 
 def map_instances(ds, cls, kwargs: dict[str, Any], *, cfg: Config, gpu: bool, batch_size: int, size: int):

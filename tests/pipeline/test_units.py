@@ -327,3 +327,43 @@ def test_gpu_task_pools_are_refused_on_a_live_node_with_several_gpus():
     with pytest.raises(ConfigError, match=r"node 10\.0\.0\.7 has 2 GPUs.*scale\.map_compute=actors"):
         _refuse_multi_gpu_nodes(one_each + [{"Alive": True, "NodeManagerAddress": "10.0.0.7",
                                              "Resources": {"GPU": 2.0}}])
+
+
+def test_an_idle_gpu_instance_is_freed_and_one_in_use_is_not(monkeypatch):
+    """A GPU task process outlives its stage; the execution's instance (its models on the device)
+    is dropped once no batch has used it for GPU_IDLE_RELEASE_S, never while a batch runs."""
+    import time as _time
+
+    from raydefense.pipeline import runtime
+
+    monkeypatch.setattr(runtime, "_CUDA_DEVICES", None)
+    monkeypatch.setattr(runtime, "_INSTANCES", type(runtime._INSTANCES)())
+    monkeypatch.setattr(runtime, "_GPU_IN_USE", {})
+    monkeypatch.setattr(runtime, "_GPU_LAST_USE", {})
+    monkeypatch.setattr(runtime, "GPU_IDLE_RELEASE_S", 0.2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    seen_during_call = []
+
+    class Probe:
+        built = 0
+
+        def __init__(self, **kwargs):
+            Probe.built += 1
+
+        def __call__(self, batch):
+            if batch.get("slow"):
+                _time.sleep(0.6)  # longer than the idle time: must not be dropped meanwhile
+                seen_during_call.append(runtime._release_idle_gpu_instances())
+            return batch
+
+    runtime._call_instance({}, key="gpu", cls=Probe, kwargs={}, gpu=True)  # its last use: now
+    runtime._call_instance({"slow": True}, key="gpu", cls=Probe, kwargs={}, gpu=True)
+    assert seen_during_call == [[]] and "gpu" in runtime._INSTANCES and Probe.built == 1
+    runtime._call_instance({}, key="cpu", cls=Probe, kwargs={})  # a CPU execution: never released
+    deadline = _time.time() + 10
+    while "gpu" in runtime._INSTANCES and _time.time() < deadline:
+        _time.sleep(0.05)  # the releaser thread
+    assert "gpu" not in runtime._INSTANCES and "cpu" in runtime._INSTANCES
+    assert runtime._GPU_LAST_USE == {} and runtime._GPU_IN_USE == {}
+    runtime._call_instance({}, key="gpu2", cls=Probe, kwargs={}, gpu=True)
+    assert Probe.built == 3 and runtime._release_idle_gpu_instances(now=_time.monotonic() + 1) == ["gpu2"]
