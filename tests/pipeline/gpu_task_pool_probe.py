@@ -3,8 +3,8 @@ GPU (or ``argv[2]`` GPUs) on a CPU machine (Ray schedules by resources; nothing 
 CUDA), and two executions of ``pool_map(..., gpu=True)`` with ``scale.map_compute: tasks``.
 Prints one JSON object: per execution, the (pid, instance token, CUDA_VISIBLE_DEVICES) of every
 row; or ``REFUSED <message>`` when pool_map refuses (a node with several GPUs). With ``argv[3]``
-= ``raw``: Ray tasks with ``max_calls=0`` on those GPUs, outside raydefense, and per process the
-GPUs Ray gave it (``RAW {pid: [CUDA_VISIBLE_DEVICES, ...]}``)."""
+= ``raw``, first: Ray tasks with ``max_calls=0`` on those GPUs, outside raydefense, and per
+process the GPUs Ray gave it (``RAW {pid: [CUDA_VISIBLE_DEVICES, ...]}``)."""
 from __future__ import annotations
 
 import json
@@ -53,8 +53,7 @@ def main(config: str, gpus: int = 1, mode: str = "pool") -> None:
     cfg = load_config(config, ["scale.attack_actors=1", "scale.map_compute=tasks"])
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     if mode == "raw":
-        print("RAW " + json.dumps(raw_reuse()))
-        return
+        print("RAW " + json.dumps(raw_reuse()), flush=True)
     out = []
     try:
         for _ in range(2):

@@ -357,9 +357,9 @@ def test_gpu_task_pools_are_refused_where_a_node_has_several_gpus():
     config key, before the stage starts."""
     import json
 
-    raw = json.loads(next(line for line in _probe("2", "raw").splitlines() if line.startswith("RAW "))[4:])
+    out = _probe("2", "raw")
+    raw = json.loads(next(line for line in out.splitlines() if line.startswith("RAW "))[4:])
     assert any(len(set(cudas)) > 1 for cudas in raw.values()), raw  # the hazard, with plain Ray
-    out = _probe("2")
     refused = next(line for line in out.splitlines() if line.startswith("REFUSED "))
     assert "has 2 GPUs" in refused and "scale.map_compute=actors" in refused and "RESULT" not in out
 
