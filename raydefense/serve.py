@@ -266,18 +266,20 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _take_down(own_ray: bool) -> None:
-    """Take the application down: delete it from Serve (other applications on a shared cluster
-    keep running), then, when this process started its own local Ray, end that Ray with Serve
-    in it. Not ``serve.shutdown()``: it tears down every application on the cluster, and its
-    controller's shutdown task is retried as the controller kills itself, which Ray reports on
-    the console ("(raylet) Task ServeController.graceful_shutdown failed. There are infinite
-    retries remaining").
+    """Take the application down. A local Ray this process started ends, Serve and the
+    application with it (nothing to delete first: when a supervisor's SIGTERM reached Ray's
+    own processes too, a delete would wait a minute for a GCS that is gone). On a cluster, only
+    the application is deleted: Serve and the other applications keep running. Not
+    ``serve.shutdown()``: it tears down every application on the cluster, and its controller's
+    shutdown task is retried as the controller kills itself, which Ray reports on the console
+    ("(raylet) Task ServeController.graceful_shutdown failed. There are infinite retries
+    remaining").
     """
     import ray
 
-    serve.delete(APP_NAME)
     if own_ray:
         ray.shutdown()
     else:
+        serve.delete(APP_NAME)
         print(f"deleted application '{APP_NAME}'; Serve keeps running on the cluster (`serve shutdown` stops it)",
               flush=True)
