@@ -1,8 +1,8 @@
 """Ray Serve: an exported model behind HTTP on loopback, real requests, good and bad.
 
-One small local Ray (2 CPUs, no dashboard) and one Serve application on a free loopback port
-for the whole module; both are shut down at the end. The model is the export of the cheap
-"finished run" of tests/test_export.py.
+One ``jobs/serve.py`` for the whole module, started as a user starts it (it starts its own local
+Ray) on a free loopback port; the module's last test stops it with SIGTERM and reads its console.
+The model is the export of the cheap "finished run" of tests/test_export.py.
 """
 from __future__ import annotations
 
@@ -58,26 +58,69 @@ def exported(tmp_path_factory):
     return run.path("export/uddn_kt")
 
 
+class ServeJob:
+    """``jobs/serve.py`` running as a user runs it (its own local Ray), and its console so far."""
+
+    def __init__(self, exported: str):
+        import queue
+        import threading
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.proc = subprocess.Popen(
+            [sys.executable, "jobs/serve.py", "--model", exported, "--port", str(self.port), "--top-k", "3",
+             "--max-pixels", str(MAX_PIXELS), "--max-batch-size", "4", "--batch-wait-s", "0.05"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._queue: "queue.Queue[str | None]" = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        try:
+            while not (self.lines and self.lines[-1].startswith("serving ")):
+                self.read_line(timeout=240)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def read_line(self, timeout: float) -> str:
+        line = self._queue.get(timeout=timeout)
+        if line is None:
+            raise AssertionError("the serve job ended:\n" + "\n".join(self.lines))
+        self.lines.append(line)
+        return line
+
+    def stop(self) -> int:
+        """SIGTERM, as `kill PID` or a supervisor sends; the exit status, the console read to its end."""
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(timeout=120)
+        while (line := self._queue.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return rc
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 @pytest.fixture(scope="module")
-def server(exported):
-    import ray
-    from ray import serve
+def job(exported):
+    job = ServeJob(exported)
+    yield job
+    job.kill()
 
-    from raydefense.serve import build_app
 
-    started = not ray.is_initialized()
-    if started:
-        # address="local": our own small Ray, even where a `ray start` cluster runs on this machine.
-        ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False,
-                 log_to_driver=False)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(exported, top_k=3, max_pixels=MAX_PIXELS, max_batch_size=4, batch_wait_timeout_s=0.05),
-              name="raydefense-test", route_prefix="/")
-    yield f"http://127.0.0.1:{port}/"
-    serve.shutdown()
-    if started:
-        ray.shutdown()
+@pytest.fixture(scope="module")
+def server(job):
+    return job.url
 
 
 def _expected(exported: str, image: np.ndarray) -> np.ndarray:
@@ -90,47 +133,6 @@ def _expected(exported: str, image: np.ndarray) -> np.ndarray:
 
 def _face() -> np.ndarray:
     return render_identity_images(1, [0], image_size=SIZE, seed=0, difficulty=1.0)[0]
-
-
-@pytest.mark.slow
-def test_serve_job_prints_only_its_own_lines_and_stops_cleanly(exported):
-    """``jobs/serve.py`` as a user runs it (its own local Ray): its console holds its own two
-    lines and nothing of Ray's or Serve's (their INFO lines, the raylet's retry notice that
-    ``serve.shutdown()`` causes); SIGTERM stops it with exit status 0 after it answered."""
-    import queue
-    import signal
-    import threading
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "jobs/serve.py", "--model", exported, "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: "queue.Queue[str | None]" = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    seen: list[str] = []
-    try:
-        while not (seen and seen[-1].startswith("serving ")):
-            line = lines.get(timeout=240)
-            assert line is not None, "\n".join(seen)
-            seen.append(line)
-        status, answer = _post(f"http://127.0.0.1:{port}/", _png(_face()))
-        assert status == 200 and answer["defense"] == "uddn_kt"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
-        while (line := lines.get(timeout=30)) is not None:
-            seen.append(line)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    shown = [line for line in seen if line.strip()]
-    assert len(shown) == 2 and shown[0].startswith(f"serving {exported} at http://127.0.0.1:{port}/"), seen
-    assert shown[1] == "stopping", seen
 
 
 def test_served_predictions_equal_the_exported_model_and_bad_images_get_4xx(server, exported):
@@ -220,3 +222,15 @@ def test_serve_job_refuses_a_folder_that_is_not_an_export(tmp_path):
     res = subprocess.run([sys.executable, "jobs/serve.py", "--model", str(tmp_path)], capture_output=True, text=True,
                          timeout=300, cwd=REPO)
     assert res.returncode == 2 and "not a finished export" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_the_serve_job_prints_only_its_own_lines_and_stops_cleanly(job, exported):
+    """Last in this module: after the requests above (good, bad, concurrent), the job's console
+    holds its own two lines and nothing of Ray's or Serve's (their INFO lines, the raylet's
+    retry notice that ``serve.shutdown()`` causes), and SIGTERM stops it with exit status 0."""
+    status, _ = _post(job.url, _png(_face()))
+    assert status == 200
+    assert job.stop() == 0
+    shown = [line for line in job.lines if line.strip()]
+    assert len(shown) == 2 and shown[0].startswith(f"serving {exported} at {job.url}"), job.lines
+    assert shown[1] == "stopping", job.lines
