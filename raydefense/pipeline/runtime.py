@@ -42,7 +42,7 @@ def init_ray(cfg: Config) -> dict[str, Any]:
         quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.WARNING}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, **quiet)
-        elif connects_to_cluster():
+        elif _running_local_cluster():
             ray.init(address="auto", runtime_env=runtime_env, **quiet)
         else:
             num_cpus = cfg.scale.num_cpus or max(2, (os.cpu_count() or 2) + 2)
@@ -156,9 +156,14 @@ def serve_console(*, verbose: bool) -> None:
     replicas' log files (``<session>/logs/serve/``)."""
     import ray.serve  # noqa: F401  (configures the logger on import)
 
-    for handler in logging.getLogger(_RAY_SERVE_LOGGER).handlers:
+    _set_console_level(_RAY_SERVE_LOGGER, logging.INFO if verbose else logging.WARNING)
+
+
+def _set_console_level(logger: str, level: int) -> None:
+    """``level`` on the console handlers (stream handlers, not file ones) of ``logger``."""
+    for handler in logging.getLogger(logger).handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+            handler.setLevel(level)
 
 
 def connects_to_cluster() -> bool:
@@ -186,12 +191,8 @@ def ray_data_console(*, verbose: bool, tty: bool) -> None:
     ctx.enable_progress_bars = True
     ctx.enable_operator_progress_bars = tty or verbose
     ctx.print_on_execution_start = False
-    data_logger = logging.getLogger("ray.data")
-    console_level = logging.INFO if verbose else logging.WARNING
-    for handler in data_logger.handlers:
-        # Ray Data's console handler is a StreamHandler; its ray-data.log handler is not one.
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-            handler.setLevel(console_level)
+    # Ray Data's console handler is a StreamHandler; its ray-data.log handler is a file one.
+    _set_console_level("ray.data", logging.INFO if verbose else logging.WARNING)
     # With the operator bars off on purpose, Ray Data's notice that they are off ("Progress bars
     # for operators disabled. To enable, ...", a WARNING of this logger, logged once) is not for
     # the user; its child logger, which carries the progress lines, keeps INFO.
